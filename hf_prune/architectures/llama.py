@@ -1,0 +1,46 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma): separate q/k/v/o and a gated MLP.
+
+Grouped-query attention: ``num_key_value_groups`` query heads share one key/value head. Heads are removed in
+whole groups so every layer keeps the same ``num_key_value_groups`` the stock forward relies on.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from .base import ArchAdapter, Proj, register
+
+
+@register
+class LlamaAdapter(ArchAdapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+    layers_path = "layers"
+    attention_module = "self_attn"
+    attention_out = "o_proj"
+    attention_projs = (
+        Proj("self_attn.q_proj", "out", heads="q"),
+        Proj("self_attn.k_proj", "out", heads="kv"),
+        Proj("self_attn.v_proj", "out", heads="kv"),
+        Proj("self_attn.o_proj", "in", heads="q"),
+    )
+    value_projs = (Proj("self_attn.v_proj", "out", heads="kv"),)
+    ffn_module = "mlp"
+    ffn_out = "down_proj"
+    ffn_projs = (Proj("mlp.gate_proj", "out"), Proj("mlp.up_proj", "out"), Proj("mlp.down_proj", "in"))
+    # act(gate) * up: a zero up row silences the neuron whatever the gate does.
+    ffn_input_projs = (Proj("mlp.up_proj", "out"),)
+    ffn_config_field = "intermediate_size"
+    ffn_in_mats = 2
+    head_dim_in_config = True
+
+    def num_kv_heads(self, config: PretrainedConfig) -> int:
+        kv = getattr(config, "num_key_value_heads", None)
+        return int(kv) if kv is not None else self.num_heads(config)
+
+    def head_dim(self, config: PretrainedConfig) -> int:
+        head_dim = getattr(config, "head_dim", None)
+        return int(head_dim) if head_dim else self.hidden_size(config) // self.num_heads(config)
+
+    def set_ffn_attrs(self, module: nn.Module, size: int) -> None:
+        module.intermediate_size = size

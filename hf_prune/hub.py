@@ -1,0 +1,132 @@
+"""Save and reload pruned models exactly.
+
+Stock ``from_pretrained`` builds every layer at the config's size, so a model whose layers lost different
+numbers of heads/neurons cannot load. :func:`from_pretrained` resolves the concrete class, wraps it in a
+throw-away subclass whose ``__init__`` resizes the layers to the shapes recorded in ``config.hf_prune``, and
+then defers to the stock ``from_pretrained`` so dtype, device_map, sharded safetensors, tied weights and Hub
+downloads keep working exactly as users expect.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
+from transformers.utils import logging
+
+from .surgery import STATE_KEY, apply_layer_shapes
+
+logger = logging.get_logger(__name__)
+
+# kwargs that select *where* a config/checkpoint comes from; they must reach AutoConfig too.
+_HUB_KWARGS = (
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "subfolder",
+    "trust_remote_code",
+    "force_download",
+    "proxies",
+)
+
+
+def _resolve_class(model_class: type, config: Any) -> type[PreTrainedModel]:
+    if isinstance(model_class, type) and issubclass(model_class, _BaseAutoModelClass):
+        return _get_model_class(config, model_class._model_mapping)
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        return model_class
+    raise TypeError(f"model_class must be a transformers Auto class or a PreTrainedModel subclass, got {model_class!r}")
+
+
+def _shaped_subclass(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """A subclass of ``cls`` whose ``__init__`` resizes layers to ``config.hf_prune`` before weights load."""
+
+    def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
+        cls.__init__(self, config, *args, **kwargs)
+        state = getattr(config, STATE_KEY, None)
+        if state and state.get("layers"):
+            apply_layer_shapes(self, state["layers"])
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike, model_class: type = AutoModel, **kwargs: Any
+) -> PreTrainedModel:
+    """Load a model saved by ``save_pretrained`` after hf_prune surgery, with its per-layer shapes.
+
+    Args:
+        pretrained_model_name_or_path: local folder or Hub repo id.
+        model_class: any ``AutoModel...`` class or a concrete class such as ``BertForSequenceClassification``.
+        **kwargs: passed to the stock ``from_pretrained`` (``dtype``, ``device_map``, ``revision`` ...).
+
+    An unpruned checkpoint loads exactly as with ``model_class.from_pretrained``.
+    """
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    config = kwargs.get("config")
+    if config is None:
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    cls = _resolve_class(model_class, config)
+    if not getattr(config, STATE_KEY, None):
+        return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    model = _shaped_subclass(cls).from_pretrained(pretrained_model_name_or_path, **kwargs)
+    loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True returns a tuple
+    # Hand back the stock class so isinstance, save_pretrained's "architectures" and pickling look normal.
+    loaded.__class__ = cls
+    return model
+
+
+def save_pretrained(
+    model: PreTrainedModel,
+    save_directory: str | os.PathLike,
+    tokenizer: Any | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Atomically save ``model`` (and optionally its tokenizer) as safetensors.
+
+    Everything is written to a temporary sibling folder first and moved into place only when complete, so a
+    failure (disk full, interrupted job) never leaves a half-written ``save_directory``; an existing folder is
+    replaced only after the new one is fully written.
+    """
+    target = Path(save_directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_atomic_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_atomic_dir(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` to ``target``, replacing any existing folder as late as possible."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(target, backup)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """True when ``model`` carries an hf_prune state (structure removed by hf_prune)."""
+    return bool(getattr(getattr(model, "config", None), STATE_KEY, None))

@@ -1,0 +1,159 @@
+"""Parameters, FLOPs, on-disk size and latency: one implementation shared by reports, tests and benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import ArchAdapter, LayerShape, get_adapter
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def layer_flops(shape: LayerShape, hidden: int, head_dim: int, ffn_in_mats: int, seq_len: int, tokens: int = 1) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one transformer block for ``tokens`` tokens attending ``seq_len`` keys.
+
+    Counts the q/k/v/o projections, attention scores and the weighted value sum, and the FFN matrices. Norms,
+    activations, softmax and residual adds are ignored (they are < 2% of a block and not removed by pruning).
+    """
+    q, kv = shape.heads * head_dim, shape.kv_heads * head_dim
+    projections = 2 * hidden * (q + 2 * kv) + 2 * q * hidden
+    attention = 2 * 2 * q * seq_len
+    ffn = 2 * hidden * shape.ffn * ffn_in_mats + 2 * shape.ffn * hidden
+    return tokens * (projections + attention + ffn)
+
+
+def layer_params(shape: LayerShape, hidden: int, head_dim: int, ffn_in_mats: int) -> int:
+    """Weights of the prunable projections of one block (biases excluded)."""
+    q, kv = shape.heads * head_dim, shape.kv_heads * head_dim
+    return hidden * (q + 2 * kv) + q * hidden + hidden * shape.ffn * ffn_in_mats + shape.ffn * hidden
+
+
+@dataclass
+class FlopsReport:
+    """Block FLOPs per sequence of ``seq_len`` tokens (``total``) and per layer."""
+
+    total: int
+    per_layer: list[int]
+    seq_len: int
+
+
+def _config_dims(adapter: ArchAdapter, model: nn.Module) -> tuple[int, int]:
+    # Surgery never changes the hidden size or the head dimension, so the config's values stay valid.
+    return adapter.hidden_size(model.config), adapter.head_dim(model.config)
+
+
+def encoder_flops(model: nn.Module, seq_len: int = 128) -> FlopsReport:
+    """FLOPs of all transformer blocks for one sequence of ``seq_len`` tokens (embeddings/heads excluded).
+
+    These are the FLOPs structured pruning can remove; ratios of this number are what the benchmarks compare
+    measured speedups against.
+    """
+    adapter = get_adapter(model)
+    hidden, head_dim = _config_dims(adapter, model)
+    per_layer = [
+        layer_flops(s, hidden, head_dim, adapter.ffn_in_mats, seq_len, tokens=seq_len)
+        for s in adapter.layer_shapes(model)
+    ]
+    return FlopsReport(total=sum(per_layer), per_layer=per_layer, seq_len=seq_len)
+
+
+def prunable_parameters(model: nn.Module) -> int:
+    """Weights of the attention and FFN projections of all blocks (what structured pruning can remove)."""
+    adapter = get_adapter(model)
+    hidden, head_dim = _config_dims(adapter, model)
+    return sum(layer_params(s, hidden, head_dim, adapter.ffn_in_mats) for s in adapter.layer_shapes(model))
+
+
+def saved_size_bytes(model: nn.Module) -> int:
+    """Bytes on disk of ``model.save_pretrained`` (safetensors + config)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+@dataclass
+class LatencyResult:
+    """Wall-clock latency of repeated forward passes, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    repeats: int
+    samples_ms: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "median_ms": self.median_ms,
+            "p90_ms": self.p90_ms,
+            "min_ms": self.min_ms,
+            "repeats": self.repeats,
+        }
+
+
+def measure_latency(
+    model: nn.Module | Callable[..., Any],
+    inputs: Mapping[str, torch.Tensor],
+    repeats: int = 20,
+    warmup: int = 3,
+) -> LatencyResult:
+    """Median latency of ``model(**inputs)`` under ``torch.inference_mode`` (eval mode is the caller's job)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    samples = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**inputs)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs)
+            samples.append((time.perf_counter() - start) * 1000.0)
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return LatencyResult(
+        median_ms=statistics.median(samples), p90_ms=p90, min_ms=ordered[0], repeats=repeats, samples_ms=samples
+    )
+
+
+def compare_latency(
+    dense: nn.Module,
+    pruned: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    repeats: int = 20,
+    warmup: int = 3,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    """Dense vs pruned latency measured in interleaved rounds, so drift (thermal, other load) hits both.
+
+    Returns medians over all samples and ``speedup = dense_median / pruned_median``.
+    """
+    dense_samples: list[float] = []
+    pruned_samples: list[float] = []
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        dense_samples += measure_latency(dense, inputs, per_round, warmup).samples_ms
+        pruned_samples += measure_latency(pruned, inputs, per_round, warmup).samples_ms
+    d, p = statistics.median(dense_samples), statistics.median(pruned_samples)
+    return {
+        "dense_ms": d,
+        "pruned_ms": p,
+        "speedup": d / p,
+        "repeats": len(dense_samples),
+    }

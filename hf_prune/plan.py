@@ -1,0 +1,84 @@
+"""PruningPlan: *what* to remove, as plain data (JSON-serialisable, inspectable, editable).
+
+A plan is produced by the allocation step (or written by hand) and applied by :mod:`hf_prune.surgery`.
+Indices refer to the model the plan is applied to (its current numbering).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .surgery import prune_structure
+
+
+def _int_keys(mapping: Mapping[Any, Iterable[int]]) -> dict[int, list[int]]:
+    return {int(k): sorted(int(i) for i in v) for k, v in mapping.items()}
+
+
+@dataclass
+class PruningPlan:
+    """Per layer, which attention heads and which FFN neurons to remove.
+
+    Attributes:
+        heads: ``{layer: [query head indices]}``.
+        ffn: ``{layer: [neuron indices]}``.
+        meta: free-form provenance (criterion, targets, scores summary); carried through JSON untouched.
+    """
+
+    heads: dict[int, list[int]] = field(default_factory=dict)
+    ffn: dict[int, list[int]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.heads = _int_keys(self.heads)
+        self.ffn = _int_keys(self.ffn)
+
+    @property
+    def num_heads_removed(self) -> int:
+        return sum(len(v) for v in self.heads.values())
+
+    @property
+    def num_neurons_removed(self) -> int:
+        return sum(len(v) for v in self.ffn.values())
+
+    def is_empty(self) -> bool:
+        return self.num_heads_removed == 0 and self.num_neurons_removed == 0
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Apply the plan in place (both parts validated before any weight changes)."""
+        return prune_structure(model, self.heads, self.ffn)
+
+    def to_dict(self) -> dict[str, Any]:
+        # JSON object keys are strings; from_dict converts them back.
+        return {
+            "heads": {str(k): v for k, v in sorted(self.heads.items())},
+            "ffn": {str(k): v for k, v in sorted(self.ffn.items())},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        unknown = set(data) - {"heads", "ffn", "meta"}
+        if unknown:
+            raise ValueError(f"unknown PruningPlan keys {sorted(unknown)}; allowed: heads, ffn, meta")
+        return cls(heads=data.get("heads", {}), ffn=data.get("ffn", {}), meta=dict(data.get("meta", {})))
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> PruningPlan:
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
