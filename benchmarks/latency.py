@@ -1,0 +1,122 @@
+"""CPU latency: dense vs structurally pruned (50% heads + 50% FFN in every layer).
+
+Random weights are fine for timing: latency depends on shapes, not values. Speedup is measured in the same run
+as the dense baseline, interleaving dense and pruned rounds, and compared with the FLOPs ratio of the
+transformer blocks (speedup / FLOPs ratio close to 1 means removed FLOPs turned into real time).
+
+    python benchmarks/latency.py                       # BERT-base + Llama-style, batch 8, seq 128
+    python benchmarks/latency.py --batch 1 --seq-len 64 --repeats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+import hf_prune
+from hf_prune.measure import compare_latency, count_parameters, encoder_flops
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results import render_results, write_result  # noqa: E402
+
+CONFIGS = {
+    "bert-base": lambda: tf.BertConfig(),  # 12 layers, hidden 768, 12 heads, FFN 3072
+    # Llama-style decoder with grouped-query attention (16 query heads in 8 KV groups of 2).
+    "llama-style": lambda: tf.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+    ),
+}
+
+
+def half_plan(model: torch.nn.Module, seed: int = 0) -> hf_prune.PruningPlan:
+    """Remove half of the heads (whole KV groups) and half of the FFN neurons of every layer, at random."""
+    adapter = hf_prune.get_adapter(model)
+    g = torch.Generator().manual_seed(seed)
+    heads, ffn = {}, {}
+    for i, shape in enumerate(adapter.layer_shapes(model)):
+        group = shape.heads // shape.kv_heads
+        groups = torch.randperm(shape.kv_heads, generator=g)[: shape.kv_heads // 2].tolist()
+        heads[i] = sorted(h for grp in groups for h in range(grp * group, (grp + 1) * group))
+        ffn[i] = sorted(torch.randperm(shape.ffn, generator=g)[: shape.ffn // 2].tolist())
+    return hf_prune.PruningPlan(heads=heads, ffn=ffn)
+
+
+def run(name: str, batch: int, seq_len: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    dense = tf.AutoModel.from_config(CONFIGS[name]()).eval()
+    pruned = copy.deepcopy(dense)
+    half_plan(pruned).apply(pruned)
+    inputs = {
+        "input_ids": torch.randint(100, 1000, (batch, seq_len)),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+    }
+    flops_ratio = encoder_flops(dense, seq_len).total / encoder_flops(pruned, seq_len).total
+    timing = compare_latency(dense, pruned, inputs, repeats=repeats, warmup=2, rounds=3)
+    row = {
+        "model": name,
+        "batch": batch,
+        "seq_len": seq_len,
+        "params_dense": count_parameters(dense),
+        "params_pruned": count_parameters(pruned),
+        "flops_ratio": flops_ratio,
+        "dense_ms": timing["dense_ms"],
+        "pruned_ms": timing["pruned_ms"],
+        "speedup": timing["speedup"],
+        "speedup_over_flops_ratio": timing["speedup"] / flops_ratio,
+        "repeats": timing["repeats"],
+    }
+    print(
+        f"{name:12s} b={batch} s={seq_len}: dense {row['dense_ms']:.1f} ms, pruned {row['pruned_ms']:.1f} ms, "
+        f"speedup {row['speedup']:.2f}x, FLOPs ratio {flops_ratio:.2f}x, "
+        f"speedup/FLOPs {row['speedup_over_flops_ratio']:.2f}"
+    )
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batch", type=int, nargs="+", default=[8])
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[128])
+    parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model (split in 3 rounds)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "latency.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    rows = [run(m, b, s, args.repeats) for m in args.models for b in args.batch for s in args.seq_len]
+    result = {
+        "benchmark": "latency",
+        "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
+        "versions": {"torch": torch.__version__, "transformers": tf.__version__, "hf_prune": hf_prune.__version__},
+        "wall_time_s": time.time() - start,
+        "rows": rows,
+    }
+    write_result(args.output, result)
+    render_results()
+    return result
+
+
+if __name__ == "__main__":
+    main()
