@@ -9,9 +9,14 @@ Public API (everything users need is re-exported here)::
     model = hf_prune.from_pretrained("out", AutoModelForSequenceClassification)
 """
 
+from . import calibration
+from .allocate import allocate
 from .architectures import ArchAdapter, LayerShape, Proj, get_adapter, register, supported_model_types
+from .config import PruningConfig
+from .criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
 from .hub import from_pretrained, is_pruned, save_pretrained
 from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, prunable_parameters
+from .oneshot import PruningReport, prune
 from .plan import PruningPlan
 from .surgery import apply_layer_shapes, prune_ffn, prune_heads, pruning_state
 
@@ -21,8 +26,12 @@ __all__ = [
     "ArchAdapter",
     "LayerShape",
     "Proj",
+    "PruningConfig",
     "PruningPlan",
+    "PruningReport",
+    "Scores",
     "__version__",
+    "allocate",
     "apply_layer_shapes",
     "compare_latency",
     "count_parameters",
@@ -30,12 +39,17 @@ __all__ = [
     "from_pretrained",
     "get_adapter",
     "is_pruned",
+    "magnitude_scores",
+    "mask_gradient_scores",
     "measure_latency",
     "prunable_parameters",
+    "prune",
     "prune_ffn",
     "prune_heads",
     "pruning_state",
+    "random_scores",
     "register",
     "save_pretrained",
+    "structured_scores",
     "supported_model_types",
 ]

@@ -6,10 +6,12 @@ query head) and one for FFN neurons. Higher means more important. Nothing here m
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
 
@@ -74,3 +76,166 @@ def random_scores(model: nn.Module, seed: int = 0) -> Scores:
         ffn=[torch.rand(s.ffn, generator=g) for s in shapes],
         criterion="random",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data-driven criteria
+# ---------------------------------------------------------------------------------------------------------
+def _ensure_labels(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Batches without labels get the natural self-supervised target: next tokens for causal LMs, the model's
+    own prediction (pseudo-label) for classifiers."""
+    if "labels" in batch:
+        return batch
+    batch = dict(batch)
+    if getattr(model.config, "is_decoder", False) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        return batch
+    with torch.no_grad():
+        logits = model(**batch).logits
+    batch["labels"] = logits.argmax(-1)
+    return batch
+
+
+def mask_gradient_scores(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    kind: str = "fisher",
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> Scores:
+    """Head and neuron importance from gradients of the loss w.r.t. per-example masks on their outputs.
+
+    A mask of ones is multiplied into the input of each attention output projection (one entry per head) and of
+    each FFN down projection (one per neuron), separately for every example, so one backward pass gives
+    per-example gradients ``g``. ``kind="taylor"`` sums ``|g|`` (Michel et al. 2019, "Are Sixteen Heads Really
+    Better than One?"); ``kind="fisher"`` sums ``g**2``, the diagonal empirical Fisher information of the mask
+    (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"). The model's weights get no
+    gradients (they are frozen for the duration), so this costs about two forward passes per batch.
+    """
+    if kind not in ("taylor", "fisher"):
+        raise ValueError(f"kind must be 'taylor' or 'fisher', got {kind!r}")
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    shapes = adapter.layer_shapes(model)
+    head_dim = adapter.head_dim(model.config)
+    o_proj = next(p for p in adapter.attention_projs if p.side == "in")
+    down_proj = next(p for p in adapter.ffn_projs if p.side == "in")
+    head_acc = [torch.zeros(s.heads) for s in shapes]
+    ffn_acc = [torch.zeros(s.ffn) for s in shapes]
+    masks: dict[str, list[torch.Tensor | None]] = {"heads": [None] * len(layers), "ffn": [None] * len(layers)}
+
+    def hook(kind_: str, i: int, expand: int):
+        def pre_hook(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            mask = masks[kind_][i]
+            if mask is None or mask.shape[1] == 0:
+                return args
+            scale = mask.to(x.dtype).repeat_interleave(expand, dim=-1)
+            return (x * scale.view(x.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
+
+        return pre_hook
+
+    handles = []
+    for i, block in enumerate(layers):
+        handles.append(block.get_submodule(o_proj.path).register_forward_pre_hook(hook("heads", i, head_dim)))
+        handles.append(block.get_submodule(down_proj.path).register_forward_pre_hook(hook("ffn", i, 1)))
+    requires = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for batch in tqdm(batches, desc=f"{kind} scores", disable=not progress, leave=False):
+            batch = _ensure_labels(model, batch)
+            n = batch["input_ids"].shape[0]
+            device = batch["input_ids"].device
+            for i, s in enumerate(shapes):
+                masks["heads"][i] = torch.ones(n, s.heads, device=device, requires_grad=True)
+                masks["ffn"][i] = torch.ones(n, s.ffn, device=device, requires_grad=True)
+            loss = model(**batch).loss * n  # per-example gradients of the summed loss
+            leaves = [m for m in masks["heads"] + masks["ffn"] if m is not None and m.numel()]
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grad_of = {id(m): g for m, g in zip(leaves, grads, strict=True)}
+            for acc, key in ((head_acc, "heads"), (ffn_acc, "ffn")):
+                for i, m in enumerate(masks[key]):
+                    g = grad_of.get(id(m))
+                    if g is None:
+                        continue
+                    g = g.detach().float().cpu()
+                    acc[i] += g.abs().sum(0) if kind == "taylor" else g.pow(2).sum(0)
+            seen += n
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError(f"criterion {kind!r} needs calibration data, but the calibration data yielded no batches")
+    return Scores(heads=head_acc, ffn=ffn_acc, criterion=kind)
+
+
+def input_norms(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """L2 norm of every input feature of ``modules`` over all calibration tokens (padding excluded): the
+    ``||X_j||`` of Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Models")."""
+    sums = {name: None for name in modules}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            if current_mask[0] is not None and current_mask[0].numel() == x.shape[0]:
+                x = x[current_mask[0].reshape(-1).bool()]
+            sq = x.pow(2).sum(0).cpu()
+            sums[name] = sq if sums[name] is None else sums[name] + sq
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="activation norms", disable=not progress, leave=False):
+                current_mask[0] = batch.get("attention_mask")
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+                seen += batch["input_ids"].shape[0]
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise ValueError("activation-aware pruning needs calibration data, but it yielded no batches")
+    return {name: s.sqrt() for name, s in sums.items() if s is not None}
+
+
+def structured_scores(
+    model: nn.Module,
+    criterion: str,
+    batches: Iterable[dict[str, torch.Tensor]] | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> Scores:
+    """Dispatch by name: ``magnitude``, ``random``, ``taylor`` or ``fisher``."""
+    if criterion == "magnitude":
+        return magnitude_scores(model)
+    if criterion == "random":
+        return random_scores(model, seed)
+    if criterion in ("taylor", "fisher"):
+        if batches is None:
+            raise ValueError(f"criterion {criterion!r} needs calibration_data (batches of tokenized examples)")
+        return mask_gradient_scores(model, batches, criterion, max_samples)
+    raise ValueError(f"unknown criterion {criterion!r}; allowed: magnitude, taylor, fisher, random")

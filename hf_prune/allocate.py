@@ -1,0 +1,242 @@
+"""Allocation: importance scores + targets -> a :class:`~hf_prune.plan.PruningPlan`.
+
+Heads are allocated in *units*: one key/value group (all its query heads) under grouped-query attention, one head
+otherwise. FFN neurons are allocated per layer and each layer's kept width is rounded to ``ffn_multiple``.
+
+Targets:
+* ``heads`` / ``ffn`` fractions: that fraction of units is removed, in every layer (``scope="layer"``) or across
+  layers by normalised score (``scope="global"``; each layer's scores are divided by their L2 norm, as Michel et al.
+  do, so layers with larger activations do not dominate).
+* ``target_flops`` / ``target_params`` (fraction to keep): with taylor/fisher scores and global scope, heads and
+  neurons share one currency (the loss), so we search the number of kept head units and fill the rest of the budget
+  with the best neurons, maximising total kept importance (the mask search of Kwon et al. 2022). Otherwise heads and
+  FFN lose the same fraction and the FFN width absorbs head rounding. Either way a final pass adjusts FFN widths
+  until the kept cost is within 0.5% of the target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .architectures import LayerShape, get_adapter
+from .config import PruningConfig
+from .criteria import Scores
+from .measure import layer_flops, layer_params
+from .plan import PruningPlan
+
+TOLERANCE = 0.005
+
+
+def _round_multiple(n: float, multiple: int, size: int) -> int:
+    if multiple <= 1 or size < multiple:
+        return max(0, min(size, round(n)))
+    return max(0, min(size, multiple * round(n / multiple)))
+
+
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    norm = t.float().norm()
+    return t.float() / norm if norm > 0 else t.float()
+
+
+class _Allocator:
+    def __init__(self, model: nn.Module, scores: Scores, config: PruningConfig):
+        self.config = config
+        adapter = get_adapter(model)
+        self.shapes: list[LayerShape] = adapter.layer_shapes(model)
+        self.hidden = adapter.hidden_size(model.config)
+        self.head_dim = adapter.head_dim(model.config)
+        self.ffn_in_mats = adapter.ffn_in_mats
+        if len(scores.heads) != len(self.shapes) or len(scores.ffn) != len(self.shapes):
+            raise ValueError(f"scores cover {len(scores.heads)} layers but the model has {len(self.shapes)}")
+        self.groups = [s.heads // s.kv_heads if s.kv_heads else 1 for s in self.shapes]
+        # unit scores: sum of the query-head scores of each KV group
+        self.unit_scores = [
+            scores.heads[i].float().reshape(s.kv_heads, -1).sum(1) if s.kv_heads else torch.zeros(0)
+            for i, s in enumerate(self.shapes)
+        ]
+        self.ffn_scores = [f.float() for f in scores.ffn]
+        for i, s in enumerate(self.shapes):
+            if self.unit_scores[i].numel() != s.kv_heads or self.ffn_scores[i].numel() != s.ffn:
+                raise ValueError(f"layer {i}: score sizes do not match the model's heads/FFN")
+        self.min_units = [
+            min(s.kv_heads, math.ceil(config.min_heads_per_layer / g))
+            for s, g in zip(self.shapes, self.groups, strict=True)
+        ]
+
+    # ---- costs ------------------------------------------------------------------------------------------
+    def cost(self, shape: LayerShape, target: str) -> float:
+        if target == "flops":
+            return layer_flops(shape, self.hidden, self.head_dim, self.ffn_in_mats, self.config.seq_len)
+        return layer_params(shape, self.hidden, self.head_dim, self.ffn_in_mats)
+
+    def total_cost(self, units: list[int], ffn: list[int], target: str) -> float:
+        return sum(self.cost(LayerShape(u * g, u, f), target) for u, f, g in zip(units, ffn, self.groups, strict=True))
+
+    # ---- head units -------------------------------------------------------------------------------------
+    def heads_by_fraction(self, fraction: float) -> list[int]:
+        """Kept unit count per layer."""
+        units = [s.kv_heads for s in self.shapes]
+        if self.config.scope == "layer":
+            return [max(self.min_units[i], n - round(fraction * n)) if n else 0 for i, n in enumerate(units)]
+        n_remove = round(fraction * sum(units))
+        return self._global_keep_units(sum(units) - n_remove)
+
+    def _global_keep_units(self, n_keep: int) -> list[int]:
+        kept = list(self.min_units)
+        candidates = []
+        for i, s in enumerate(self.unit_scores):
+            norm = _normalise(s)
+            order = torch.argsort(norm, descending=True).tolist()
+            candidates += [(float(norm[j]), i) for j in order[self.min_units[i] :]]
+        candidates.sort(key=lambda c: -c[0])
+        for _, i in candidates[: max(0, n_keep - sum(kept))]:
+            kept[i] += 1
+        return kept
+
+    # ---- FFN --------------------------------------------------------------------------------------------
+    def ffn_by_total(self, n_keep: int) -> list[int]:
+        sizes = [s.ffn for s in self.shapes]
+        total = sum(sizes)
+        n_keep = max(0, min(total, n_keep))
+        multiple = self.config.ffn_multiple
+        if self.config.scope == "layer" or total == 0:
+            return [_round_multiple(n_keep * size / total if total else 0, multiple, size) for size in sizes]
+        normed = [_normalise(s) for s in self.ffn_scores]
+        flat = torch.cat(normed) if normed else torch.zeros(0)
+        if n_keep == 0:
+            return [0] * len(sizes)
+        threshold = torch.topk(flat, n_keep).values[-1]
+        counts = [int((s >= threshold).sum()) for s in normed]
+        return [_round_multiple(c, multiple, size) for c, size in zip(counts, sizes, strict=True)]
+
+    def adjust_ffn(self, units: list[int], ffn: list[int], budget: float, target: str) -> list[int]:
+        """Move FFN widths one multiple at a time until the kept cost is within tolerance of ``budget``."""
+        ffn = list(ffn)
+        step = max(1, self.config.ffn_multiple)
+        sizes = [s.ffn for s in self.shapes]
+        normed = [torch.sort(_normalise(s), descending=True).values for s in self.ffn_scores]
+
+        def marginal(i: int, keep: int) -> float:
+            # importance of the next block of neurons to drop (keep > 0) or add
+            if self.config.scope == "layer":
+                return float(keep)  # layer scope: keep widths even, trim the widest first
+            vals = normed[i]
+            return float(vals[max(0, keep - step) : keep].sum()) if keep else 0.0
+
+        for _ in range(10 * sum(sizes) // step + 10):
+            cost = self.total_cost(units, ffn, target)
+            if cost > budget * (1 + TOLERANCE):
+                options = [i for i in range(len(ffn)) if ffn[i] > 0]
+                if not options:
+                    break
+                key = (
+                    (lambda i: -marginal(i, ffn[i]))
+                    if self.config.scope == "layer"
+                    else (lambda i: marginal(i, ffn[i]))
+                )
+                i = min(options, key=key)
+                ffn[i] = max(0, ffn[i] - step)
+            elif cost < budget * (1 - TOLERANCE):
+                options = [i for i in range(len(ffn)) if ffn[i] < sizes[i]]
+                if not options:
+                    break
+                if self.config.scope == "layer":
+                    i = min(options, key=lambda i: ffn[i])
+                else:
+                    i = max(options, key=lambda i: float(normed[i][ffn[i] : ffn[i] + step].sum()))
+                ffn[i] = min(sizes[i], ffn[i] + step)
+            else:
+                break
+        return ffn
+
+    def joint_search(self, budget: float, target: str) -> tuple[list[int], list[int]]:
+        """Kwon et al.: choose how many head units to keep, fill the remaining budget with the best neurons."""
+        unit_cost = [self.cost(LayerShape(g, 1, 0), target) for g in self.groups]  # uniform across layers in practice
+        neuron_cost = self.cost(LayerShape(0, 0, 1), target)
+        # mandatory units (min heads) first, then all other units by raw score (mask scores share units)
+        mandatory, optional = [], []
+        for i, s in enumerate(self.unit_scores):
+            order = torch.argsort(s, descending=True).tolist()
+            mandatory += [(float(s[j]), i) for j in order[: self.min_units[i]]]
+            optional += [(float(s[j]), i) for j in order[self.min_units[i] :]]
+        optional.sort(key=lambda c: -c[0])
+        ranked = mandatory + optional
+        neuron_flat = torch.cat(self.ffn_scores) if self.ffn_scores else torch.zeros(0)
+        neuron_sorted = torch.sort(neuron_flat, descending=True).values
+        neuron_cum = torch.cat([torch.zeros(1), torch.cumsum(neuron_sorted.double(), 0)])
+        best = None
+        head_score, head_cost = 0.0, 0.0
+        for h in range(len(mandatory), len(ranked) + 1):
+            if h > 0:
+                head_score = sum(r[0] for r in ranked[:h])
+                head_cost = sum(unit_cost[r[1]] for r in ranked[:h])
+            remaining = budget - head_cost
+            if remaining < 0:
+                break
+            n = min(neuron_flat.numel(), int(remaining // neuron_cost))
+            # a split that cannot use the budget (all neurons kept, too few heads) would miss the target
+            if head_cost + n * neuron_cost < budget * (1 - TOLERANCE) and h < len(ranked):
+                continue
+            value = head_score + float(neuron_cum[n])
+            if best is None or value > best[0]:
+                best = (value, h, n)
+        if best is None:  # even the mandatory heads exceed the budget
+            best = (0.0, len(mandatory), 0)
+        _, h, n = best
+        units = [0] * len(self.shapes)
+        for _, i in ranked[:h]:
+            units[i] += 1
+        if n > 0:
+            threshold = neuron_sorted[n - 1]
+            counts = [int((s >= threshold).sum()) for s in self.ffn_scores]
+        else:
+            counts = [0] * len(self.shapes)
+        ffn = [_round_multiple(c, self.config.ffn_multiple, s.ffn) for c, s in zip(counts, self.shapes, strict=True)]
+        return units, ffn
+
+    # ---- plan -------------------------------------------------------------------------------------------
+    def to_plan(self, units: list[int], ffn: list[int]) -> PruningPlan:
+        heads, neurons = {}, {}
+        for i, s in enumerate(self.shapes):
+            g = self.groups[i]
+            keep_units = set(torch.argsort(self.unit_scores[i], descending=True)[: units[i]].tolist())
+            removed = [h for u in range(s.kv_heads) if u not in keep_units for h in range(u * g, (u + 1) * g)]
+            if removed:
+                heads[i] = removed
+            keep_n = set(torch.argsort(self.ffn_scores[i], descending=True)[: ffn[i]].tolist())
+            removed_n = [j for j in range(s.ffn) if j not in keep_n]
+            if removed_n:
+                neurons[i] = removed_n
+        return PruningPlan(heads=heads, ffn=neurons)
+
+
+def allocate(model: nn.Module, scores: Scores, config: PruningConfig) -> PruningPlan:
+    """Turn per-layer scores into a plan meeting ``config``'s targets (see module docstring)."""
+    alloc = _Allocator(model, scores, config)
+    shapes = alloc.shapes
+    full_units = [s.kv_heads for s in shapes]
+    full_ffn = [s.ffn for s in shapes]
+    if config.target_flops is not None or config.target_params is not None:
+        target = "flops" if config.target_flops is not None else "params"
+        keep = config.target_flops if config.target_flops is not None else config.target_params
+        budget = keep * alloc.total_cost(full_units, full_ffn, target)
+        if config.scope == "global" and scores.criterion in ("taylor", "fisher"):
+            units, ffn = alloc.joint_search(budget, target)
+        else:
+            units = alloc.heads_by_fraction(1 - keep)
+            head_part = alloc.total_cost(units, [0] * len(shapes), target)
+            neuron_cost = alloc.cost(LayerShape(0, 0, 1), target)
+            ffn = alloc.ffn_by_total(round(max(0.0, budget - head_part) / neuron_cost))
+        ffn = alloc.adjust_ffn(units, ffn, budget, target)
+        achieved = alloc.total_cost(units, ffn, target) / alloc.total_cost(full_units, full_ffn, target)
+        meta = {"target": target, "requested_keep": keep, "achieved_keep": achieved}
+    else:
+        units = alloc.heads_by_fraction(config.heads) if config.heads else full_units
+        ffn = alloc.ffn_by_total(round((1 - config.ffn) * sum(full_ffn))) if config.ffn else full_ffn
+        meta = {"heads": config.heads, "ffn": config.ffn}
+    plan = alloc.to_plan(units, ffn)
+    plan.meta = {"criterion": scores.criterion, "scope": config.scope, **meta}
+    return plan

@@ -1,0 +1,196 @@
+"""PruningConfig: what to prune and how, validated on construction.
+
+Errors name the field, the bad value and what is allowed, and unknown keys (typos in a recipe) suggest the
+closest valid name, so a bad config fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+CRITERIA = ("magnitude", "taylor", "fisher", "random")
+SPARSITY_CRITERIA = ("magnitude", "activation")
+SCOPES = ("layer", "global")
+SPARSITY_SCOPES = ("layer", "global", "row")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def closest(name: str, allowed: list[str] | tuple[str, ...]) -> str:
+    """`` (did you mean 'x'?)`` for the closest allowed name, or an empty string."""
+    match = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@dataclass
+class PruningConfig:
+    """How much to prune and how to choose what goes.
+
+    Structured targets (pick fractions *or* one keep-target):
+        heads: fraction of attention heads to remove, ``0 <= heads < 1``.
+        ffn: fraction of FFN neurons to remove, ``0 <= ffn < 1``.
+        target_flops: fraction of the transformer blocks' FLOPs to *keep*, ``0 < x <= 1`` (0.5 = a 2x cut).
+        target_params: fraction of the blocks' prunable parameters to keep, ``0 < x <= 1``.
+        criterion: ``"magnitude"`` (weights only), ``"taylor"`` (first-order head/neuron mask gradients,
+            Michel et al. 2019), ``"fisher"`` (mask Fisher information, Kwon et al. 2022) or ``"random"``.
+        scope: ``"layer"`` (same fraction in every layer) or ``"global"`` (rank across layers; scores are
+            normalised per layer so layers compare fairly; with taylor/fisher and a keep-target, heads and neurons
+            are traded against each other by FLOPs/param cost as in Kwon et al.).
+        min_heads_per_layer: every layer keeps at least this many heads (0 allows removing a whole layer's
+            attention).
+        ffn_multiple: kept FFN sizes are rounded to a multiple of this (fast kernels); 1 disables rounding.
+
+    Unstructured:
+        sparsity: fraction of the blocks' linear weights set to zero, ``0 <= sparsity < 1``.
+        sparsity_scope: ``"layer"`` (threshold per matrix), ``"global"`` (one threshold for all), ``"row"``
+            (per output row, as Wanda).
+        sparsity_criterion: ``"magnitude"`` (|W|) or ``"activation"`` (|W| * ||X||, Wanda; needs calibration data).
+        pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: in every M consecutive inputs keep N); an N:M
+            pattern sets the sparsity to ``1 - N/M`` itself.
+
+    Calibration:
+        max_samples: examples drawn from the calibration data for data-driven criteria.
+        batch_size: calibration batch size.
+        seq_len: sequence length used to count FLOPs for ``target_flops``.
+        seed: seed of the ``random`` criterion.
+    """
+
+    heads: float = 0.0
+    ffn: float = 0.0
+    target_flops: float | None = None
+    target_params: float | None = None
+    criterion: str = "magnitude"
+    scope: str = "layer"
+    min_heads_per_layer: int = 1
+    ffn_multiple: int = 8
+    sparsity: float = 0.0
+    sparsity_scope: str = "layer"
+    sparsity_criterion: str = "magnitude"
+    pattern: str = "unstructured"
+    max_samples: int = 512
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def _fail(self, name: str, allowed: str) -> None:
+        raise ValueError(f"PruningConfig.{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+    def _check_fraction(self, name: str, low_open: bool, high_open: bool, optional: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        low, high = ("<" if low_open else "<="), ("<" if high_open else "<=")
+        allowed = f"a number with 0 {low} {name} {high} 1"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(name, allowed)
+        ok_low = value > 0 if low_open else value >= 0
+        ok_high = value < 1 if high_open else value <= 1
+        if not (ok_low and ok_high):
+            self._fail(name, allowed)
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            hint = closest(value, choices) if isinstance(value, str) else ""
+            raise ValueError(f"PruningConfig.{name}={value!r} is invalid{hint}; allowed: {', '.join(choices)}")
+
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self._fail(name, f"an integer >= {minimum}")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        self._check_fraction("heads", low_open=False, high_open=True)
+        self._check_fraction("ffn", low_open=False, high_open=True)
+        self._check_fraction("target_flops", low_open=True, high_open=False, optional=True)
+        self._check_fraction("target_params", low_open=True, high_open=False, optional=True)
+        self._check_fraction("sparsity", low_open=False, high_open=True)
+        self._check_choice("criterion", CRITERIA)
+        self._check_choice("scope", SCOPES)
+        self._check_choice("sparsity_scope", SPARSITY_SCOPES)
+        self._check_choice("sparsity_criterion", SPARSITY_CRITERIA)
+        self._check_int("min_heads_per_layer", 0)
+        self._check_int("ffn_multiple", 1)
+        self._check_int("max_samples", 1)
+        self._check_int("batch_size", 1)
+        self._check_int("seq_len", 1)
+        self._check_int("seed", 0)
+        if self.target_flops is not None and self.target_params is not None:
+            raise ValueError("PruningConfig: set at most one of target_flops and target_params")
+        if (self.target_flops is not None or self.target_params is not None) and (self.heads or self.ffn):
+            raise ValueError(
+                "PruningConfig: heads/ffn fractions and target_flops/target_params are alternatives; "
+                f"got heads={self.heads}, ffn={self.ffn}, target_flops={self.target_flops}, "
+                f"target_params={self.target_params}"
+            )
+        if self.pattern != "unstructured":
+            m = _NM.match(str(self.pattern))
+            if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+                raise ValueError(
+                    f"PruningConfig.pattern={self.pattern!r} is invalid; allowed: 'unstructured' or 'N:M' with "
+                    "0 < N < M, e.g. '2:4'"
+                )
+            if self.sparsity_scope != "layer" and self.sparsity_scope != "row":
+                raise ValueError(
+                    f"PruningConfig.sparsity_scope={self.sparsity_scope!r} cannot be combined with pattern="
+                    f"{self.pattern!r}; N:M patterns are chosen within each row (use 'layer' or 'row')"
+                )
+
+    # ---- derived ----------------------------------------------------------------------------------------
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an N:M pattern, else ``None``."""
+        m = _NM.match(str(self.pattern))
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    @property
+    def effective_sparsity(self) -> float:
+        nm = self.nm
+        return 1 - nm[0] / nm[1] if nm else self.sparsity
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.heads or self.ffn or self.target_flops is not None or self.target_params is not None)
+
+    @property
+    def needs_data(self) -> bool:
+        structured_data = self.structured and self.criterion in ("taylor", "fisher")
+        return structured_data or (self.effective_sparsity > 0 and self.sparsity_criterion == "activation")
+
+    # ---- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "PruningConfig") -> PruningConfig:
+        """Build from a dict; unknown keys raise ``ValueError`` naming the closest valid key."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ValueError(f"{where}: unknown key {key!r}{closest(str(key), names)}; allowed: {', '.join(names)}")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> PruningConfig:
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))

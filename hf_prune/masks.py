@@ -1,0 +1,143 @@
+"""Unstructured (and N:M) weight masks for the linear layers of the transformer blocks.
+
+Masks are plain boolean tensors (``True`` = keep) keyed by module name, in the weight's own layout, so they can
+be saved with a checkpoint, re-applied after every optimizer step (``apply_masks``) and finally baked in: the
+model then holds real zeros and no hooks or parametrizations (unlike ``torch.nn.utils.prune``, which leaves
+``weight_orig``/``weight_mask`` in the state dict until ``remove`` is called).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .architectures import get_adapter
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention and FFN projections of every block, by their full module name (no embeddings/heads)."""
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, nn.Module] = {}
+    for block in adapter.layers(model):
+        for proj in (*adapter.attention_projs, *adapter.ffn_projs):
+            module = block.get_submodule(proj.path)
+            if module.weight.numel():
+                out[names[id(module)]] = module
+    return out
+
+
+def _rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """View a weight-shaped tensor as (out, in) whatever the module's layout (Conv1D stores (in, out))."""
+    return t if isinstance(module, nn.Linear) else t.t()
+
+
+def weight_scores(
+    modules: Mapping[str, nn.Module], criterion: str = "magnitude", norms: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """|W| (magnitude) or |W| * ||X_j|| (activation, Wanda), as float tensors in (out, in) layout."""
+    scores = {}
+    for name, module in modules.items():
+        w = _rows(module.weight.detach(), module).abs().float().cpu().contiguous()
+        if criterion == "activation":
+            if norms is None or name not in norms:
+                raise ValueError(f"activation-aware scores need input norms for {name}")
+            w = w * norms[name].float().cpu().unsqueeze(0)
+        elif criterion != "magnitude":
+            raise ValueError(f"unknown sparsity criterion {criterion!r}; allowed: magnitude, activation")
+        scores[name] = w
+    return scores
+
+
+def _keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if n_keep > 0:
+        mask[torch.topk(scores.reshape(-1), n_keep, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def compute_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    scope: str = "layer",
+    nm: tuple[int, int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks in (out, in) layout.
+
+    ``scope="layer"``: the lowest ``sparsity`` fraction of each matrix; ``"row"``: of each output row (Wanda's
+    comparison group); ``"global"``: one threshold over all matrices. ``nm=(N, M)``: keep the N best of every M
+    consecutive input weights of each row (sparsity and scope are then implied).
+    """
+    masks = {}
+    if nm is not None:
+        n, m = nm
+        for name, s in scores.items():
+            out_f, in_f = s.shape
+            if in_f % m:
+                raise ValueError(f"{name}: {in_f} input features are not divisible by M={m} of the {n}:{m} pattern")
+            groups = s.reshape(out_f, in_f // m, m)
+            idx = torch.topk(groups, n, dim=-1).indices
+            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+            masks[name] = mask.reshape(out_f, in_f)
+        return masks
+    if scope == "global":
+        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        n_prune = int(sparsity * flat.numel())
+        if n_prune == 0:
+            return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
+        threshold = torch.kthvalue(flat, n_prune).values
+        # ties at the threshold are broken so exactly n_prune weights go
+        below = {name: s < threshold for name, s in scores.items()}
+        remaining = n_prune - sum(int(b.sum()) for b in below.values())
+        for name, s in scores.items():
+            mask = ~below[name]
+            if remaining > 0:
+                ties = (s == threshold).reshape(-1).nonzero().squeeze(1)[:remaining]
+                mask.view(-1)[ties] = False
+                remaining -= ties.numel()
+            masks[name] = mask
+        return masks
+    for name, s in scores.items():
+        if scope == "row":
+            k = int(sparsity * s.shape[1])
+            if k == 0:
+                masks[name] = torch.ones_like(s, dtype=torch.bool)
+                continue
+            idx = torch.topk(s, k, dim=1, largest=False).indices
+            masks[name] = torch.ones_like(s, dtype=torch.bool).scatter_(1, idx, False)
+        elif scope == "layer":
+            masks[name] = _keep_top(s, s.numel() - int(sparsity * s.numel()))
+        else:
+            raise ValueError(f"unknown sparsity scope {scope!r}; allowed: layer, row, global")
+    return masks
+
+
+def to_module_layout(masks: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Convert (out, in) masks to each module's weight layout and device."""
+    return {
+        name: _rows(mask, modules[name]).contiguous().to(modules[name].weight.device) for name, mask in masks.items()
+    }
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the masked weights in place (masks in module layout, as returned by :func:`to_module_layout`)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+
+
+def sparsity_report(model: nn.Module) -> dict[str, object]:
+    """Fraction of exactly-zero weights per prunable matrix and overall (what the saved model really holds)."""
+    per_module = {}
+    zeros = total = 0
+    for name, module in prunable_linears(model).items():
+        z = int((module.weight == 0).sum())
+        n = module.weight.numel()
+        per_module[name] = z / n
+        zeros += z
+        total += n
+    return {"overall": zeros / total if total else 0.0, "zeros": zeros, "total": total, "per_module": per_module}

@@ -1,0 +1,148 @@
+"""One-shot pruning to a target without training: score -> allocate -> surgery -> unstructured masks (baked)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .allocate import allocate
+from .architectures import get_adapter
+from .calibration import iter_batches
+from .config import PruningConfig
+from .criteria import input_norms, structured_scores
+from .masks import apply_masks, compute_masks, prunable_linears, sparsity_report, to_module_layout, weight_scores
+from .measure import count_parameters, encoder_flops
+from .plan import PruningPlan
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class PruningReport:
+    """What ``prune`` did, with numbers measured on the model before and after."""
+
+    config: dict[str, Any]
+    plan: dict[str, Any]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    layers_before: list[dict[str, int]]
+    layers_after: list[dict[str, int]]
+    sparsity: float
+    sparsity_per_module: dict[str, float] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Dense / pruned block FLOPs (2.0 = a 2x cut)."""
+        return self.flops_before / self.flops_after if self.flops_after else float("inf")
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_before / self.params_after
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["flops_ratio"] = self.flops_ratio
+        d["params_ratio"] = self.params_ratio
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        kept_heads = [layer["heads"] for layer in self.layers_after]
+        kept_ffn = [layer["ffn"] for layer in self.layers_after]
+        return (
+            f"params {self.params_before / 1e6:.2f}M -> {self.params_after / 1e6:.2f}M "
+            f"({self.params_ratio:.2f}x), block FLOPs {self.flops_before / 1e9:.2f}G -> "
+            f"{self.flops_after / 1e9:.2f}G ({self.flops_ratio:.2f}x), sparsity {self.sparsity:.1%}\n"
+            f"kept heads per layer {kept_heads}\nkept FFN per layer {kept_ffn}"
+        )
+
+
+def prune(
+    model: nn.Module,
+    config: PruningConfig | dict[str, Any],
+    calibration_data: Any = None,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+) -> PruningReport:
+    """Prune ``model`` in place to ``config``'s targets in one shot, and report what changed.
+
+    Args:
+        model: any model of a supported family.
+        config: a :class:`PruningConfig` (or its dict form).
+        calibration_data: needed by ``taylor``/``fisher`` and by activation-aware sparsity: a DataLoader, an
+            iterable of batches, or a tokenized ``datasets.Dataset``/list of dicts (batched with ``collate_fn``).
+            At most ``config.max_samples`` examples are used.
+
+    Raises:
+        ValueError: unsupported architecture, or a data-driven criterion without calibration data (raised
+            before anything is computed).
+    """
+    if isinstance(config, dict):
+        config = PruningConfig.from_dict(config)
+    adapter = get_adapter(model)
+    if config.needs_data and calibration_data is None:
+        raise ValueError(
+            f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r} needs "
+            "calibration_data (tokenized examples or batches)"
+        )
+    device = next(model.parameters()).device
+
+    def batches():
+        return iter_batches(calibration_data, config.batch_size, config.max_samples, collate_fn, device)
+
+    timings: dict[str, float] = {}
+    params_before = count_parameters(model)
+    flops_before = encoder_flops(model, config.seq_len).total
+    layers_before = [s.to_dict() for s in adapter.layer_shapes(model)]
+    plan = PruningPlan()
+    if config.structured:
+        start = time.perf_counter()
+        needs = config.criterion in ("taylor", "fisher")
+        scores = structured_scores(
+            model, config.criterion, batches() if needs else None, config.max_samples, config.seed
+        )
+        timings["scoring"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan = allocate(model, scores, config)
+        timings["allocation"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan.apply(model)
+        timings["surgery"] = time.perf_counter() - start
+    sparsity = config.effective_sparsity
+    if sparsity > 0:
+        start = time.perf_counter()
+        modules = prunable_linears(model)
+        norms = None
+        if config.sparsity_criterion == "activation":
+            norms = input_norms(model, modules, batches(), config.max_samples)
+        scores_w = weight_scores(modules, config.sparsity_criterion, norms)
+        masks = compute_masks(scores_w, sparsity, config.sparsity_scope, config.nm)
+        apply_masks(model, to_module_layout(masks, modules))
+        timings["unstructured"] = time.perf_counter() - start
+    report = sparsity_report(model)
+    result = PruningReport(
+        config=config.to_dict(),
+        plan=plan.to_dict(),
+        params_before=params_before,
+        params_after=count_parameters(model),
+        flops_before=flops_before,
+        flops_after=encoder_flops(model, config.seq_len).total,
+        layers_before=layers_before,
+        layers_after=[s.to_dict() for s in adapter.layer_shapes(model)],
+        sparsity=report["overall"],
+        sparsity_per_module=report["per_module"],
+        timings_s=timings,
+    )
+    logger.info("hf_prune.prune: %s", str(result).replace("\n", "; "))
+    return result
