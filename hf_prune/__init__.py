@@ -9,7 +9,7 @@ Public API (everything users need is re-exported here)::
     model = hf_prune.from_pretrained("out", AutoModelForSequenceClassification)
 """
 
-from . import calibration
+from . import calibration  # noqa: F401  (hf_prune.calibration.iter_batches)
 from .allocate import allocate
 from .architectures import ArchAdapter, LayerShape, Proj, get_adapter, register, supported_model_types
 from .config import PruningConfig
