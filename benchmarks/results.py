@@ -25,15 +25,16 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _header(result: dict[str, Any]) -> list[str]:
+def _header(result: dict[str, Any], run: bool = True) -> list[str]:
+    """Machine and versions; with ``run`` also the command and wall time (parts may carry their own instead)."""
     m, v = result["machine"], result["versions"]
-    return [
-        f"Command: `{result['command'].strip()}`  ",
+    lines = [
         f"Machine: {m['cpu_cores']} CPU cores ({m.get('torch_threads', '?')} torch threads), {m['platform']}  ",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
-        f"Wall time: {result['wall_time_s']:.0f} s",
-        "",
     ]
+    if run:
+        lines = [f"Command: `{result['command'].strip()}`  ", *lines, f"Wall time: {result['wall_time_s']:.0f} s"]
+    return [*lines, ""]
 
 
 def render_latency(result: dict[str, Any]) -> list[str]:
@@ -60,8 +61,53 @@ def render_latency(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_oneshot(result: dict[str, Any]) -> list[str]:
+    lines = ["## One-shot pruning without retraining", "", *_header(result, run=False)]
+    if "minilm" in result:
+        m = result["minilm"]
+        lines += [
+            f"### MiniLM (all-MiniLM-L6-v2) on SST-2: dense dev accuracy {m['dense_accuracy']:.2%}",
+            "",
+            f"Fine-tuned 1 epoch on {m['n_train']} SST-2 sentences; pruned to a FLOPs target with "
+            f"{m['calibration_samples']} calibration sentences; no retraining. Dev set: 872 sentences.",
+            "",
+            f"Command: `{m['command'].strip()}` (this part: {m['wall_time_s']:.0f} s)",
+            "",
+            "| FLOPs cut | criterion | scope | achieved FLOPs ratio | dev accuracy | kept heads per layer "
+            "| prune time |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in m["rows"]:
+            lines.append(
+                f"| {r['cut']}x | {r['criterion']} | {r['scope']} | {r['flops_ratio']:.2f}x | {r['accuracy']:.2%} "
+                f"| {r['kept_heads']} | {r['prune_time_s']:.1f} s |"
+            )
+        lines.append("")
+    if "llm" in result:
+        m = result["llm"]
+        lines += [
+            f"### SmolLM2-135M on WikiText-2: dense perplexity {m['dense_perplexity']:.2f}",
+            "",
+            f"Test perplexity over the first {m['eval_tokens']} tokens in {m['window']}-token windows; "
+            f"calibration: {m['calibration']}.",
+            "",
+            f"Command: `{m['command'].strip()}` (this part: {m['wall_time_s']:.0f} s)",
+            "",
+            "| criterion | scope | pattern | sparsity | perplexity | prune time |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in m["rows"]:
+            lines.append(
+                f"| {r['criterion']} | {r['scope']} | {r['pattern']} | {r['sparsity']:.1%} | {r['perplexity']:.2f} "
+                f"| {r['prune_time_s']:.0f} s |"
+            )
+        lines.append("")
+    return lines
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "latency": render_latency,
+    "oneshot": render_oneshot,
 }
 
 

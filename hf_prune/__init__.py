@@ -19,6 +19,7 @@ from .measure import compare_latency, count_parameters, encoder_flops, measure_l
 from .oneshot import PruningReport, prune
 from .plan import PruningPlan
 from .surgery import apply_layer_shapes, prune_ffn, prune_heads, pruning_state
+from .trainer import PruningCallback, PruningMixin, PruningTrainer
 
 __version__ = "0.1.0"
 
@@ -26,9 +27,12 @@ __all__ = [
     "ArchAdapter",
     "LayerShape",
     "Proj",
+    "PruningCallback",
     "PruningConfig",
+    "PruningMixin",
     "PruningPlan",
     "PruningReport",
+    "PruningTrainer",
     "Scores",
     "__version__",
     "allocate",

@@ -31,9 +31,10 @@ TOLERANCE = 0.005
 
 
 def _round_multiple(n: float, multiple: int, size: int) -> int:
+    # half-up (not Python's half-to-even): a tie keeps the larger width
     if multiple <= 1 or size < multiple:
-        return max(0, min(size, round(n)))
-    return max(0, min(size, multiple * round(n / multiple)))
+        return max(0, min(size, math.floor(n + 0.5)))
+    return max(0, min(size, multiple * math.floor(n / multiple + 0.5)))
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ CRITERIA = ("magnitude", "taylor", "fisher", "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
 SCOPES = ("layer", "global")
 SPARSITY_SCOPES = ("layer", "global", "row")
+SCHEDULES = ("oneshot", "iterative", "cubic")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -53,6 +54,18 @@ class PruningConfig:
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: in every M consecutive inputs keep N); an N:M
             pattern sets the sparsity to ``1 - N/M`` itself.
 
+    Schedule (used by :class:`~hf_prune.trainer.PruningTrainer`; ``prune()`` is always one-shot):
+        schedule: ``"oneshot"`` (prune at ``start_step``, then recover), ``"iterative"`` (equal increments every
+            ``frequency`` steps or at each epoch boundary) or ``"cubic"`` (Zhu & Gupta 2017 gradual schedule).
+        start_step / end_step or start_epoch / end_epoch: the pruning window (default: the first half of
+            training, leaving the second half for recovery).
+        frequency: steps between pruning events, or ``"epoch"``.
+
+    Distillation from the dense model during recovery:
+        distill_alpha: weight of the logits KL term (0 disables; the task loss gets ``1 - alpha``).
+        distill_temperature: softmax temperature of the KL term.
+        distill_hidden: weight of an extra MSE between the last hidden states (0 disables).
+
     Calibration:
         max_samples: examples drawn from the calibration data for data-driven criteria.
         batch_size: calibration batch size.
@@ -72,6 +85,15 @@ class PruningConfig:
     sparsity_scope: str = "layer"
     sparsity_criterion: str = "magnitude"
     pattern: str = "unstructured"
+    schedule: str = "oneshot"
+    start_step: int | None = None
+    end_step: int | None = None
+    start_epoch: float | None = None
+    end_epoch: float | None = None
+    frequency: int | str = "epoch"
+    distill_alpha: float = 0.0
+    distill_temperature: float = 2.0
+    distill_hidden: float = 0.0
     max_samples: int = 512
     batch_size: int = 16
     seq_len: int = 128
@@ -106,7 +128,8 @@ class PruningConfig:
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self._fail(name, f"an integer >= {minimum}")
+            extra = " or 'epoch'" if name == "frequency" else ""
+            self._fail(name, f"an integer >= {minimum}{extra}")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -116,6 +139,28 @@ class PruningConfig:
         self._check_fraction("target_params", low_open=True, high_open=False, optional=True)
         self._check_fraction("sparsity", low_open=False, high_open=True)
         self._check_choice("criterion", CRITERIA)
+        self._check_choice("schedule", SCHEDULES)
+        self._check_fraction("distill_alpha", low_open=False, high_open=False)
+        for name in ("start_step", "end_step"):
+            if getattr(self, name) is not None:
+                self._check_int(name, 0)
+        for name in ("start_epoch", "end_epoch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                self._fail(name, "a number >= 0")
+        if self.start_step is not None and self.start_epoch is not None:
+            raise ValueError("PruningConfig: set start_step or start_epoch, not both")
+        if self.end_step is not None and self.end_epoch is not None:
+            raise ValueError("PruningConfig: set end_step or end_epoch, not both")
+        if self.frequency != "epoch":
+            self._check_int("frequency", 1)
+        for name in ("distill_temperature",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                self._fail(name, "a number > 0")
+        value = self.distill_hidden
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            self._fail("distill_hidden", "a number >= 0")
         self._check_choice("scope", SCOPES)
         self._check_choice("sparsity_scope", SPARSITY_SCOPES)
         self._check_choice("sparsity_criterion", SPARSITY_CRITERIA)

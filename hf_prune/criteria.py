@@ -228,6 +228,7 @@ def structured_scores(
     batches: Iterable[dict[str, torch.Tensor]] | None = None,
     max_samples: int | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> Scores:
     """Dispatch by name: ``magnitude``, ``random``, ``taylor`` or ``fisher``."""
     if criterion == "magnitude":
@@ -237,5 +238,5 @@ def structured_scores(
     if criterion in ("taylor", "fisher"):
         if batches is None:
             raise ValueError(f"criterion {criterion!r} needs calibration_data (batches of tokenized examples)")
-        return mask_gradient_scores(model, batches, criterion, max_samples)
+        return mask_gradient_scores(model, batches, criterion, max_samples, progress)
     raise ValueError(f"unknown criterion {criterion!r}; allowed: magnitude, taylor, fisher, random")
