@@ -1,0 +1,45 @@
+"""Worker for test_distributed: run under ``torch.distributed.run --nproc_per_node 2`` (gloo, CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hf_prune  # noqa: E402
+from hf_prune import PruningConfig, PruningTrainer  # noqa: E402
+from tests.test_trainer import args, toy_data, toy_model  # noqa: E402
+
+
+def main(out: Path) -> None:
+    model = toy_model()
+    config = PruningConfig(
+        target_flops=0.5, criterion="fisher", scope="global", schedule="iterative", frequency=2, sparsity=0.3
+    )
+    trainer = PruningTrainer(
+        model=model, args=args(out, ddp_backend="gloo"), train_dataset=toy_data(), pruning_config=config
+    )
+    trainer.train()
+    rank = torch.distributed.get_rank()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    shapes = [s.to_dict() for s in hf_prune.get_adapter(model).layer_shapes(model)]
+    result = {
+        "world_size": torch.distributed.get_world_size(),
+        "shapes": shapes,
+        "weights_sha256": digest.hexdigest(),
+        "events": trainer.pruning_callback.done_steps,
+        "sparsity": hf_prune.masks.sparsity_report(model)["overall"],
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,34 @@
+"""Two CPU processes (gloo): every rank computes the same plan and ends with the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_prunes_identically(tmp_path):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(worker), str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    assert r0["world_size"] == 2
+    assert r0["shapes"] == r1["shapes"]
+    assert r0["weights_sha256"] == r1["weights_sha256"]
+    assert r0["events"] == r1["events"] and len(r0["events"]) > 1
+    assert sum(s["heads"] for s in r0["shapes"]) < 12  # something was pruned
+    assert abs(r0["sparsity"] - 0.3) < 0.02
