@@ -11,9 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hf_prune  # noqa: E402
-from hf_prune import PruningConfig, PruningTrainer  # noqa: E402
-from tests.test_trainer import args, toy_data, toy_model  # noqa: E402
+import hf_prune
+from hf_prune import PruningConfig, PruningTrainer
+from tests.test_trainer import args, toy_data, toy_model
 
 
 def main(out: Path) -> None:

@@ -1,0 +1,119 @@
+"""Step time of PruningTrainer with unstructured masks active vs the stock Trainer, same model/data/seed, one run.
+
+Both trainers train MiniLM on the same SST-2 sentences; PruningTrainer prunes 50% of the block weights at step 0
+and re-applies the masks after every optimizer step. Step time = on_step_begin -> on_step_end (forward, backward,
+optimizer step, mask application), median over steps after warm-up, rounds interleaved.
+
+    python benchmarks/trainer_overhead.py [--steps 30 --rounds 3 --batch 32 --seq-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+from datasets import Dataset
+
+from hf_prune import PruningConfig, PruningTrainer
+from hf_prune.offline import minilm_path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import machine_info, versions  # noqa: E402
+from results import render_results, write_result  # noqa: E402
+
+
+class StepTimer(tf.TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run_once(kind: str, data: Dataset, steps: int, batch: int, warmup: int) -> list[float]:
+    torch.manual_seed(0)
+    model = tf.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = tf.TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=5e-5,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10_000,
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        if kind == "stock":
+            trainer = tf.Trainer(model=model, args=args, train_dataset=data)
+        else:
+            config = PruningConfig(sparsity=0.5, sparsity_scope="layer", schedule="oneshot")
+            trainer = PruningTrainer(model=model, args=args, train_dataset=data, pruning_config=config)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+    return timer.times[warmup:]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "trainer_overhead.json")
+    args = parser.parse_args(argv)
+    start = time.time()
+    g = torch.Generator().manual_seed(0)
+    n = args.steps * args.batch
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1000, 20000, (n, args.seq_len), generator=g).tolist(),
+            "attention_mask": [[1] * args.seq_len] * n,
+            "labels": torch.randint(0, 2, (n,), generator=g).tolist(),
+        }
+    )
+    samples: dict[str, list[float]] = {"stock": [], "pruning": []}
+    for _ in range(args.rounds):
+        for kind in ("stock", "pruning"):
+            samples[kind] += run_once(kind, data, args.steps, args.batch, args.warmup)
+    stock, pruning = statistics.median(samples["stock"]), statistics.median(samples["pruning"])
+    result = {
+        "benchmark": "trainer_overhead",
+        "command": "python benchmarks/trainer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "versions": versions(),
+        "wall_time_s": time.time() - start,
+        "model": "all-MiniLM-L6-v2 (sequence classification)",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps_timed": len(samples["stock"]),
+        "stock_step_ms": stock * 1000,
+        "pruning_step_ms": pruning * 1000,
+        "ratio": pruning / stock,
+    }
+    print(
+        f"stock {stock * 1000:.1f} ms/step, PruningTrainer (50% masks) {pruning * 1000:.1f} ms/step, "
+        f"ratio {pruning / stock:.3f}"
+    )
+    write_result(args.output, result)
+    render_results()
+    return result
+
+
+if __name__ == "__main__":
+    main()
