@@ -1,5 +1,5 @@
 # Two entry points (each installs what is missing, idempotently):
-#   make demo   - prune the real MiniLM offline and print size/latency before and after
+#   make demo   - the offline prune-and-recover demo (recipes/demo.yaml): MiniLM on the shipped SST-2 subset
 #   make test   - the full test suite (fast tier + real-model tier)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.hf_prune-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo surgery-demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
+	$(BIN)/hf-prune run recipes/demo.yaml
+
+surgery-demo: install
 	$(BIN)/python examples/demo.py
 
 test: install

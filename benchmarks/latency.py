@@ -22,7 +22,7 @@ import torch
 import transformers as tf
 
 import hf_prune
-from hf_prune.measure import compare_latency, count_parameters, encoder_flops
+from hf_prune.measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -88,11 +88,28 @@ def run(name: str, batch: int, seq_len: int, repeats: int) -> dict:
     return row
 
 
+def sizes(name: str) -> dict:
+    """Bytes on disk (safetensors, float32) of the dense model, the structured 50/50 model and a 50% unstructured
+    model. hf_prune stores unstructured zeros densely (no sparse format): they cost the same bytes as dense."""
+    torch.manual_seed(0)
+    dense = tf.AutoModel.from_config(CONFIGS[name]()).eval()
+    structured = copy.deepcopy(dense)
+    half_plan(structured).apply(structured)
+    sparse = copy.deepcopy(dense)
+    hf_prune.prune(sparse, hf_prune.PruningConfig(sparsity=0.5))
+    return {
+        "model": name,
+        "dense_bytes": saved_size_bytes(dense),
+        "structured_bytes": saved_size_bytes(structured),
+        "unstructured_bytes": saved_size_bytes(sparse),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--batch", type=int, nargs="+", default=[8])
-    parser.add_argument("--seq-len", type=int, nargs="+", default=[128])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model (split in 3 rounds)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latency.json")
@@ -112,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "transformers": tf.__version__, "hf_prune": hf_prune.__version__},
         "wall_time_s": time.time() - start,
         "rows": rows,
+        "sizes": [sizes(m) for m in args.models],
     }
     write_result(args.output, result)
     render_results()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,9 +55,9 @@ def iter_batches(
         loader = data
     seen = 0
     for batch in loader:
-        if not isinstance(batch, dict) or "input_ids" not in batch:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise ValueError("calibration batches must be dicts of tensors with 'input_ids'")
-        batch = _clean_example(batch)
+        batch = _clean_example(dict(batch))
         size = batch["input_ids"].shape[0]
         if max_samples is not None and seen + size > max_samples:
             keep = max_samples - seen

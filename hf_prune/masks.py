@@ -124,10 +124,25 @@ def to_module_layout(masks: Mapping[str, torch.Tensor], modules: Mapping[str, nn
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the masked weights in place (masks in module layout, as returned by :func:`to_module_layout`)."""
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        weight = modules[name].weight
-        weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+    MaskApplier(model, masks)()
+
+
+class MaskApplier:
+    """Re-applies fixed masks cheaply after every optimizer step.
+
+    Resolves the weights once and keeps the *pruned* positions (``~keep``) on the weights' device, so each call is
+    one in-place ``masked_fill_`` per matrix: no module lookup, no dtype conversion, no temporary mask.
+    Rebuild it whenever parameters are replaced (structural pruning swaps ``nn.Parameter`` objects).
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
+        modules = dict(model.named_modules())
+        self.pairs = [(modules[name].weight, (~mask).to(modules[name].weight.device)) for name, mask in masks.items()]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for weight, pruned in self.pairs:
+            weight.masked_fill_(pruned, 0.0)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, object]:

@@ -35,7 +35,14 @@ from .architectures import get_adapter
 from .calibration import iter_batches
 from .config import PruningConfig
 from .criteria import input_norms, structured_scores
-from .masks import apply_masks, compute_masks, prunable_linears, sparsity_report, to_module_layout, weight_scores
+from .masks import (
+    MaskApplier,
+    compute_masks,
+    prunable_linears,
+    sparsity_report,
+    to_module_layout,
+    weight_scores,
+)
 from .measure import count_parameters, encoder_flops, prunable_parameters
 from .schedules import Event, build_events, resolve_window
 from .surgery import STATE_KEY, _record, apply_layer_shapes
@@ -60,6 +67,7 @@ class PruningCallback(TrainerCallback):
         self.events: list[Event] = []
         self.done_steps: list[int] = []
         self.masks: dict[str, torch.Tensor] = {}
+        self._applier: MaskApplier | None = None
         self.progress = 0.0
         self.original: dict[str, float] = {}
 
@@ -86,7 +94,9 @@ class PruningCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.masks:
-            apply_masks(self._model(kwargs), self.masks)
+            if self._applier is None:
+                self._applier = MaskApplier(self._model(kwargs), self.masks)
+            self._applier()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -117,6 +127,7 @@ class PruningCallback(TrainerCallback):
         self.original = dict(state["original"])
         if (folder / MASKS_FILE).exists():
             self.masks = {k: v.bool().to(device or "cpu") for k, v in load_file(folder / MASKS_FILE).items()}
+            self._applier = None
 
     def stats(self, model: nn.Module) -> dict[str, Any]:
         """Numbers logged at every logging step."""
@@ -202,6 +213,7 @@ class PruningCallback(TrainerCallback):
                 scores = _all_reduce_scores(scores)
                 plan = allocate(model, scores, step_config)
                 plan.apply(model)
+                self._applier = None  # surgery replaced the parameters the applier points at
                 if self.trainer is not None:
                     _rebuild_optimizer(self.trainer)
             if config.effective_sparsity > 0:
@@ -225,7 +237,8 @@ class PruningCallback(TrainerCallback):
         scores = weight_scores(modules, config.sparsity_criterion, norms)
         scope = config.sparsity_scope if nm is None else "row"
         self.masks = to_module_layout(compute_masks(scores, sparsity, scope, nm), modules)
-        apply_masks(model, self.masks)
+        self._applier = MaskApplier(model, self.masks)
+        self._applier()
 
 
 def _all_reduce_scores(scores):

@@ -1,0 +1,255 @@
+"""Accuracy / perplexity vs FLOPs cut and sparsity, with plots.
+
+* MiniLM on SST-2 and RTE (each fine-tuned on its task first, cached): dense; structured 1.5x/2x/3x/4x encoder-FLOPs
+  cuts (Fisher, global); unstructured 50/70/90% (global magnitude). One-shot for every point; with ``--recover``
+  also after one epoch of recovery (PruningTrainer, same data).
+* SmolLM2-135M on WikiText-2: perplexity vs unstructured sparsity (magnitude per layer, activation-aware per row)
+  and 2:4 patterns.
+
+    python benchmarks/curves.py [--tasks sst2 rte] [--recover] [--skip-llm] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as tf
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import hf_prune
+from hf_prune import PruningConfig, PruningTrainer, prune
+from hf_prune.masks import sparsity_report
+from hf_prune.offline import minilm_path, smollm2_path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import (  # noqa: E402
+    CACHE_DIR,
+    DEFAULT_DATA_DIR,
+    accuracy,
+    finetuned_minilm_sst2,
+    machine_info,
+    perplexity,
+    versions,
+    wikitext_ids,
+)
+from results import render_results, write_result  # noqa: E402
+
+CUTS = (1.5, 2.0, 3.0, 4.0)
+SPARSITIES = (0.5, 0.7, 0.9)
+
+
+def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
+    """MiniLM fine-tuned on GLUE RTE (cached); returns (model, tokenizer, tokenized data)."""
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    files = {"train": str(data_dir / "rte" / "train.tsv"), "validation": str(data_dir / "rte" / "dev.tsv")}
+    ds = load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
+    names = {"entailment": 0, "not_entailment": 1}
+
+    def tok(batch):
+        enc = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, padding="max_length", max_length=128)
+        enc["labels"] = [names[x] for x in batch["label"]]
+        return enc
+
+    data = ds.map(tok, batched=True, remove_columns=ds["train"].column_names).with_format("torch")
+    cache = CACHE_DIR / f"minilm-rte-e{epochs}-s{seed}"
+    if not (cache / "config.json").exists():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        args = tf.TrainingArguments(
+            output_dir=str(cache) + ".tmp-train",
+            per_device_train_batch_size=16,
+            learning_rate=5e-5,
+            num_train_epochs=epochs,
+            seed=seed,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        tf.Trainer(model=model, args=args, train_dataset=data["train"]).train()
+        hf_prune.save_pretrained(model, cache, tokenizer=tokenizer)
+    return AutoModelForSequenceClassification.from_pretrained(cache).eval(), tokenizer, data
+
+
+def _recover(model, data, config: PruningConfig) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        args = tf.TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=32,
+            num_train_epochs=1,
+            learning_rate=5e-5,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        start = time.time()
+        PruningTrainer(model=model, args=args, train_dataset=data["train"], pruning_config=config).train()
+        return time.time() - start
+
+
+def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities) -> dict:
+    if task == "sst2":
+        model, _, data = finetuned_minilm_sst2(data_dir)
+    else:
+        model, _, data = finetuned_minilm_rte(data_dir)
+    dense_acc = accuracy(model, data["validation"])
+    print(f"{task}: dense {dense_acc:.4f}")
+    points = []
+    calibration = data["train"].select(range(min(512, len(data["train"]))))
+    for kind, values in (("structured", cuts), ("unstructured", sparsities)):
+        for value in values:
+            if kind == "structured":
+                config = PruningConfig(target_flops=1 / value, criterion="fisher", scope="global", max_samples=512)
+            else:
+                config = PruningConfig(sparsity=value, sparsity_scope="global", schedule="oneshot")
+            pruned = copy.deepcopy(model)
+            report = prune(pruned, config, calibration_data=calibration)
+            point = {
+                "kind": kind,
+                "value": value,
+                "flops_ratio": report.flops_ratio,
+                "sparsity": report.sparsity,
+                "oneshot_accuracy": accuracy(pruned, data["validation"]),
+            }
+            if recover:
+                fresh = copy.deepcopy(model)
+                point["recovery_wall_s"] = _recover(fresh, data, config)
+                point["recovered_accuracy"] = accuracy(fresh, data["validation"])
+                point["sparsity_after_recovery"] = sparsity_report(fresh)["overall"]
+            points.append(point)
+            print(task, point)
+    return {"dense_accuracy": dense_acc, "points": points, "recovered": recover}
+
+
+def llm_rows(data_dir: Path, sparsities, calib_seqs: int, eval_tokens: int) -> dict:
+    folder, gguf = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    test_ids = wikitext_ids(tokenizer, data_dir, "test", eval_tokens)
+    train_ids = wikitext_ids(tokenizer, data_dir, "train", calib_seqs * 512 * 4)
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, train_ids.numel() - 513, (calib_seqs,), generator=g).tolist()
+    calibration = [{"input_ids": train_ids[s : s + 512]} for s in starts]
+    dense = perplexity(base, test_ids)
+    points = []
+    settings = [("magnitude", "layer", "unstructured", s) for s in sparsities]
+    settings += [("activation", "row", "unstructured", s) for s in sparsities]
+    settings += [("magnitude", "layer", "2:4", 0.5), ("activation", "row", "2:4", 0.5)]
+    for criterion, scope, pattern, sparsity in settings:
+        model = copy.deepcopy(base)
+        config = PruningConfig(
+            sparsity=sparsity if pattern == "unstructured" else 0.0,
+            sparsity_scope=scope,
+            sparsity_criterion=criterion,
+            pattern=pattern,
+            max_samples=calib_seqs,
+            batch_size=4,
+        )
+        report = prune(model, config, calibration_data=calibration)
+        ppl = perplexity(model, test_ids)
+        points.append(
+            {"criterion": criterion, "scope": scope, "pattern": pattern, "sparsity": report.sparsity, "perplexity": ppl}
+        )
+        print("smollm2", points[-1])
+        del model
+    return {"dense_perplexity": dense, "eval_tokens": int(test_ids.numel()), "points": points}
+
+
+def plot(result: dict, out_dir: Path) -> list[str]:
+    """One PNG per task (accuracy vs FLOPs ratio / sparsity) and one for SmolLM2; returns file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for task, r in result.get("tasks", {}).items():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, kind, xkey, xlabel in (
+            (ax1, "structured", "flops_ratio", "encoder FLOPs cut (x)"),
+            (ax2, "unstructured", "sparsity", "weight sparsity"),
+        ):
+            pts = [p for p in r["points"] if p["kind"] == kind]
+            xs = [p[xkey] for p in pts]
+            ax.plot(xs, [p["oneshot_accuracy"] for p in pts], "o-", label="one-shot")
+            if r["recovered"]:
+                ax.plot(xs, [p["recovered_accuracy"] for p in pts], "s-", label="+1 epoch recovery")
+            ax.axhline(r["dense_accuracy"], color="gray", ls="--", label="dense")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("dev accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"MiniLM on {task.upper()}")
+        fig.tight_layout()
+        name = f"curves_{task}.png"
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    if "llm" in result:
+        r = result["llm"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for criterion in ("magnitude", "activation"):
+            pts = [p for p in r["points"] if p["criterion"] == criterion and p["pattern"] == "unstructured"]
+            ax.plot([p["sparsity"] for p in pts], [p["perplexity"] for p in pts], "o-", label=criterion)
+        for p in r["points"]:
+            if p["pattern"] != "unstructured":
+                ax.plot([p["sparsity"]], [p["perplexity"]], "x", ms=9, label=f"2:4 {p['criterion']}")
+        ax.axhline(r["dense_perplexity"], color="gray", ls="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("weight sparsity")
+        ax.set_ylabel("WikiText-2 perplexity")
+        ax.set_title("SmolLM2-135M, one-shot")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "curves_smollm2.png", dpi=110)
+        plt.close(fig)
+        files.append("curves_smollm2.png")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--tasks", nargs="*", default=["sst2", "rte"], choices=["sst2", "rte"])
+    parser.add_argument("--recover", action="store_true", help="also recover each point for one epoch")
+    parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2x/50%% points only, fewer eval tokens")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "curves.json")
+    args = parser.parse_args(argv)
+    cuts, sparsities = ((2.0,), (0.5,)) if args.quick else (CUTS, SPARSITIES)
+    start = time.time()
+    result = {
+        "benchmark": "curves",
+        "command": "python benchmarks/curves.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "versions": versions(),
+        "tasks": {},
+    }
+    for task in args.tasks:
+        result["tasks"][task] = task_rows(task, args.data_dir, args.recover, cuts, sparsities)
+    if not args.skip_llm:
+        eval_tokens = 4096 if args.quick else 16384
+        result["llm"] = llm_rows(args.data_dir, (0.5,) if args.quick else (0.3, 0.5, 0.7), 32, eval_tokens)
+    result["wall_time_s"] = time.time() - start
+    result["plots"] = plot(result, HERE)
+    write_result(args.output, result)
+    render_results()
+    print(json.dumps({"plots": result["plots"], "wall_time_s": result["wall_time_s"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""hf_prune vs peer pruning tools on the same model, data and budget, one-shot (no retraining).
+
+Model: all-MiniLM-L6-v2 fine-tuned 1 epoch on 8,000 SST-2 sentences (cached by ``common.finetuned_minilm_sst2``);
+metric: SST-2 dev accuracy (872 sentences). Budget: a 2x cut of the encoder FLOPs, i.e. half of the heads and half
+of the FFN neurons of every layer (hf_prune fisher: the same FLOPs target, allocated globally). Every row starts
+from a fresh copy of the fine-tuned model:
+
+* hf_prune magnitude (layer scope) and fisher (global, 512 calibration sentences);
+* Torch-Pruning ``MetaPruner`` with L2 magnitude importance, whole heads + FFN neurons, hidden size untouched;
+* TextPruner ``TransformerPruner`` (iterative, first-order importance on 512 sentences) to 6 heads / 768 neurons;
+  with ``keep_shape=True`` as well (weights zeroed in place: TextPruner's choice, no structural change);
+* ``torch.nn.utils.prune`` L1 unstructured at 50% of the encoder Linear weights, global and per layer.
+
+Latency: one fixed random batch of 32 x 64 tokens on CPU, dense and pruned interleaved in the same process
+(``hf_prune.compare_latency``). A peer that raises is recorded with its error, not dropped.
+
+    python benchmarks/peers.py [--data-dir ../shared/data] [--repeats 12] [--output benchmarks/results/peers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import hf_prune
+from hf_prune import PruningConfig
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import DEFAULT_DATA_DIR, accuracy, finetuned_minilm_sst2, machine_info, versions  # noqa: E402
+from results import _header, write_result  # noqa: E402
+
+N_TRAIN = 8000
+CALIBRATION = 512
+BATCH, SEQ_LEN = 32, 64  # latency batch; FLOPs are counted for SEQ_LEN-token sequences too
+HEADS_FRACTION = FFN_FRACTION = 0.5  # removed in every layer: a 2x cut of the encoder FLOPs
+SPARSITY = 0.5  # unstructured rows: the same fraction of the encoder Linear weights
+
+PruneFn = Callable[[nn.Module, Any], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One row: ``prune(model, data)`` prunes ``model`` in place and may return extra fields for the row."""
+
+    tool: str
+    method: str
+    prune: PruneFn
+    catch: bool = False  # record a raised exception as the row's error (peers) instead of failing the run
+
+
+# ---- measurements ------------------------------------------------------------------------------------------
+
+
+def encoder_linears(model: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of the transformer blocks (attention q/k/v/o and FFN), embeddings/pooler/head excluded."""
+    layers = hf_prune.get_adapter(model).layers(model)
+    return [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+
+
+def flops_from_shapes(model: nn.Module, seq_len: int) -> int:
+    """Block FLOPs counted from the BERT Linear shapes alone (an independent check of ``hf_prune.encoder_flops``)."""
+    total = 0
+    for layer in hf_prune.get_adapter(model).layers(model):
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        total += sum(2 * seq_len * m.in_features * m.out_features for m in linears)
+        total += 2 * 2 * seq_len * seq_len * layer.attention.self.query.out_features  # scores + weighted values
+    return total
+
+
+def weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(all, non-zero) weights of the encoder Linear layers."""
+    weights = [m.weight.detach() for m in encoder_linears(model)]
+    return sum(w.numel() for w in weights), sum(int(w.count_nonzero()) for w in weights)
+
+
+def latency_inputs(vocab_size: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(1000, vocab_size, (BATCH, SEQ_LEN), generator=g),
+        "attention_mask": torch.ones(BATCH, SEQ_LEN, dtype=torch.long),
+        "token_type_ids": torch.zeros(BATCH, SEQ_LEN, dtype=torch.long),
+    }
+
+
+def one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# ---- the pruning methods -----------------------------------------------------------------------------------
+
+
+def dense(model: nn.Module, data: Any) -> None:
+    """The fine-tuned model as is (its latency row measures dense vs an identical copy: the noise floor)."""
+
+
+def hf_prune_magnitude(model: nn.Module, data: Any) -> dict[str, Any]:
+    config = PruningConfig(heads=HEADS_FRACTION, ffn=FFN_FRACTION, criterion="magnitude", scope="layer")
+    report = hf_prune.prune(model, config)
+    return {"config": report.config}
+
+
+def hf_prune_fisher(model: nn.Module, data: Any) -> dict[str, Any]:
+    config = PruningConfig(target_flops=0.5, criterion="fisher", scope="global", max_samples=CALIBRATION)
+    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
+    return {"config": report.config}
+
+
+def torch_pruning_l2(model: nn.Module, data: Any) -> dict[str, Any]:
+    """Torch-Pruning MetaPruner on the BertModel: whole heads (head dims kept) + FFN neurons, L2 magnitude.
+
+    The hidden (residual) size is protected by ignoring every Linear whose output is the residual stream
+    (attention output and FFN output projections), plus the pooler; the classifier lives outside the BertModel.
+    Torch-Pruning slices the weights but leaves ``BertSelfAttention``'s head attributes at their dense values,
+    so they are set by hand afterwards.
+    """
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    bert = model.bert
+    hidden = model.config.hidden_size
+    num_heads: dict[nn.Module, int] = {}
+    ignored: list[nn.Module] = [bert.pooler]
+    for layer in bert.encoder.layer:
+        attention = layer.attention.self
+        for proj in (attention.query, attention.key, attention.value):
+            num_heads[proj] = attention.num_attention_heads
+        ignored += [layer.attention.output.dense, layer.output.dense]
+    example = {k: v[:2, :16] for k, v in latency_inputs(model.config.vocab_size).items()}
+    pruner = tp.pruner.MetaPruner(
+        bert,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        global_pruning=False,
+        pruning_ratio=FFN_FRACTION,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=HEADS_FRACTION,
+        ignored_layers=ignored,
+        output_transform=lambda out: out.pooler_output.sum(),
+    )
+    pruner.step()
+    attrs_before = []
+    for module in bert.modules():
+        if isinstance(module, BertSelfAttention):
+            attrs_before.append(module.num_attention_heads)
+            module.num_attention_heads = pruner.num_heads[module.query]
+            module.attention_head_size = module.query.out_features // module.num_attention_heads
+            module.all_head_size = module.query.out_features
+    residual = [bert.embeddings.word_embeddings.embedding_dim, bert.pooler.dense.in_features]
+    for layer in bert.encoder.layer:
+        residual += [layer.attention.output.dense.out_features, layer.output.dense.out_features]
+        residual += [layer.attention.self.query.in_features, layer.intermediate.dense.in_features]
+    if set(residual) != {hidden}:
+        raise RuntimeError(f"Torch-Pruning changed the hidden size: {sorted(set(residual))} != {hidden}")
+    return {
+        "num_attention_heads_attr_before_patch": attrs_before,
+        "note": "BertSelfAttention head attributes patched by hand; hidden size intact",
+    }
+
+
+def textpruner_taylor(keep_shape: bool) -> PruneFn:
+    """TextPruner's iterative pruning (first-order importance of heads and FFN neurons) to 6 heads / 768 neurons."""
+
+    def run(model: nn.Module, data: Any) -> dict[str, Any]:
+        import textpruner
+
+        shape = hf_prune.get_adapter(model).layer_shapes(model)[0]
+        config = textpruner.TransformerPruningConfig(
+            target_ffn_size=round(shape.ffn * (1 - FFN_FRACTION)),
+            target_num_of_heads=round(shape.heads * (1 - HEADS_FRACTION)),
+            pruning_method="iterative",
+            n_iters=1,
+        )
+        loader = torch.utils.data.DataLoader(data["train"].select(range(CALIBRATION)), batch_size=32)
+        with tempfile.TemporaryDirectory() as tmp:  # TextPruner caches importance scores in output_dir
+            pruner = textpruner.TransformerPruner(
+                model,
+                transformer_pruning_config=config,
+                general_config=textpruner.GeneralConfig(use_device="cpu", output_dir=tmp),
+            )
+            pruner.prune(dataloader=loader, keep_shape=keep_shape, save_model=False)
+        return {"note": "weights zeroed in place (keep_shape=True): no FLOPs removed"} if keep_shape else {}
+
+    return run
+
+
+def torch_l1_global(model: nn.Module, data: Any) -> None:
+    linears = encoder_linears(model)
+    torch_prune.global_unstructured(
+        [(m, "weight") for m in linears], pruning_method=torch_prune.L1Unstructured, amount=SPARSITY
+    )
+    for m in linears:
+        torch_prune.remove(m, "weight")
+
+
+def torch_l1_layer(model: nn.Module, data: Any) -> None:
+    for m in encoder_linears(model):
+        torch_prune.l1_unstructured(m, "weight", amount=SPARSITY)
+        torch_prune.remove(m, "weight")
+
+
+PEERS = (
+    Peer("dense", "fine-tuned MiniLM, no pruning", dense),
+    Peer("hf_prune", "magnitude, layer scope, 50% heads + 50% FFN", hf_prune_magnitude),
+    Peer("hf_prune", f"fisher, global, target_flops=0.5, {CALIBRATION} calibration", hf_prune_fisher),
+    Peer("Torch-Pruning", "MetaPruner, L2 magnitude, 50% heads + 50% FFN per layer", torch_pruning_l2, catch=True),
+    Peer(
+        "TextPruner",
+        f"TransformerPruner iterative, 6 heads / 768 FFN, {CALIBRATION} calibration",
+        textpruner_taylor(keep_shape=False),
+        catch=True,
+    ),
+    Peer(
+        "TextPruner",
+        f"same, keep_shape=True (zeroed, not removed), {CALIBRATION} calibration",
+        textpruner_taylor(keep_shape=True),
+        catch=True,
+    ),
+    Peer("torch.nn.utils.prune", "L1 unstructured, global, 50% of encoder Linear weights", torch_l1_global),
+    Peer("torch.nn.utils.prune", "L1 unstructured, per layer, 50% of encoder Linear weights", torch_l1_layer),
+)
+
+
+def run_peer(peer: Peer, base: nn.Module, data: Any, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"tool": peer.tool, "method": peer.method}
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    try:
+        extra = peer.prune(model, data) or {}
+    except Exception as error:
+        if not peer.catch:
+            raise
+        row.update(error=one_line(error), prune_time_s=time.perf_counter() - start)
+        print(f"{peer.tool:20s} {peer.method}: FAILED {row['error']}")
+        return row
+    elapsed = time.perf_counter() - start
+    model.eval()
+    dense_weights, _ = weight_counts(base)
+    all_weights, nonzero = weight_counts(model)
+    shapes = hf_prune.get_adapter(model).layer_shapes(model)
+    flops_ratio = hf_prune.encoder_flops(base, SEQ_LEN).total / hf_prune.encoder_flops(model, SEQ_LEN).total
+    timing = hf_prune.compare_latency(base, model, inputs, repeats=repeats)
+    row.update(
+        accuracy=accuracy(model, data["validation"]),
+        params=hf_prune.count_parameters(model),
+        flops_ratio=flops_ratio,
+        flops_ratio_from_shapes=flops_from_shapes(base, SEQ_LEN) / flops_from_shapes(model, SEQ_LEN),
+        sparsity=1 - nonzero / all_weights,
+        weights_removed=1 - nonzero / dense_weights,
+        hidden_size=model.bert.embeddings.word_embeddings.embedding_dim,
+        heads_per_layer=[s.heads for s in shapes],
+        ffn_per_layer=[s.ffn for s in shapes],
+        dense_ms=timing["dense_ms"],
+        pruned_ms=timing["pruned_ms"],
+        speedup=timing["speedup"],
+        latency_repeats=timing["repeats"],
+        prune_time_s=elapsed,
+        **extra,
+    )
+    print(
+        f"{peer.tool:20s} {peer.method}: acc {row['accuracy']:.4f} FLOPs {flops_ratio:.2f}x "
+        f"sparsity {row['sparsity']:.2f} speedup {row['speedup']:.2f}x ({elapsed:.1f} s)"
+    )
+    return row
+
+
+def peer_versions() -> dict[str, str]:
+    # Read from the installed distributions: torch_pruning.__version__ of 1.6.1 still says 1.6.0.
+    found = versions()
+    for dist in ("torch-pruning", "textpruner"):
+        try:
+            found[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist.replace("-", "_")] = "not installed"
+    return found
+
+
+def render_peers(result: dict[str, Any]) -> list[str]:
+    """Markdown for RESULTS.md: one table row per entry, failed peers with their error."""
+    lines = [
+        "## Peers: hf_prune vs Torch-Pruning, TextPruner and torch.nn.utils.prune (MiniLM on SST-2, 2x FLOPs cut)",
+        "",
+        *_header(result),
+        f"Every row prunes a fresh copy of all-MiniLM-L6-v2 fine-tuned 1 epoch on {result['n_train']} SST-2 "
+        f"sentences (dense dev accuracy {result['dense_accuracy']:.2%}) one-shot, no retraining: half of the heads "
+        "and half of the FFN neurons of every layer (hf_prune fisher: the same FLOPs target allocated globally), "
+        "or 50% of the encoder Linear weights for unstructured rows. Latency: one batch of "
+        f"{result['latency_batch']} x {result['latency_seq_len']} tokens on CPU, dense and pruned interleaved.",
+        "",
+        "| tool | method | dev accuracy | params | encoder FLOPs ratio | weights removed | dense ms | pruned ms "
+        "| speedup | prune time | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(
+                f"| {r['tool']} | {r['method']} | failed | | | | | | | {r['prune_time_s']:.1f} s | `{r['error']}` |"
+            )
+            continue
+        lines.append(
+            f"| {r['tool']} | {r['method']} | {r['accuracy']:.2%} | {r['params'] / 1e6:.1f}M "
+            f"| {r['flops_ratio']:.2f}x | {r['weights_removed']:.0%} | {r['dense_ms']:.0f} | {r['pruned_ms']:.0f} "
+            f"| {r['speedup']:.2f}x | {r['prune_time_s']:.1f} s | {r.get('note', '')} |"
+        )
+    lines += [
+        "",
+        "Weights removed: zero or sliced-away weights of the encoder Linear layers relative to the dense model. "
+        "FLOPs ratio: dense / pruned FLOPs of the transformer blocks, read from the module shapes (unstructured "
+        "zeros remove none).",
+        "",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--repeats", type=int, default=12, help="latency repeats per model")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "peers.json")
+    args = parser.parse_args(argv)
+    start = time.time()
+    model, _, data = finetuned_minilm_sst2(args.data_dir, n_train=N_TRAIN)
+    inputs = latency_inputs(model.config.vocab_size)
+    rows = [run_peer(peer, model, data, inputs, args.repeats) for peer in PEERS]
+    result = {
+        "benchmark": "peers",
+        "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "versions": peer_versions(),
+        "n_train": N_TRAIN,
+        "dense_accuracy": rows[0]["accuracy"],
+        "calibration_samples": CALIBRATION,
+        "latency_batch": BATCH,
+        "latency_seq_len": SEQ_LEN,
+        "wall_time_s": time.time() - start,
+        "rows": rows,
+    }
+    write_result(args.output, result)
+    print("\n".join(render_peers(result)))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Re-run every benchmark offline and regenerate benchmarks/RESULTS.md, the JSON results, the plots and the README's
+headline table.
+
+    python benchmarks/run_all.py            # full run (about 1.5 hours on 2 CPU cores)
+    python benchmarks/run_all.py --quick    # smoke run (< 10 minutes); writes to benchmarks/results/quick/,
+                                            # leaving the committed results untouched
+    hf-prune benchmark [--quick]            # the same, through the CLI
+
+Data come from ``--data-dir`` (default ``../shared/data``, or ``$HF_PRUNE_DATA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL = [
+    ("latency", ["latency.py"]),
+    ("oneshot", ["oneshot.py"]),
+    ("trainer_overhead", ["trainer_overhead.py"]),
+    ("recovery", ["recovery.py"]),
+    ("curves", ["curves.py", "--recover"]),
+    ("peers", ["peers.py"]),
+]
+QUICK = [
+    ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
+    ("oneshot", ["oneshot.py", "--n-train", "2000", "--calibration", "128", "--skip-llm"]),
+    ("trainer_overhead", ["trainer_overhead.py", "--steps", "10", "--warmup", "3", "--rounds", "1"]),
+    ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm"]),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="benchmark names to run")
+    args = parser.parse_args(argv)
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+    if args.data_dir is not None:
+        env["HF_PRUNE_DATA"] = str(args.data_dir.resolve())
+    plan = QUICK if args.quick else FULL
+    failures = []
+    for name, cmd in plan:
+        if args.only and name not in args.only:
+            continue
+        if args.quick:
+            out = HERE / "results" / "quick" / f"{name}.json"
+            cmd = [*cmd, "--output", str(out)]
+        script = HERE / cmd[0]
+        if not script.exists():
+            print(f"[run_all] {name}: {script.name} missing, skipped")
+            failures.append(name)
+            continue
+        print(f"[run_all] {name}: {' '.join(cmd)}", flush=True)
+        start = time.time()
+        code = subprocess.call([sys.executable, str(script), *cmd[1:]], env=env)
+        print(f"[run_all] {name}: exit {code} after {time.time() - start:.0f} s", flush=True)
+        if code:
+            failures.append(name)
+    sys.path.insert(0, str(HERE))
+    from results import render_results
+
+    render_results()
+    if failures:
+        print(f"[run_all] failed: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""``hf-prune``: run recipes, inspect and evaluate pruned models, run the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers.utils import logging
+
+from .recipes import RecipeError, load_recipe
+
+logger = logging.get_logger(__name__)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run_recipe, summary_table
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        print(f"{args.recipe}: valid recipe (model {recipe.model.name_or_path}, output {recipe.output.dir})")
+        return 0
+    report = run_recipe(recipe, output_dir=args.output_dir, push=True if args.push else None)
+    print()
+    print(summary_table(report))
+    print(f"\nwrote {report['output_dir']}")
+    return 0
+
+
+def _load_any(path: str, task: str | None):
+    import transformers as tf
+
+    from .hub import from_pretrained
+    from .offline import minilm_path, smollm2_path
+
+    extra = {}
+    if path == "offline:minilm":
+        path = minilm_path()
+    elif path == "offline:smollm2":
+        path, gguf = smollm2_path()
+        extra["gguf_file"] = gguf
+    cls = {
+        "sequence-classification": tf.AutoModelForSequenceClassification,
+        "causal-lm": tf.AutoModelForCausalLM,
+        None: tf.AutoModel,
+    }[task]
+    return from_pretrained(path, cls, **extra)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .architectures import get_adapter
+    from .masks import sparsity_report
+    from .measure import count_parameters, encoder_flops
+
+    model = _load_any(args.model, args.task)
+    adapter = get_adapter(model)
+    shapes = adapter.layer_shapes(model)
+    sparsity = sparsity_report(model)
+    info = {
+        "model_type": model.config.model_type,
+        "class": type(model).__name__,
+        "parameters": count_parameters(model),
+        "encoder_flops": encoder_flops(model, args.seq_len).total,
+        "seq_len": args.seq_len,
+        "sparsity": sparsity["overall"],
+        "layers": [
+            {**s.to_dict(), "sparsity": _layer_sparsity(sparsity["per_module"], i, adapter.layers_path)}
+            for i, s in enumerate(shapes)
+        ],
+        "pruned_by_hf_prune": bool(getattr(model.config, "hf_prune", None)),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{args.model}: {info['class']} ({info['model_type']}), {info['parameters'] / 1e6:.2f}M parameters")
+    print(
+        f"encoder FLOPs per sequence of {args.seq_len}: {info['encoder_flops'] / 1e9:.3f} G; "
+        f"block weight sparsity {info['sparsity']:.1%}"
+    )
+    print(f"{'layer':>5} {'heads':>6} {'kv':>4} {'ffn':>6} {'sparsity':>9}")
+    for i, layer in enumerate(info["layers"]):
+        print(f"{i:>5} {layer['heads']:>6} {layer['kv_heads']:>4} {layer['ffn']:>6} {layer['sparsity']:>9.1%}")
+    return 0
+
+
+def _layer_sparsity(per_module: dict[str, float], index: int, layers_path: str) -> float:
+    values = [v for k, v in per_module.items() if f"{layers_path.split('.')[-1]}.{index}." in k]
+    return sum(values) / len(values) if values else 0.0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .runner import evaluate_model, load_data, load_model_and_tokenizer, tokenize
+
+    recipe = load_recipe(args.recipe, args.set)
+    raw = load_data(recipe)
+    base_model, tokenizer, _ = load_model_and_tokenizer(recipe)
+    model = _load_any(args.model, recipe.model.task) if args.model else base_model
+    _, evaluation = tokenize(recipe, raw, tokenizer)
+    metrics = evaluate_model(recipe, model, evaluation, tokenizer)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    if not script.exists():
+        print("benchmarks/run_all.py not found: run from a source checkout of hf_prune", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.rest])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-prune",
+        description="Structured and unstructured pruning for Hugging Face transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a prune-and-recover recipe (YAML)")
+    run.add_argument("recipe", help="path to a recipe YAML file")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set training.num_train_epochs=2 (repeatable)",
+    )
+    run.add_argument("--output-dir", help="override output.dir")
+    run.add_argument("--push", action="store_true", help="push the output folder to output.repo_id")
+    run.add_argument("--dry-run", action="store_true", help="validate the recipe and exit")
+    run.set_defaults(func=_cmd_run)
+
+    inspect = sub.add_parser("inspect", help="heads/FFN per layer, parameters, sparsity, FLOPs of a model")
+    inspect.add_argument("model", help="a saved folder, a Hub id, or offline:minilm / offline:smollm2")
+    inspect.add_argument("--task", choices=["sequence-classification", "causal-lm"], default=None)
+    inspect.add_argument("--seq-len", type=int, default=128)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    ev = sub.add_parser("evaluate", help="evaluate a (pruned) model on a recipe's evaluation data and metrics")
+    ev.add_argument("recipe")
+    ev.add_argument("--model", help="model folder to evaluate (default: the recipe's base model)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    bench = sub.add_parser("benchmark", help="run benchmarks/run_all.py (arguments are passed through)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Run reports: ``pruning_report.json``, a Markdown summary, a per-layer plot and the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+
+def kept_structure_svg(kept_heads: list[int], total_heads: int, kept_ffn: list[int], total_ffn: int) -> str:
+    """Bar chart of kept heads and FFN neurons per layer, as SVG.
+
+    Written by hand rather than with matplotlib: it is ~30 lines, keeps plotting out of the core dependencies,
+    and SVG renders on the Hub model card and on GitHub.
+    """
+    n = len(kept_heads)
+    width, height, left, bottom, top = max(360, 60 + 40 * n), 240, 40, 40, 30
+    plot_h = height - bottom - top
+    bar = (width - left - 20) / max(1, n) / 2.6
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        'font-size="11">',
+        f'<text x="{left}" y="18" font-size="13">Kept per layer: heads (blue) and FFN neurons (orange), % of '
+        "original</text>",
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}" stroke="#333"/>',
+    ]
+    for pct in (0, 50, 100):
+        y = height - bottom - plot_h * pct / 100
+        parts.append(f'<text x="4" y="{y + 4:.1f}">{pct}%</text>')
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" stroke="#ddd"/>')
+    for i in range(n):
+        x0 = left + 8 + i * bar * 2.6
+        for j, (value, total, color) in enumerate(
+            ((kept_heads[i], total_heads, "#4472c4"), (kept_ffn[i], total_ffn, "#ed7d31"))
+        ):
+            frac = value / total if total else 0.0
+            h = plot_h * frac
+            x = x0 + j * bar
+            parts.append(
+                f'<rect x="{x:.1f}" y="{height - bottom - h:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{color}">'
+                f"<title>layer {i}: {value}/{total}</title></rect>"
+            )
+        parts.append(f'<text x="{x0 + bar * 0.4:.1f}" y="{height - bottom + 14}">{i}</text>')
+    parts.append(f'<text x="{width / 2 - 15:.0f}" y="{height - 8}">layer</text></svg>')
+    return "\n".join(parts)
+
+
+def _metrics_rows(report: dict[str, Any]) -> list[str]:
+    m = report["metrics"]
+    rows = ["| metric | dense | after pruning (before recovery) | after recovery |", "|---|---|---|---|"]
+    for name, dense in m["dense"].items():
+        mid = m.get("after_pruning", {}).get(name)
+        final = m["after_recovery"].get(name)
+        rows.append(
+            f"| {name} | {dense:.4f} | {'-' if mid is None else f'{mid:.4f}'} | "
+            f"{'-' if final is None else f'{final:.4f}'} |"
+        )
+    return rows
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    p, f, s, lat = report["params"], report["encoder_flops"], report["size_bytes"], report["latency"]
+    plan, orig = report["plan"], report["plan"].get("original") or {}
+    lines = [
+        f"# hf_prune run: {report['base_model']}",
+        "",
+        *_metrics_rows(report),
+        "",
+        "| | dense | pruned |",
+        "|---|---|---|",
+        f"| parameters | {p['dense']:,} | {p['pruned']:,} |",
+        f"| encoder FLOPs (seq {f['seq_len']}) | {f['dense']:,} | {f['pruned']:,} ({f['ratio']:.2f}x fewer) |",
+        f"| size on disk | {s['dense'] / 2**20:.1f} MiB | {s['pruned'] / 2**20:.1f} MiB |",
+        f"| CPU latency, batch {lat['batch']} x {lat['seq_len']} | {lat['dense_ms']:.1f} ms "
+        f"| {lat['pruned_ms']:.1f} ms ({lat['speedup']:.2f}x) |",
+        f"| weight sparsity (blocks) | 0% | {report['sparsity']:.1%} |",
+        "",
+        f"Kept heads per layer (of {orig.get('heads', '?')}): {plan['kept_heads']}  ",
+        f"Kept FFN neurons per layer (of {orig.get('ffn', '?')}): {plan['kept_ffn']}",
+        "",
+        "![kept structure](kept_structure.svg)",
+        "",
+        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["wall_time_s"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
+    task = report["recipe"].get("model", {}).get("task", "sequence-classification")
+    data = ModelCardData(
+        library_name="transformers",
+        tags=["hf_prune", "pruned", "structured-pruning"],
+        pipeline_tag="text-classification" if task == "sequence-classification" else "text-generation",
+        base_model=report["base_model"] if not str(report["base_model"]).startswith("offline:") else None,
+    )
+    plan, orig = report["plan"], report["plan"].get("original") or {}
+    removed_heads = (orig.get("heads", 0) * len(plan["kept_heads"]) - sum(plan["kept_heads"])) if orig else "?"
+    removed_ffn = (orig.get("ffn", 0) * len(plan["kept_ffn"]) - sum(plan["kept_ffn"])) if orig else "?"
+    cfg = report["pruning_config"]
+    content = f"""---
+{data.to_yaml()}
+---
+
+# Pruned {report["base_model"]}
+
+This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) {report["hf_prune_version"]}.
+
+## What was removed
+- **Attention heads:** {removed_heads} removed; kept per layer: {plan["kept_heads"]} (of {orig.get("heads", "?")}).
+- **FFN neurons:** {removed_ffn} removed; kept per layer: {plan["kept_ffn"]} (of {orig.get("ffn", "?")}).
+- **Weight sparsity** in the transformer blocks: {report["sparsity"]:.1%}.
+- Criterion `{cfg["criterion"]}`, scope `{cfg["scope"]}`, schedule `{cfg["schedule"]}`; distillation alpha
+  {cfg["distill_alpha"]}.
+
+Per-layer shapes are stored in `config.json` (`hf_prune`). Load with:
+
+```python
+import hf_prune
+from transformers import AutoModelForSequenceClassification
+model = hf_prune.from_pretrained("<this repo>", AutoModelForSequenceClassification)
+```
+
+## Results (measured by the run that produced this model)
+{chr(10).join(_metrics_rows(report))}
+
+| | dense | pruned |
+|---|---|---|
+| parameters | {report["params"]["dense"]:,} | {report["params"]["pruned"]:,} |
+| encoder FLOPs ratio | 1.00x | {report["encoder_flops"]["ratio"]:.2f}x fewer |
+| CPU latency (batch {report["latency"]["batch"]}) | {report["latency"]["dense_ms"]:.1f} ms | \
+{report["latency"]["pruned_ms"]:.1f} ms |
+
+![kept structure](kept_structure.svg)
+
+## Recipe
+```yaml
+{recipe_yaml.strip()}
+```
+"""
+    return ModelCard(content)
+
+
+def write_report(folder: Path, report: dict[str, Any], recipe: Any) -> None:
+    """Write report, summary, plot, model card and the recipe into ``folder``."""
+    folder = Path(folder)
+    recipe_yaml = yaml.safe_dump(report["recipe"], sort_keys=False)
+    (folder / "pruning_report.json").write_text(json.dumps(report, indent=2, default=str))
+    (folder / "SUMMARY.md").write_text(summary_markdown(report))
+    orig = report["plan"].get("original") or {}
+    (folder / "kept_structure.svg").write_text(
+        kept_structure_svg(
+            report["plan"]["kept_heads"], orig.get("heads", 1), report["plan"]["kept_ffn"], orig.get("ffn", 1)
+        )
+    )
+    (folder / "recipe.yaml").write_text(recipe_yaml)
+    model_card(report, recipe_yaml).save(folder / "README.md")

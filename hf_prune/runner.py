@@ -1,0 +1,363 @@
+"""Run a recipe end to end: data -> (dense fine-tune) -> prune and recover -> evaluate -> report -> save/push."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from datasets import DatasetDict, load_dataset
+from transformers.utils import logging
+
+from . import __version__
+from .config import closest
+from .hub import save_pretrained, write_atomic_dir
+from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
+from .metrics import classification_metrics, perplexity
+from .offline import minilm_path, smollm2_path
+from .recipes import Recipe, RecipeError
+from .report import write_report
+from .trainer import PruningTrainer
+
+logger = logging.get_logger(__name__)
+
+OFFLINE_MODELS = {"offline:minilm", "offline:smollm2"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+def resolve_path(recipe: Recipe, path: str) -> str:
+    """Relative data paths are relative to the recipe file's folder, then to the working directory."""
+    p = Path(path)
+    if p.is_absolute() or recipe.source == "<dict>":
+        return str(p)
+    beside = Path(recipe.source).resolve().parent / p
+    return str(beside if beside.exists() else p)
+
+
+def load_data(recipe: Recipe) -> DatasetDict:
+    """Load the recipe's data and check its columns, before any model is loaded."""
+    d = recipe.data
+    if d.files:
+        files = {split: resolve_path(recipe, f) for split, f in d.files.items()}
+        missing = [f for f in files.values() if not Path(f).exists()]
+        if missing:
+            raise RecipeError(f"{recipe.where('data', 'files')}: data file(s) not found: {missing}")
+        fmt = d.format or Path(next(iter(files.values()))).suffix.lstrip(".")
+        kwargs: dict[str, Any] = {}
+        if fmt in ("tsv", "csv"):
+            kwargs = {"delimiter": "\t" if fmt == "tsv" else ",", "quoting": csv.QUOTE_NONE if fmt == "tsv" else 0}
+            if d.column_names:
+                kwargs["column_names"] = d.column_names
+            ds = load_dataset("csv", data_files=files, **kwargs)
+        else:
+            ds = load_dataset("json" if fmt == "json" else "text", data_files=files)
+    else:
+        ds = load_dataset(d.dataset, d.config)
+    for split in (d.train_split, d.eval_split):
+        if split not in ds:
+            raise RecipeError(
+                f"{recipe.where('data')}: split '{split}' not in the data{closest(split, list(ds))}; "
+                f"available: {', '.join(ds)}"
+            )
+    columns = ds[d.train_split].column_names
+    wanted = [("text_columns", c) for c in d.text_columns]
+    if recipe.model.task == "sequence-classification":
+        wanted.append(("label_column", d.label_column))
+    for key, column in wanted:
+        if column not in columns:
+            raise RecipeError(
+                f"{recipe.where('data', key)}: column '{column}' (data.{key}) not in the data"
+                f"{closest(str(column), columns)}; columns: {', '.join(columns)}"
+            )
+    return ds
+
+
+def _subset(ds, n: int | None, seed: int):
+    return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
+
+
+def tokenize(recipe: Recipe, ds: DatasetDict, tokenizer) -> tuple[Any, Any]:
+    d = recipe.data
+    train = _subset(ds[d.train_split], d.max_train_samples, d.shuffle_seed)
+    evaluation = _subset(ds[d.eval_split], d.max_eval_samples, d.shuffle_seed)
+    if recipe.model.task == "causal-lm":
+        return _lm_blocks(train, d, tokenizer), _lm_blocks(evaluation, d, tokenizer)
+    label_map = {name: i for i, name in enumerate(d.label_names)} if d.label_names else None
+
+    def encode(batch):
+        texts = [batch[c] for c in d.text_columns]
+        enc = tokenizer(*texts, truncation=True, max_length=d.max_length)
+        labels = batch[d.label_column]
+        enc["labels"] = [label_map[v] for v in labels] if label_map else [int(v) for v in labels]
+        return enc
+
+    remove = train.column_names
+    return (
+        train.map(encode, batched=True, remove_columns=remove),
+        evaluation.map(encode, batched=True, remove_columns=evaluation.column_names),
+    )
+
+
+def _lm_blocks(split, d, tokenizer):
+    """Concatenate the text and cut it into ``max_length`` token blocks (labels = inputs)."""
+    column = d.text_columns[0]
+    text = "\n".join(t for t in split[column] if t is not None)
+    ids = tokenizer(text)["input_ids"]
+    n = len(ids) // d.max_length
+    blocks = [ids[i * d.max_length : (i + 1) * d.max_length] for i in range(n)]
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------
+def load_model_and_tokenizer(recipe: Recipe):
+    m = recipe.model
+    path, gguf = m.name_or_path, m.gguf_file
+    if path == "offline:minilm":
+        path = minilm_path()
+    elif path == "offline:smollm2":
+        path, gguf = smollm2_path()
+    elif path.startswith("offline:"):
+        raise RecipeError(
+            f"{recipe.where('model', 'name_or_path')}: unknown offline model '{path}'"
+            f"{closest(path, sorted(OFFLINE_MODELS))}; allowed: {', '.join(sorted(OFFLINE_MODELS))}"
+        )
+    extra = {"gguf_file": gguf} if gguf else {}
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = getattr(torch, m.dtype)
+    if m.task == "sequence-classification":
+        num_labels = m.num_labels or (len(recipe.data.label_names) if recipe.data.label_names else 2)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=dtype, trust_remote_code=m.trust_remote_code, **extra
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=m.trust_remote_code, **extra
+        )
+    return model, tokenizer, path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------
+def evaluate_model(recipe: Recipe, model, data, tokenizer, batch_size: int = 64) -> dict[str, float]:
+    model.eval()
+    collator = tf.DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
+    if recipe.model.task == "causal-lm":
+        losses, counts = [], []
+        with torch.inference_mode():
+            for i in range(len(data)):
+                ids = torch.tensor(data[i]["input_ids"], device=device).unsqueeze(0)
+                losses.append(float(model(input_ids=ids, labels=ids).loss))
+                counts.append(ids.shape[1] - 1)
+        return {"perplexity": perplexity(losses, counts)} if "perplexity" in recipe.evaluation.metrics else {}
+    predictions, references = [], []
+    with torch.inference_mode():
+        for i in range(0, len(data), batch_size):
+            rows = [data[j] for j in range(i, min(i + batch_size, len(data)))]
+            batch = collator([{k: v for k, v in r.items() if k != "labels"} for r in rows])
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            predictions += logits.argmax(-1).tolist()
+            references += [int(r["labels"]) for r in rows]
+    names = [m for m in recipe.evaluation.metrics if m != "perplexity"]
+    return classification_metrics(names, predictions, references, num_labels=model.config.num_labels)
+
+
+def _training_args(recipe: Recipe, output_dir: str, overrides: dict[str, Any]) -> tf.TrainingArguments:
+    base = {"output_dir": output_dir, "report_to": "none", "save_strategy": "no", "seed": recipe.seed}
+    try:
+        return tf.TrainingArguments(**{**base, **overrides})
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{recipe.where('training')}: invalid training arguments: {err}") from None
+
+
+def _latency_inputs(recipe: Recipe, tokenizer, model) -> dict[str, torch.Tensor]:
+    ev = recipe.evaluation
+    seq = ev.latency_seq_len or recipe.data.max_length
+    g = torch.Generator().manual_seed(0)
+    vocab = min(tokenizer.vocab_size or 1000, model.config.vocab_size)
+    ids = torch.randint(5, max(6, vocab - 1), (ev.latency_batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the job
+# ---------------------------------------------------------------------------------------------------------
+def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None = None) -> dict[str, Any]:
+    """Run ``recipe``; write the output folder atomically; return the report dict."""
+    out_dir = Path(output_dir or recipe.output.dir)
+    start = time.time()
+    walls: dict[str, float] = {}
+    torch.manual_seed(recipe.seed)
+
+    t = time.time()
+    raw = load_data(recipe)  # columns are checked here, before the model loads
+    model, tokenizer, resolved_path = load_model_and_tokenizer(recipe)
+    from .architectures import get_adapter
+
+    get_adapter(model)
+    train, evaluation = tokenize(recipe, raw, tokenizer)
+    walls["load"] = time.time() - t
+    seq_len = recipe.pruning.seq_len  # FLOPs are reported at the length the targets were set for
+
+    with tempfile.TemporaryDirectory() as work:
+        collator = tf.DataCollatorWithPadding(tokenizer) if recipe.model.task != "causal-lm" else None
+        if recipe.dense_training is not None:
+            t = time.time()
+            args = _training_args(recipe, f"{work}/dense", {"disable_tqdm": False, **recipe.dense_training})
+            tf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
+            walls["dense_training"] = time.time() - t
+        t = time.time()
+        metrics_dense = evaluate_model(recipe, model, evaluation, tokenizer)
+        walls["evaluate_dense"] = time.time() - t
+        dense = copy.deepcopy(model).eval()
+        dense_params, dense_flops = count_parameters(dense), encoder_flops(dense, seq_len).total
+        logger.warning("dense: %s", metrics_dense)
+
+        after_pruning: dict[str, Any] = {}
+
+        class EvaluateAfterPruning(tf.TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                self._check(state)
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self._check(state)
+
+            def _check(self, state):
+                events = trainer.pruning_callback.events
+                if events and state.global_step == events[-1].step and not after_pruning:
+                    after_pruning.update(evaluate_model(recipe, trainer.model, evaluation, tokenizer))
+                    trainer.model.train()
+
+        t = time.time()
+        args = _training_args(recipe, f"{work}/recovery", recipe.training)
+        trainer = PruningTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            data_collator=collator,
+            pruning_config=recipe.pruning,
+            calibration_dataset=train.select(range(min(len(train), recipe.data.calibration_samples))),
+        )
+        trainer.add_callback(EvaluateAfterPruning())
+        trainer.train()
+        walls["prune_and_recover"] = time.time() - t
+        t = time.time()
+        metrics_final = evaluate_model(recipe, model, evaluation, tokenizer)
+        walls["evaluate_pruned"] = time.time() - t
+        model.eval()
+        t = time.time()
+        latency = compare_latency(
+            dense, model, _latency_inputs(recipe, tokenizer, model), repeats=recipe.evaluation.latency_repeats
+        )
+        walls["latency"] = time.time() - t
+        adapter = get_adapter(model)
+        from .masks import sparsity_report
+
+        report = {
+            "hf_prune_version": __version__,
+            "recipe": recipe.raw,
+            "recipe_file": recipe.source,
+            "base_model": recipe.model.name_or_path,
+            "base_model_path": resolved_path,
+            "seed": recipe.seed,
+            "plan": {
+                "kept_heads": [s.heads for s in adapter.layer_shapes(model)],
+                "kept_kv_heads": [s.kv_heads for s in adapter.layer_shapes(model)],
+                "kept_ffn": [s.ffn for s in adapter.layer_shapes(model)],
+                "original": (getattr(model.config, "hf_prune", None) or {}).get("original"),
+                "kept_original_head_ids": (getattr(model.config, "hf_prune", None) or {}).get("kept_heads"),
+            },
+            "pruning_config": recipe.pruning.to_dict(),
+            "params": {"dense": dense_params, "pruned": count_parameters(model)},
+            "encoder_flops": {"seq_len": seq_len, "dense": dense_flops, "pruned": encoder_flops(model, seq_len).total},
+            "size_bytes": {"dense": saved_size_bytes(dense), "pruned": saved_size_bytes(model)},
+            "sparsity": sparsity_report(model)["overall"],
+            "metrics": {"dense": metrics_dense, "after_pruning": after_pruning, "after_recovery": metrics_final},
+            "latency": {
+                "batch": recipe.evaluation.latency_batch,
+                "seq_len": recipe.evaluation.latency_seq_len or recipe.data.max_length,
+                **latency,
+            },
+            "wall_time_s": {**walls, "total": time.time() - start},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": tf.__version__,
+                "python": platform.python_version(),
+            },
+            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+            "train_log": [h for h in trainer.state.log_history if "loss" in h][-5:],
+        }
+        report["encoder_flops"]["ratio"] = report["encoder_flops"]["dense"] / max(1, report["encoder_flops"]["pruned"])
+
+        # Build the whole output folder in a temporary sibling, then move it into place in one rename.
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer)
+            for item in (tmp / "model-staging").iterdir():
+                shutil.move(str(item), tmp / item.name)
+            (tmp / "model-staging").rmdir()
+            write_report(tmp, report, recipe)
+            write_atomic_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if push if push is not None else recipe.output.push_to_hub:
+        push_folder(out_dir, recipe.output.repo_id, recipe.output.private)
+    report["output_dir"] = str(out_dir)
+    return report
+
+
+def push_folder(folder: Path, repo_id: str | None, private: bool = True) -> str:
+    """Upload exactly ``folder`` (model, tokenizer, report, card) to ``repo_id`` on the Hub."""
+    if not repo_id:
+        raise RecipeError("push_to_hub needs output.repo_id")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload pruned model (hf_prune)")
+    return str(getattr(info, "commit_url", info))
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A short before/after table for the terminal."""
+    m = report["metrics"]
+    rows = [("", "dense", "pruned")]
+    for name, value in m["dense"].items():
+        after = m["after_recovery"].get(name)
+        rows.append((name, f"{value:.4f}", f"{after:.4f}" if after is not None else "-"))
+        if name in m.get("after_pruning", {}):
+            rows.append((f"{name} (before recovery)", "", f"{m['after_pruning'][name]:.4f}"))
+    p, f, s, lat = report["params"], report["encoder_flops"], report["size_bytes"], report["latency"]
+    rows += [
+        ("parameters", f"{p['dense'] / 1e6:.2f}M", f"{p['pruned'] / 1e6:.2f}M"),
+        (f"encoder GFLOPs (seq {f['seq_len']})", f"{f['dense'] / 1e9:.2f}", f"{f['pruned'] / 1e9:.2f}"),
+        ("size on disk", f"{s['dense'] / 2**20:.1f} MiB", f"{s['pruned'] / 2**20:.1f} MiB"),
+        (f"CPU latency (batch {lat['batch']})", f"{lat['dense_ms']:.1f} ms", f"{lat['pruned_ms']:.1f} ms"),
+        ("sparsity", "0%", f"{report['sparsity']:.0%}"),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{a:<{width}}{b:>12}{c:>12}" for a, b, c in rows]
+    lines.append(
+        f"FLOPs cut {f['ratio']:.2f}x, speedup {lat['speedup']:.2f}x, wall time {report['wall_time_s']['total']:.0f} s"
+    )
+    return "\n".join(lines)

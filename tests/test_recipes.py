@@ -1,0 +1,323 @@
+"""Recipe schema, CLI, metrics, reports, model card, push_to_hub and atomic output."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+import yaml
+
+import hf_prune
+from hf_prune import cli, runner
+from hf_prune.metrics import classification_metrics, load_metric, perplexity
+from hf_prune.recipes import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def base_recipe(tmp_path: Path, model_dir: Path) -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir), "task": "sequence-classification", "num_labels": 2},
+        "data": {
+            "files": {"train": str(REPO / "data/sst2/train_8k.tsv"), "validation": str(REPO / "data/sst2/dev.tsv")},
+            "format": "tsv",
+            "text_columns": ["sentence"],
+            "label_column": "label",
+            "max_length": 32,
+            "max_train_samples": 64,
+            "max_eval_samples": 48,
+            "calibration_samples": 32,
+        },
+        "dense_training": {
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 16,
+            "optim": "adamw_torch",
+            "disable_tqdm": True,
+        },
+        "pruning": {"target_flops": 0.6, "criterion": "fisher", "scope": "global", "distill_alpha": 0.5},
+        "training": {
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 16,
+            "optim": "adamw_torch",
+            "disable_tqdm": True,
+        },
+        "evaluation": {"metrics": ["accuracy", "f1", "matthews_correlation"], "latency_batch": 4, "latency_repeats": 2},
+        "output": {"dir": str(tmp_path / "out")},
+        "seed": 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT with a real (small) WordPiece vocabulary, saved like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w for line in (REPO / "data/sst2/dev.tsv").read_text().split("\n")[1:] for w in line.split()[:-1]})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words[:2000]]
+    (folder / "vocab.txt").write_text("\n".join(vocab))
+    tokenizer = tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write(tmp_path: Path, data: dict | str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---- schema ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.model.name_or_path and recipe.output.dir
+    if path.name == "demo.yaml":  # the demo must run from the repository alone
+        for f in recipe.data.files.values():
+            assert runner.resolve_path(recipe, f).startswith(str(REPO)) or Path(runner.resolve_path(recipe, f)).exists()
+
+
+BAD = [
+    ("trainig:\n  num_train_epochs: 1\n", "r.yaml:9: unknown section 'trainig' (did you mean 'training'?)"),
+    (
+        "training:\n  learning_rat: 0.1\n",
+        "r.yaml:10: unknown key 'learning_rat' in section 'training' (did you mean 'learning_rate'?)",
+    ),
+    ("training:\n  num_train_epochs: two\n", "r.yaml:10: training.num_train_epochs must be float, got 'two'"),
+    (
+        "pruning:\n  critrion: fisher\n",
+        "r.yaml:10: unknown key 'critrion' in section 'pruning' (did you mean 'criterion'?)",
+    ),
+    ("pruning:\n  heads: 1.5\n", "r.yaml:10: PruningConfig.heads=1.5 is invalid"),
+    (
+        "pruning:\n  criterion: fischer\n",
+        "r.yaml:10: PruningConfig.criterion='fischer' is invalid (did you mean 'fisher'?)",
+    ),
+    ("evaluation:\n  metrics: [acuracy]\n", "r.yaml:10: unknown metric 'acuracy' (did you mean 'accuracy'?)"),
+    (
+        "evaluation:\n  latency_bach: 4\n",
+        "unknown key 'latency_bach' in section 'evaluation' (did you mean 'latency_batch'?)",
+    ),
+    ("seed: zero\n", "r.yaml:9: seed must be an integer, got 'zero'"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD, ids=[m.split(":")[-1][:30] for _, m in BAD])
+def test_bad_recipes_fail_with_key_line_and_suggestion(tmp_path, extra, message):
+    base = textwrap.dedent(
+        """\
+        model:
+          name_or_path: offline:minilm
+        data:
+          files: {train: a.tsv, validation: b.tsv}
+          text_columns: [sentence]
+        output:
+          dir: out
+        # extra
+        """
+    )
+    path = write(tmp_path, base + extra)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert message.replace("r.yaml", str(path)) in str(err.value)
+
+
+def test_structural_recipe_errors(tmp_path):
+    cases = [
+        ({"output": {"dir": "x"}}, "missing required key 'model.name_or_path'"),
+        (
+            {
+                "model": {"name_or_path": "m", "task": "clasification"},
+                "output": {"dir": "x"},
+                "data": {"files": {"train": "a"}},
+            },
+            "(did you mean 'sequence-classification'?)",
+        ),
+        ({"model": {"name_or_path": "m"}, "output": {"dir": "x"}, "data": {}}, "data needs either 'dataset'"),
+        (
+            {
+                "model": {"name_or_path": "m"},
+                "output": {"dir": "x", "push_to_hub": True},
+                "data": {"files": {"train": "a"}},
+            },
+            "push_to_hub needs output.repo_id",
+        ),
+        (
+            {
+                "model": {"name_or_path": "m"},
+                "output": {"dir": "x"},
+                "data": {"files": {"train": "a"}, "format": "tvs"},
+            },
+            "(did you mean 'tsv'?)",
+        ),
+    ]
+    for data, message in cases:
+        with pytest.raises(RecipeError, match=None) as err:
+            load_recipe(data)
+        assert message in str(err.value), (message, str(err.value))
+
+
+def test_missing_column_fails_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["data"]["text_columns"] = ["sentense"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load for a bad recipe")
+
+    monkeypatch.setattr(runner, "load_model_and_tokenizer", no_model)
+    recipe = load_recipe(write(tmp_path, data))
+    with pytest.raises(
+        RecipeError,
+        match=r"column 'sentense' \(data.text_columns\) not in the data \(did you mean "
+        r"'sentence'\?\)",
+    ):
+        runner.run_recipe(recipe)
+    assert ":" in str(recipe.where("data", "text_columns"))
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = REPO / "recipes" / "demo.yaml"
+    recipe = load_recipe(path, ["training.learning_rate=1e-4", "pruning.target_flops=0.5", "seed=3"])
+    assert recipe.training["learning_rate"] == 1e-4 and recipe.pruning.target_flops == 0.5 and recipe.seed == 3
+    with pytest.raises(RecipeError, match="unknown key 'learnin_rate'"):
+        load_recipe(path, ["training.learnin_rate=1"])
+    with pytest.raises(RecipeError, match="expects key=value"):
+        load_recipe(path, ["training.learning_rate"])
+
+
+# ---- metrics --------------------------------------------------------------------------------------------
+def test_offline_metrics_match_reference_values():
+    preds, refs = [0, 1, 1, 0, 1, 2], [0, 1, 0, 0, 1, 2]
+    m = classification_metrics(["accuracy", "f1", "matthews_correlation"], preds[:5], refs[:5])
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["f1"] == pytest.approx(0.8)  # tp 2, fp 1, fn 0
+    assert m["matthews_correlation"] == pytest.approx(4 / 6)  # (tp*tn - fp*fn) / sqrt(3*2*3*2)
+    macro = classification_metrics(["f1"], preds, refs, num_labels=3)["f1"]
+    assert macro == pytest.approx((0.8 + 0.8 + 1.0) / 3)
+    assert perplexity([2.0, 3.0], [10, 30]) == pytest.approx(float(torch.exp(torch.tensor(2.75))))
+    assert type(load_metric("accuracy")).__name__ == "Accuracy"
+    with pytest.raises(ValueError, match="not available offline"):
+        load_metric("bleu")
+
+
+# ---- end to end -----------------------------------------------------------------------------------------
+def test_recipe_runs_end_to_end_and_writes_everything(tmp_path, tiny_model_dir):
+    recipe = load_recipe(write(tmp_path, base_recipe(tmp_path, tiny_model_dir)))
+    report = runner.run_recipe(recipe)
+    out = Path(report["output_dir"])
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "pruning_report.json",
+        "SUMMARY.md",
+        "kept_structure.svg",
+        "README.md",
+        "recipe.yaml",
+    } <= names
+    assert not any(n.endswith(".bin") for n in names)
+    saved = json.loads((out / "pruning_report.json").read_text())
+    for key in (
+        "plan",
+        "params",
+        "encoder_flops",
+        "size_bytes",
+        "metrics",
+        "latency",
+        "wall_time_s",
+        "versions",
+        "seed",
+    ):
+        assert key in saved
+    assert set(saved["metrics"]) == {"dense", "after_pruning", "after_recovery"}
+    assert set(saved["metrics"]["after_pruning"]) == {"accuracy", "f1", "matthews_correlation"}
+    assert saved["encoder_flops"]["ratio"] == pytest.approx(1 / 0.6, rel=0.02)
+    assert saved["params"]["pruned"] < saved["params"]["dense"]
+    card = (out / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "What was removed" in card
+    assert f"kept per layer: {saved['plan']['kept_heads']}" in card
+    assert "<svg" in (out / "kept_structure.svg").read_text()
+    model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
+    assert hf_prune.count_parameters(model) == saved["params"]["pruned"]
+    assert [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)] == saved["plan"]["kept_heads"]
+    assert "accuracy" in runner.summary_table(report)
+
+
+def test_failed_run_leaves_no_half_written_output(tmp_path, tiny_model_dir, monkeypatch):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["dense_training"] = None
+    recipe = load_recipe(write(tmp_path, data))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runner, "write_report", boom)
+    with pytest.raises(OSError, match="disk full"):
+        runner.run_recipe(recipe)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, tiny_model_dir, monkeypatch):
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls["create"] = (repo_id, private)
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls["upload"] = (folder_path, repo_id, sorted(p.name for p in Path(folder_path).iterdir()))
+            return "https://hub/commit/1"
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["dense_training"] = None
+    data["output"].update({"push_to_hub": True, "repo_id": "me/tiny-pruned", "private": True})
+    report = runner.run_recipe(load_recipe(write(tmp_path, data)))
+    assert calls["create"] == ("me/tiny-pruned", True)
+    folder, repo, files = calls["upload"]
+    assert folder == report["output_dir"] and repo == "me/tiny-pruned"
+    assert "README.md" in files and "model.safetensors" in files
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+def test_cli_exit_codes_and_inspect(tmp_path, tiny_model_dir, capsys):
+    bad = write(tmp_path, "model: {name_or_path: m}\noutput: {dir: x}\ndata: {files: {train: a}}\ntrainig: {}\n")
+    assert cli.main(["run", str(bad)]) == 2
+    assert "unknown section 'trainig'" in capsys.readouterr().err
+    assert cli.main(["run", str(REPO / "recipes" / "demo.yaml"), "--dry-run"]) == 0
+    assert "valid recipe" in capsys.readouterr().out
+    model = tf.BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    hf_prune.prune_heads(model, {0: [0, 1]})
+    model.save_pretrained(tmp_path / "pruned")
+    assert cli.main(["inspect", str(tmp_path / "pruned"), "--task", "sequence-classification", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [layer["heads"] for layer in info["layers"]] == [2, 4] and info["pruned_by_hf_prune"]
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "run" in capsys.readouterr().out
+
+
+def test_cli_evaluate_runs_the_recipe_metrics(tmp_path, tiny_model_dir, capsys):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    path = write(tmp_path, data)
+    assert cli.main(["evaluate", str(path), "--model", str(tiny_model_dir)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"accuracy", "f1", "matthews_correlation"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0
