@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.hf_prune-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo surgery-demo test test-fast lint bench clean
+.PHONY: install demo surgery-demo test test-fast lint bench bench-install bench-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,14 @@ lint: install
 	$(BIN)/ruff check hf_prune tests benchmarks examples
 	$(BIN)/ruff format --check hf_prune tests benchmarks examples
 
-bench: install
-	$(BIN)/python benchmarks/latency.py
+bench-install: install
+	$(BIN)/python -m pip install -q --no-deps textpruner==1.1.post2
+
+bench: bench-install
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: bench-install
+	$(BIN)/python benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -332,7 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--repeats", type=int, default=12, help="latency repeats per model")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "peers.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.time()
     model, _, data = finetuned_minilm_sst2(args.data_dir, n_train=N_TRAIN)
     inputs = latency_inputs(model.config.vocab_size)

@@ -101,25 +101,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "recovery.json")
     args = parser.parse_args(argv)
     command = "python benchmarks/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    previous = json.loads(args.output.read_text()) if args.output.exists() and args.only else {"rows": []}
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     rows = {r["variant"]: r for r in previous["rows"]}
     start = time.time()
+    dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train)
+    start_accuracy = accuracy(dense_model, data["validation"])
     for name, config in variants().items():
         if args.only and name not in args.only:
             continue
         rows[name] = {**run(name, config, args.data_dir, args.n_train), "command": command}
-    dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train)
-    result = {
-        "benchmark": "recovery",
-        "command": command,
-        "machine": machine_info(),
-        "versions": versions(),
-        "wall_time_s": time.time() - start,
-        "start_accuracy": accuracy(dense_model, data["validation"]),
-        "n_train": args.n_train,
-        "rows": [rows[n] for n in variants() if n in rows],
-    }
-    write_result(args.output, result)
+        # written after every variant: a long run that is interrupted keeps what it measured
+        result = {
+            "benchmark": "recovery",
+            "command": command,
+            "machine": machine_info(),
+            "versions": versions(),
+            "wall_time_s": time.time() - start,
+            "start_accuracy": start_accuracy,
+            "n_train": args.n_train,
+            "rows": [rows[n] for n in variants() if n in rows],
+        }
+        write_result(args.output, result)
     render_results()
 
 

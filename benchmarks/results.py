@@ -197,12 +197,23 @@ def render_curves(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_peers(result: dict[str, Any]) -> list[str]:
+    # imported lazily: peers.py imports this module (circular at import time otherwise)
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from peers import render_peers as render
+
+    return render(result)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "latency": render_latency,
     "oneshot": render_oneshot,
     "trainer_overhead": render_trainer_overhead,
     "recovery": render_recovery,
     "curves": render_curves,
+    "peers": render_peers,
 }
 
 
@@ -252,6 +263,26 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
                         f"{rows['dense']['accuracy']:.1%} with the same budget "
                         f"({(x['accuracy'] - rows['dense']['accuracy']) * 100:+.1f} pt) | `{r['command'].strip()}` |"
                     )
+    if "peers" in results:
+        r = results["peers"]
+        rows = r["rows"]
+        ours = max(
+            (x for x in rows if x.get("tool") == "hf_prune" and "accuracy" in x),
+            key=lambda x: x["accuracy"],
+            default=None,
+        )
+        others = [x for x in rows if x.get("tool") not in ("hf_prune", "dense")]
+        parts = []
+        for x in others:
+            if x.get("error"):
+                parts.append(f"{x['tool']} failed ({x['error'].split(':')[0]})")
+            elif x.get("flops_ratio", 1.0) > 1.5:
+                parts.append(f"{x['tool']} {x['accuracy']:.1%} ({x['speedup']:.2f}x)")
+        if ours is not None:
+            lines.append(
+                f"| Peers at a 2x FLOPs cut, MiniLM SST-2 one-shot | hf_prune {ours['accuracy']:.1%} "
+                f"({ours['speedup']:.2f}x); " + "; ".join(parts) + f" | `{r['command'].strip()}` |"
+            )
     if "trainer_overhead" in results:
         r = results["trainer_overhead"]
         lines.append(

@@ -7,12 +7,11 @@ closest valid name, so a bad config fails before any model is loaded.
 from __future__ import annotations
 
 import difflib
-import json
-import os
 import re
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
+
+from .jsonable import JsonMixin
 
 CRITERIA = ("magnitude", "taylor", "fisher", "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
@@ -29,7 +28,7 @@ def closest(name: str, allowed: list[str] | tuple[str, ...]) -> str:
 
 
 @dataclass
-class PruningConfig:
+class PruningConfig(JsonMixin):
     """How much to prune and how to choose what goes.
 
     Structured targets (pick fractions *or* one keep-target):
@@ -226,16 +225,3 @@ class PruningConfig:
             if key not in names:
                 raise ValueError(f"{where}: unknown key {key!r}{closest(str(key), names)}; allowed: {', '.join(names)}")
         return cls(**data)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike) -> PruningConfig:
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            text = Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))

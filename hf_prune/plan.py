@@ -6,15 +6,13 @@ Indices refer to the model the plan is applied to (its current numbering).
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .jsonable import JsonMixin
 from .surgery import prune_structure
 
 
@@ -23,7 +21,7 @@ def _int_keys(mapping: Mapping[Any, Iterable[int]]) -> dict[int, list[int]]:
 
 
 @dataclass
-class PruningPlan:
+class PruningPlan(JsonMixin):
     """Per layer, which attention heads and which FFN neurons to remove.
 
     Attributes:
@@ -69,16 +67,3 @@ class PruningPlan:
         if unknown:
             raise ValueError(f"unknown PruningPlan keys {sorted(unknown)}; allowed: heads, ffn, meta")
         return cls(heads=data.get("heads", {}), ffn=data.get("ffn", {}), meta=dict(data.get("meta", {})))
-
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, path_or_text: str | os.PathLike) -> PruningPlan:
-        text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            text = Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))

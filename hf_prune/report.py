@@ -95,7 +95,7 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
         library_name="transformers",
         tags=["hf_prune", "pruned", "structured-pruning"],
         pipeline_tag="text-classification" if task == "sequence-classification" else "text-generation",
-        base_model=report["base_model"] if not str(report["base_model"]).startswith("offline:") else None,
+        base_model=report["base_model"] if not Path(str(report["base_model"])).exists() else None,
     )
     plan, orig = report["plan"], report["plan"].get("original") or {}
     removed_heads = (orig.get("heads", 0) * len(plan["kept_heads"]) - sum(plan["kept_heads"])) if orig else "?"

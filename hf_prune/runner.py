@@ -28,7 +28,11 @@ from .trainer import PruningTrainer
 
 logger = logging.get_logger(__name__)
 
-OFFLINE_MODELS = {"offline:minilm", "offline:smollm2"}
+# The offline packages carry these Hub models; reports and model cards name the Hub id.
+OFFLINE_MODELS = {
+    "offline:minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "offline:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,7 +279,7 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
             "hf_prune_version": __version__,
             "recipe": recipe.raw,
             "recipe_file": recipe.source,
-            "base_model": recipe.model.name_or_path,
+            "base_model": OFFLINE_MODELS.get(recipe.model.name_or_path, recipe.model.name_or_path),
             "base_model_path": resolved_path,
             "seed": recipe.seed,
             "plan": {
