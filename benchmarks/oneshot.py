@@ -86,14 +86,16 @@ def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, l
     dense_ppl = perplexity(base, test_ids)
     print(f"dense SmolLM2 WikiText-2 ppl {dense_ppl:.2f}")
     variants = [
-        ("magnitude", "layer", "unstructured"),
-        ("magnitude", "row", "unstructured"),
-        ("activation", "row", "unstructured"),
-        ("magnitude", "layer", "2:4"),
-        ("activation", "row", "2:4"),
+        ("magnitude", "layer", "unstructured", False),
+        ("magnitude", "row", "unstructured", False),
+        ("activation", "row", "unstructured", False),
+        ("activation", "row", "unstructured", True),
+        ("magnitude", "layer", "2:4", False),
+        ("activation", "row", "2:4", False),
+        ("activation", "row", "2:4", True),
     ]
     rows = []
-    for criterion, scope, pattern in variants:
+    for criterion, scope, pattern, reconstruct in variants:
         model = copy.deepcopy(base)
         sparsity = 0.5 if pattern == "unstructured" else 0.0
         config = PruningConfig(
@@ -101,6 +103,7 @@ def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, l
             sparsity_scope=scope,
             sparsity_criterion=criterion,
             pattern=pattern,
+            reconstruct=reconstruct,
             max_samples=calib_seqs,
             batch_size=4,
         )
@@ -113,6 +116,7 @@ def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, l
                 "criterion": criterion,
                 "scope": scope,
                 "pattern": pattern,
+                "reconstruct": reconstruct,
                 "sparsity": report.sparsity,
                 "perplexity": ppl,
                 "prune_time_s": elapsed,

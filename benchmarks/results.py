@@ -107,13 +107,13 @@ def render_oneshot(result: dict[str, Any]) -> list[str]:
             "",
             f"Command: `{m['command'].strip()}` (this part: {m['wall_time_s']:.0f} s)",
             "",
-            "| criterion | scope | pattern | sparsity | perplexity | prune time |",
-            "|---|---|---|---|---|---|",
+            "| criterion | scope | pattern | OBS reconstruction | sparsity | perplexity | prune time |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in m["rows"]:
             lines.append(
-                f"| {r['criterion']} | {r['scope']} | {r['pattern']} | {r['sparsity']:.1%} | {r['perplexity']:.2f} "
-                f"| {r['prune_time_s']:.0f} s |"
+                f"| {r['criterion']} | {r['scope']} | {r['pattern']} | {'yes' if r.get('reconstruct') else 'no'} "
+                f"| {r['sparsity']:.1%} | {r['perplexity']:.2f} | {r['prune_time_s']:.0f} s |"
             )
         lines.append("")
     return lines
@@ -145,7 +145,8 @@ def render_recovery(result: dict[str, Any]) -> list[str]:
         f"All runs start from MiniLM fine-tuned 1 epoch on {result['n_train']} SST-2 sentences "
         f"(dev {result['start_accuracy']:.2%}) and train 1 more epoch on them; `dense` is the same-budget reference. "
         "Structured: one-shot Fisher (global) to the FLOPs target, then recovery (distill: alpha 0.9, T 2 from the "
-        "dense start model). Unstructured: global magnitude, cubic schedule over the first half of the epoch.",
+        "dense start model; iterative: Fisher re-scored and the target reached in 5 steps over the first 100 steps). "
+        "Unstructured: global magnitude, cubic schedule over the first half of the epoch.",
         "",
         "| variant | dev accuracy | vs dense | encoder FLOPs ratio | params | sparsity | recovery wall time |",
         "|---|---|---|---|---|---|---|",
@@ -244,12 +245,17 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             )
     if "oneshot" in results and "llm" in results["oneshot"]:
         m = results["oneshot"]["llm"]
-        by = {(x["criterion"], x["scope"], x["pattern"]): x["perplexity"] for x in m["rows"]}
-        act, mag = by.get(("activation", "row", "unstructured")), by.get(("magnitude", "layer", "unstructured"))
+        by = {
+            (x["criterion"], x["scope"], x["pattern"], x.get("reconstruct", False)): x["perplexity"] for x in m["rows"]
+        }
+        act = by.get(("activation", "row", "unstructured", False))
+        mag = by.get(("magnitude", "layer", "unstructured", False))
+        rec = by.get(("activation", "row", "unstructured", True))
         if act is not None and mag is not None:
+            extra = f"{rec:.1f} with OBS reconstruction, " if rec is not None else ""
             lines.append(
-                f"| SmolLM2-135M WikiText-2, 50% unstructured one-shot | perplexity {act:.1f} activation-aware vs "
-                f"{mag:.1f} magnitude (dense {m['dense_perplexity']:.1f}) | `{m['command'].strip()}` |"
+                f"| SmolLM2-135M WikiText-2, 50% unstructured one-shot | perplexity {extra}{act:.1f} activation-aware "
+                f"(Wanda), {mag:.1f} magnitude (dense {m['dense_perplexity']:.1f}) | `{m['command'].strip()}` |"
             )
     if "recovery" in results:
         r = results["recovery"]
@@ -289,6 +295,12 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             f"| PruningTrainer step time with 50% masks vs stock Trainer | {r['ratio']:.3f}x | "
             f"`{r['command'].strip()}` |"
         )
+    if "curves" in results and results["curves"].get("plots"):
+        r = results["curves"]
+        lines.append("")
+        for name in r["plots"]:
+            lines.append(f"![{name}](benchmarks/{name})")
+        lines.append(f"*Plots: `{r['command'].strip()}` (tables in benchmarks/RESULTS.md)*")
     return lines
 
 

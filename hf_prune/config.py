@@ -52,6 +52,8 @@ class PruningConfig(JsonMixin):
         sparsity_criterion: ``"magnitude"`` (|W|) or ``"activation"`` (|W| * ||X||, Wanda; needs calibration data).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: in every M consecutive inputs keep N); an N:M
             pattern sets the sparsity to ``1 - N/M`` itself.
+        reconstruct: after masking, update the kept weights block by block to reconstruct each layer's dense
+            output on calibration data (SparseGPT's OBS update; needs data; one-shot ``prune()`` only).
 
     Schedule (used by :class:`~hf_prune.trainer.PruningTrainer`; ``prune()`` is always one-shot):
         schedule: ``"oneshot"`` (prune at ``start_step``, then recover), ``"iterative"`` (equal increments every
@@ -84,6 +86,7 @@ class PruningConfig(JsonMixin):
     sparsity_scope: str = "layer"
     sparsity_criterion: str = "magnitude"
     pattern: str = "unstructured"
+    reconstruct: bool = False
     schedule: str = "oneshot"
     start_step: int | None = None
     end_step: int | None = None
@@ -163,6 +166,8 @@ class PruningConfig(JsonMixin):
         self._check_choice("scope", SCOPES)
         self._check_choice("sparsity_scope", SPARSITY_SCOPES)
         self._check_choice("sparsity_criterion", SPARSITY_CRITERIA)
+        if not isinstance(self.reconstruct, bool):
+            self._fail("reconstruct", "true or false")
         self._check_int("min_heads_per_layer", 0)
         self._check_int("ffn_multiple", 1)
         self._check_int("max_samples", 1)
@@ -209,7 +214,8 @@ class PruningConfig(JsonMixin):
     @property
     def needs_data(self) -> bool:
         structured_data = self.structured and self.criterion in ("taylor", "fisher")
-        return structured_data or (self.effective_sparsity > 0 and self.sparsity_criterion == "activation")
+        sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)
+        return structured_data or sparse_data
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from .criteria import input_norms, structured_scores
 from .masks import apply_masks, compute_masks, prunable_linears, sparsity_report, to_module_layout, weight_scores
 from .measure import count_parameters, encoder_flops
 from .plan import PruningPlan
+from .reconstruct import sequential_prune
 
 logger = logging.get_logger(__name__)
 
@@ -120,7 +121,11 @@ def prune(
         plan.apply(model)
         timings["surgery"] = time.perf_counter() - start
     sparsity = config.effective_sparsity
-    if sparsity > 0:
+    if sparsity > 0 and config.reconstruct:
+        start = time.perf_counter()
+        sequential_prune(model, batches(), sparsity, config.sparsity_scope, config.sparsity_criterion, config.nm)
+        timings["unstructured"] = time.perf_counter() - start
+    elif sparsity > 0:
         start = time.perf_counter()
         modules = prunable_linears(model)
         norms = None

@@ -243,3 +243,46 @@ def test_prune_refuses_data_criteria_without_data_before_touching_the_model():
     with pytest.raises(ValueError, match=r"criterion=.fisher.*needs calibration_data"):
         prune(model, PruningConfig(heads=0.5, criterion="fisher"))
     assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+
+
+# ---- reconstruction (OBS update) ------------------------------------------------------------------------
+def test_obs_update_reconstructs_better_than_masking():
+    from hf_prune.reconstruct import obs_update
+
+    g = torch.Generator().manual_seed(0)
+    # correlated inputs (as real activations are): what a removed weight did, others can partly take over
+    x = torch.randn(2048, 64, generator=g) @ (torch.eye(64) + torch.randn(64, 64, generator=g) / 4)
+    w = torch.randn(32, 64, generator=g)
+    hessian = x.t() @ x / x.shape[0]
+    keep = torch.rand(32, 64, generator=g) > 0.5
+    updated = obs_update(w, hessian, keep)
+    assert (updated[~keep] == 0).all()
+
+    def error(v: torch.Tensor) -> float:
+        return float(((x @ v.t() - x @ w.t()) ** 2).mean())
+
+    best = torch.zeros_like(w)  # per-row least squares on the kept support: the floor no update can beat
+    for i in range(w.shape[0]):
+        best[i, keep[i]] = torch.linalg.lstsq(x[:, keep[i]], (x @ w[i]).unsqueeze(1)).solution.squeeze(1)
+    assert error(best) <= error(updated) < 0.9 * error(w * keep)
+    torch.testing.assert_close(obs_update(w, hessian, torch.ones_like(keep)), w, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_reconstruct_keeps_sparsity_and_reduces_output_error(name):
+    family, model = task_model(name)
+    data = calibration(family, n_batches=4)
+    inputs = make_inputs(family, padded=False, seed=99)
+    with torch.no_grad():
+        reference = output_tensor(model(**inputs))
+    errors = {}
+    for reconstruct in (False, True):
+        pruned = copy.deepcopy(model)
+        config = PruningConfig(
+            sparsity=0.5, sparsity_scope="row", sparsity_criterion="activation", reconstruct=reconstruct
+        )
+        report = prune(pruned, config, calibration_data=data)
+        assert report.sparsity == pytest.approx(0.5, abs=0.01)
+        with torch.no_grad():
+            errors[reconstruct] = float((output_tensor(pruned(**inputs)) - reference).pow(2).mean())
+    assert errors[True] < errors[False]
