@@ -123,7 +123,8 @@ def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, l
             }
         )
         print(
-            f"{criterion:10s} {scope:5s} {pattern:12s}: sparsity {report.sparsity:.3f} ppl {ppl:.2f} ({elapsed:.0f} s)"
+            f"{criterion:10s} {scope:5s} {pattern:12s} reconstruct={reconstruct}: sparsity {report.sparsity:.3f} "
+            f"ppl {ppl:.2f} ({elapsed:.0f} s)"
         )
         del model
     meta = {
