@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             "rows": [rows[n] for n in variants() if n in rows],
         }
         write_result(args.output, result)
-    render_results()
+        render_results()  # RESULTS.md and the README always match the JSON on disk
 
 
 if __name__ == "__main__":

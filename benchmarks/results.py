@@ -145,8 +145,13 @@ def render_recovery(result: dict[str, Any]) -> list[str]:
         f"All runs start from MiniLM fine-tuned 1 epoch on {result['n_train']} SST-2 sentences "
         f"(dev {result['start_accuracy']:.2%}) and train 1 more epoch on them; `dense` is the same-budget reference. "
         "Structured: one-shot Fisher (global) to the FLOPs target, then recovery (distill: alpha 0.9, T 2 from the "
-        "dense start model; iterative: Fisher re-scored and the target reached in 5 steps over the first 100 steps). "
-        "Unstructured: global magnitude, cubic schedule over the first half of the epoch.",
+        "dense start model"
+        + (
+            "; iterative: Fisher re-scored and the target reached in 5 steps over the first 100 steps"
+            if any(v.endswith("-iterative") for v in rows)
+            else ""
+        )
+        + "). Unstructured: global magnitude, cubic schedule over the first half of the epoch.",
         "",
         "| variant | dev accuracy | vs dense | encoder FLOPs ratio | params | sparsity | recovery wall time |",
         "|---|---|---|---|---|---|---|",
