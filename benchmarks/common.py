@@ -63,6 +63,21 @@ def accuracy(model: torch.nn.Module, dataset, batch_size: int = 64) -> float:
     return correct / len(dataset)
 
 
+def bench_args(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments shared by the benchmarks: CPU, seed 0, lr 5e-5, batch 32, no checkpoints or reporting."""
+    base: dict[str, Any] = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": 32,
+        "learning_rate": 5e-5,
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    return TrainingArguments(**{**base, **overrides})
+
+
 def finetuned_minilm_sst2(data_dir: Path, n_train: int = 8000, epochs: float = 1.0, seed: int = 0):
     """MiniLM fine-tuned on ``n_train`` SST-2 sentences (cached under CACHE_DIR); returns (model, tok, data)."""
     path = minilm_path()
@@ -72,16 +87,8 @@ def finetuned_minilm_sst2(data_dir: Path, n_train: int = 8000, epochs: float = 1
     if not (cache / "config.json").exists():
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        args = TrainingArguments(
-            output_dir=str(cache) + ".tmp-train",
-            per_device_train_batch_size=32,
-            learning_rate=5e-5,
-            num_train_epochs=epochs,
-            seed=seed,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=50,
-            use_cpu=True,
+        args = bench_args(
+            str(cache) + ".tmp-train", num_train_epochs=epochs, seed=seed, logging_steps=50, disable_tqdm=False
         )
         start = time.time()
         Trainer(model=model, args=args, train_dataset=data["train"]).train()

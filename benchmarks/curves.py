@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     CACHE_DIR,
     DEFAULT_DATA_DIR,
     accuracy,
+    bench_args,
     finetuned_minilm_sst2,
     machine_info,
     perplexity,
@@ -66,17 +67,7 @@ def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
     if not (cache / "config.json").exists():
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        args = tf.TrainingArguments(
-            output_dir=str(cache) + ".tmp-train",
-            per_device_train_batch_size=16,
-            learning_rate=5e-5,
-            num_train_epochs=epochs,
-            seed=seed,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
-        )
+        args = bench_args(str(cache) + ".tmp-train", per_device_train_batch_size=16, num_train_epochs=epochs, seed=seed)
         tf.Trainer(model=model, args=args, train_dataset=data["train"]).train()
         hf_prune.save_pretrained(model, cache, tokenizer=tokenizer)
     return AutoModelForSequenceClassification.from_pretrained(cache).eval(), tokenizer, data
@@ -84,17 +75,7 @@ def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
 
 def _recover(model, data, config: PruningConfig) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        args = tf.TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=32,
-            num_train_epochs=1,
-            learning_rate=5e-5,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
+        args = bench_args(tmp, num_train_epochs=1)
         start = time.time()
         PruningTrainer(model=model, args=args, train_dataset=data["train"], pruning_config=config).train()
         return time.time() - start

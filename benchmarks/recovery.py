@@ -29,7 +29,14 @@ from hf_prune.masks import sparsity_report
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, accuracy, finetuned_minilm_sst2, machine_info, versions  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    accuracy,
+    bench_args,
+    finetuned_minilm_sst2,
+    machine_info,
+    versions,
+)
 from results import render_results, write_result  # noqa: E402
 
 STRUCTURED = {"2x": 0.5, "3x": 1 / 3}
@@ -69,18 +76,7 @@ def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int) -
     model, _, data = finetuned_minilm_sst2(data_dir, n_train)
     flops_before = hf_prune.encoder_flops(model, 64).total
     with tempfile.TemporaryDirectory() as tmp:
-        args = tf.TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=32,
-            num_train_epochs=1,
-            learning_rate=5e-5,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=50,
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
+        args = bench_args(tmp, num_train_epochs=1, logging_steps=50)
         torch.manual_seed(0)
         if config is None:
             trainer = tf.Trainer(model=model, args=args, train_dataset=data["train"])

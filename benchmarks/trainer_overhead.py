@@ -25,7 +25,7 @@ from hf_prune.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info, versions  # noqa: E402
+from common import bench_args, machine_info, versions  # noqa: E402
 from results import render_results, write_result  # noqa: E402
 
 
@@ -45,18 +45,7 @@ def run_once(kind: str, data: Dataset, steps: int, batch: int, warmup: int) -> l
     torch.manual_seed(0)
     model = tf.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     with tempfile.TemporaryDirectory() as tmp:
-        args = tf.TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=batch,
-            max_steps=steps,
-            learning_rate=5e-5,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10_000,
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
+        args = bench_args(tmp, per_device_train_batch_size=batch, max_steps=steps, logging_steps=10_000)
         if kind == "stock":
             trainer = tf.Trainer(model=model, args=args, train_dataset=data)
         else:

@@ -17,8 +17,10 @@ from datasets import DatasetDict, load_dataset
 from transformers.utils import logging
 
 from . import __version__
+from .architectures import get_adapter
 from .config import closest
 from .hub import save_pretrained, write_atomic_dir
+from .masks import sparsity_report
 from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
@@ -214,8 +216,6 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
     t = time.time()
     raw = load_data(recipe)  # columns are checked here, before the model loads
     model, tokenizer, resolved_path = load_model_and_tokenizer(recipe)
-    from .architectures import get_adapter
-
     get_adapter(model)
     train, evaluation = tokenize(recipe, raw, tokenizer)
     walls["load"] = time.time() - t
@@ -273,8 +273,6 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
         )
         walls["latency"] = time.time() - t
         adapter = get_adapter(model)
-        from .masks import sparsity_report
-
         report = {
             "hf_prune_version": __version__,
             "recipe": recipe.raw,

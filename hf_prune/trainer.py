@@ -87,7 +87,7 @@ class PruningCallback(TrainerCallback):
         )
         self.events = build_events(self.config.schedule, start, end, self.config.frequency, steps_per_epoch)
         if not self.original:
-            self.original = self._counts(model, dense=True)
+            self.original = self._counts(model)
         if state.global_step == 0:
             self._run_due_events(model, state.global_step)
         return control
@@ -149,7 +149,7 @@ class PruningCallback(TrainerCallback):
             return self.trainer.model
         return kwargs["model"]
 
-    def _counts(self, model: nn.Module, dense: bool = False) -> dict[str, float]:
+    def _counts(self, model: nn.Module) -> dict[str, float]:
         shapes = get_adapter(model).layer_shapes(model)
         return {
             "units": sum(s.kv_heads for s in shapes),
