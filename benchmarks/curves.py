@@ -76,14 +76,21 @@ def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
 def _recover(model, data, config: PruningConfig) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         args = bench_args(tmp, num_train_epochs=1)
+        torch.manual_seed(0)
         start = time.time()
         PruningTrainer(model=model, args=args, train_dataset=data["train"], pruning_config=config).train()
         return time.time() - start
 
 
-def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities) -> dict:
+def _oneshot(model, config: PruningConfig, calibration, data) -> tuple[float, object]:
+    pruned = copy.deepcopy(model)
+    report = prune(pruned, config, calibration_data=calibration)
+    return accuracy(pruned, data["validation"]), report
+
+
+def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities, n_train: int = 8000) -> dict:
     if task == "sst2":
-        model, _, data = finetuned_minilm_sst2(data_dir)
+        model, _, data = finetuned_minilm_sst2(data_dir, n_train)
     else:
         model, _, data = finetuned_minilm_rte(data_dir)
     dense_acc = accuracy(model, data["validation"])
@@ -93,17 +100,20 @@ def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities) -> dic
     for kind, values in (("structured", cuts), ("unstructured", sparsities)):
         for value in values:
             if kind == "structured":
+                # plain Fisher one-shot, and the same with least-squares reconstruction (also the recovery start)
                 config = PruningConfig(target_flops=1 / value, criterion="fisher", scope="global", max_samples=512)
+                plain_acc, _ = _oneshot(model, config, calibration, data)
+                config = PruningConfig(**{**config.to_dict(), "reconstruct": True})
             else:
                 config = PruningConfig(sparsity=value, sparsity_scope="global", schedule="oneshot")
-            pruned = copy.deepcopy(model)
-            report = prune(pruned, config, calibration_data=calibration)
+            acc, report = _oneshot(model, config, calibration, data)
             point = {
                 "kind": kind,
                 "value": value,
                 "flops_ratio": report.flops_ratio,
                 "sparsity": report.sparsity,
-                "oneshot_accuracy": accuracy(pruned, data["validation"]),
+                "oneshot_accuracy": plain_acc if kind == "structured" else acc,
+                "oneshot_reconstructed_accuracy": acc if kind == "structured" else None,
             }
             if recover:
                 fresh = copy.deepcopy(model)
@@ -111,7 +121,7 @@ def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities) -> dic
                 point["recovered_accuracy"] = accuracy(fresh, data["validation"])
                 point["sparsity_after_recovery"] = sparsity_report(fresh)["overall"]
             points.append(point)
-            print(task, point)
+            print(task, point, flush=True)
     return {"dense_accuracy": dense_acc, "points": points, "recovered": recover}
 
 
@@ -166,9 +176,13 @@ def plot(result: dict, out_dir: Path) -> list[str]:
             pts = [p for p in r["points"] if p["kind"] == kind]
             xs = [p[xkey] for p in pts]
             ax.plot(xs, [p["oneshot_accuracy"] for p in pts], "o-", label="one-shot")
+            if kind == "structured" and all(p.get("oneshot_reconstructed_accuracy") for p in pts):
+                ax.plot(xs, [p["oneshot_reconstructed_accuracy"] for p in pts], "^-", label="one-shot + LS reconstruct")
             if r["recovered"]:
                 ax.plot(xs, [p["recovered_accuracy"] for p in pts], "s-", label="+1 epoch recovery")
-            ax.axhline(r["dense_accuracy"], color="gray", ls="--", label="dense")
+            # the recovered points trained one epoch more than this model: it is the start, not a same-budget peer
+            dense_label = "dense (recovery start)" if r["recovered"] else "dense"
+            ax.axhline(r["dense_accuracy"], color="gray", ls="--", label=dense_label)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("dev accuracy")
             ax.grid(alpha=0.3)
@@ -208,25 +222,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="*", default=["sst2", "rte"], choices=["sst2", "rte"])
     parser.add_argument("--recover", action="store_true", help="also recover each point for one epoch")
     parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--n-train", type=int, default=8000, help="SST-2 training sentences (RTE uses all)")
     parser.add_argument("--quick", action="store_true", help="2x/50%% points only, fewer eval tokens")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "curves.json")
     args = parser.parse_args(argv)
     cuts, sparsities = ((2.0,), (0.5,)) if args.quick else (CUTS, SPARSITIES)
-    start = time.time()
+    command = "python benchmarks/curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # each part (task, LLM sweep) records the command that produced it, so a partial re-run (--tasks rte,
+    # --skip-llm) keeps the other parts of the previous result with their own provenance
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+
+    def kept(part: dict) -> dict:  # a part from before parts carried their own command: the file's command made it
+        return part if "command" in part else {**part, "command": previous.get("command", "unknown")}
+
     result = {
         "benchmark": "curves",
-        "command": "python benchmarks/curves.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "machine": machine_info(),
         "versions": versions(),
-        "tasks": {},
+        "tasks": {task: kept(part) for task, part in previous.get("tasks", {}).items()},
     }
+    if "llm" in previous:
+        result["llm"] = kept(previous["llm"])
+    start = time.time()
     for task in args.tasks:
-        result["tasks"][task] = task_rows(task, args.data_dir, args.recover, cuts, sparsities)
+        part_start = time.time()
+        part = task_rows(task, args.data_dir, args.recover, cuts, sparsities, args.n_train)
+        result["tasks"][task] = {**part, "command": command, "wall_time_s": time.time() - part_start}
     if not args.skip_llm:
+        part_start = time.time()
         eval_tokens = 4096 if args.quick else 16384
-        result["llm"] = llm_rows(args.data_dir, (0.5,) if args.quick else (0.3, 0.5, 0.7), 32, eval_tokens)
+        part = llm_rows(args.data_dir, (0.5,) if args.quick else (0.3, 0.5, 0.7), 32, eval_tokens)
+        result["llm"] = {**part, "command": command, "wall_time_s": time.time() - part_start}
     result["wall_time_s"] = time.time() - start
-    result["plots"] = plot(result, HERE)
+    # the committed plots live next to RESULTS.md; a run written elsewhere (--quick) keeps its plots beside its JSON
+    default_output = args.output.resolve() == (HERE / "results" / "curves.json").resolve()
+    result["plots"] = plot(result, HERE if default_output else args.output.parent)
     write_result(args.output, result)
     render_results()
     print(json.dumps({"plots": result["plots"], "wall_time_s": result["wall_time_s"]}))

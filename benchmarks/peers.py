@@ -119,6 +119,14 @@ def hf_prune_fisher(model: nn.Module, data: Any) -> dict[str, Any]:
     return {"config": report.config}
 
 
+def hf_prune_fisher_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
+    config = PruningConfig(
+        target_flops=0.5, criterion="fisher", scope="global", max_samples=CALIBRATION, reconstruct=True
+    )
+    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
+    return {"config": report.config}
+
+
 def torch_pruning_l2(model: nn.Module, data: Any) -> dict[str, Any]:
     """Torch-Pruning MetaPruner on the BertModel: whole heads (head dims kept) + FFN neurons, L2 magnitude.
 
@@ -218,6 +226,11 @@ PEERS = (
     Peer("dense", "fine-tuned MiniLM, no pruning", dense),
     Peer("hf_prune", "magnitude, layer scope, 50% heads + 50% FFN", hf_prune_magnitude),
     Peer("hf_prune", f"fisher, global, target_flops=0.5, {CALIBRATION} calibration", hf_prune_fisher),
+    Peer(
+        "hf_prune",
+        f"fisher, global, target_flops=0.5, {CALIBRATION} calibration, least-squares reconstruction",
+        hf_prune_fisher_reconstruct,
+    ),
     Peer("Torch-Pruning", "MetaPruner, L2 magnitude, 50% heads + 50% FFN per layer", torch_pruning_l2, catch=True),
     Peer(
         "TextPruner",

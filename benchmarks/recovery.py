@@ -2,19 +2,22 @@
 
 Every run starts from MiniLM fine-tuned for 1 epoch on the same SST-2 subset (cached, see common.py) and trains
 1 more epoch on it:
-* dense: plain fine-tuning (the same-budget reference);
-* structured 2x / 3x encoder-FLOPs cuts: one-shot Fisher (global) at step 0, then recovery, with and without
-  distillation from the dense 1-epoch model; and iterative (Fisher re-scored at steps 0/25/50/75/100);
+* dense: plain fine-tuning (the same-budget reference; saved, it is the teacher of the distillation variants);
+* structured 2x / 3x encoder-FLOPs cuts: Fisher (global) at step 0 with least-squares reconstruction of the
+  shrunk output projections, then recovery; with distillation from the same-budget dense model; iterative
+  (re-scored at steps 0/25/50/75/100); and one ablation without reconstruction;
 * unstructured 50 / 70 / 90% magnitude sparsity, gradual (cubic) over the first half of the epoch.
 Dev accuracy on the full SST-2 dev set (872), wall time of the recovery epoch, parameters and FLOPs ratio.
 
     python benchmarks/recovery.py [--data-dir ../shared/data] [--n-train 8000] [--only dense 2x-distill ...]
+    python benchmarks/recovery.py --seeds 1 2 --only dense 2x-distill   # add seeds to rows already measured
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers as tf
+from transformers import AutoModelForSequenceClassification
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer
@@ -30,6 +34,7 @@ from hf_prune.masks import sparsity_report
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
+    CACHE_DIR,
     DEFAULT_DATA_DIR,
     accuracy,
     bench_args,
@@ -40,51 +45,78 @@ from common import (  # noqa: E402
 from results import render_results, write_result  # noqa: E402
 
 STRUCTURED = {"2x": 0.5, "3x": 1 / 3}
+TEACHER = "dense"  # distillation variants learn from the same-budget dense model (cached by the dense run)
 
 
-def variants() -> dict[str, PruningConfig | None]:
-    out: dict[str, PruningConfig | None] = {"dense": None}
+def _structured(keep: float, **overrides) -> PruningConfig:
+    base = {
+        "target_flops": keep,
+        "criterion": "fisher",
+        "scope": "global",
+        "schedule": "oneshot",
+        "max_samples": 512,
+        "reconstruct": True,
+    }
+    return PruningConfig(**{**base, **overrides})
+
+
+def variants() -> dict[str, tuple[PruningConfig | None, str]]:
+    """name -> (config, one-line description); run (and rendered) in this order."""
+    out: dict[str, tuple[PruningConfig | None, str]] = {"dense": (None, "plain fine-tuning (the reference)")}
     for name, keep in STRUCTURED.items():
-        for distill in (False, True):
-            out[f"{name}{'-distill' if distill else ''}"] = PruningConfig(
-                target_flops=keep,
-                criterion="fisher",
-                scope="global",
-                schedule="oneshot",
-                max_samples=512,
-                distill_alpha=0.9 if distill else 0.0,
-                distill_temperature=2.0,
-            )
-        # gradual: Fisher re-scored and the target approached in 4 steps over the first 40% of the epoch
-        out[f"{name}-iterative"] = PruningConfig(
-            target_flops=keep,
-            criterion="fisher",
-            scope="global",
-            schedule="iterative",
-            frequency=25,
-            end_step=100,
-            max_samples=512,
+        out[name] = (_structured(keep), "Fisher (global) one-shot + least-squares reconstruction, then fine-tuning")
+    for name, keep in STRUCTURED.items():
+        out[f"{name}-distill"] = (
+            _structured(keep, distill_alpha=0.7, distill_temperature=2.0),
+            "as above, distilling (alpha 0.7, T 2) from the same-budget dense model",
         )
+    for name, keep in STRUCTURED.items():
+        out[f"{name}-iterative"] = (
+            _structured(keep, schedule="iterative", frequency=25, end_step=100),
+            "Fisher re-scored + reconstruction at steps 0/25/50/75/100, fine-tuning throughout",
+        )
+    out["2x-no-reconstruct"] = (
+        _structured(0.5, reconstruct=False),
+        "ablation: Fisher (global) one-shot without reconstruction, then fine-tuning",
+    )
     for sparsity in (0.5, 0.7, 0.9):
-        out[f"sparse-{int(sparsity * 100)}"] = PruningConfig(
-            sparsity=sparsity, sparsity_scope="global", schedule="cubic", frequency=25
+        out[f"sparse-{int(sparsity * 100)}"] = (
+            PruningConfig(sparsity=sparsity, sparsity_scope="global", schedule="cubic", frequency=25),
+            "global magnitude masks, cubic schedule over the first half of the epoch",
         )
     return out
 
 
-def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int) -> dict:
-    model, _, data = finetuned_minilm_sst2(data_dir, n_train)
+def _teacher_dir(n_train: int, seed: int) -> Path:
+    return CACHE_DIR / f"minilm-sst2-{n_train}-e1-s0-plus1-dense-seed{seed}"
+
+
+def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int, seed: int = 0) -> dict:
+    """One recovery epoch from the cached 1-epoch model; ``seed`` drives the data order (and dropout)."""
+    model, tokenizer, data = finetuned_minilm_sst2(data_dir, n_train)
     flops_before = hf_prune.encoder_flops(model, 64).total
+    teacher = None
+    if config is not None and config.distill_alpha > 0:
+        teacher_dir = _teacher_dir(n_train, seed)
+        if not (teacher_dir / "config.json").exists():
+            raise FileNotFoundError(
+                f"variant {name!r} distils from the dense run of seed {seed}: run the 'dense' variant first"
+            )
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        args = bench_args(tmp, num_train_epochs=1, logging_steps=50)
-        torch.manual_seed(0)
+        args = bench_args(tmp, num_train_epochs=1, logging_steps=50, seed=seed)
+        torch.manual_seed(seed)
         if config is None:
             trainer = tf.Trainer(model=model, args=args, train_dataset=data["train"])
         else:
-            trainer = PruningTrainer(model=model, args=args, train_dataset=data["train"], pruning_config=config)
+            trainer = PruningTrainer(
+                model=model, args=args, train_dataset=data["train"], pruning_config=config, teacher_model=teacher
+            )
         start = time.time()
         trainer.train()
         wall = time.time() - start
+    if config is None:
+        hf_prune.save_pretrained(model, _teacher_dir(n_train, seed), tokenizer=tokenizer)
     acc = accuracy(model, data["validation"])
     row = {
         "variant": name,
@@ -95,8 +127,26 @@ def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int) -
         "recovery_wall_s": wall,
         "config": None if config is None else config.to_dict(),
     }
-    print(f"{name:16s} acc {acc:.4f} FLOPs {row['flops_ratio']:.2f}x sparsity {row['sparsity']:.2f} ({wall:.0f} s)")
+    print(f"{name:18s} seed {seed} acc {acc:.4f} FLOPs {row['flops_ratio']:.2f}x ({wall:.0f} s)", flush=True)
     return row
+
+
+def merge_run(old: dict | None, new: dict, seed: int, description: str, command: str) -> dict:
+    """Add one seed's run to a variant's row; accuracy and wall time become means over the seeds measured."""
+    runs = dict((old or {}).get("runs", {}))
+    if old is not None and not runs:  # a row written before rows kept per-seed runs: it was seed 0
+        runs["0"] = {k: old[k] for k in ("accuracy", "recovery_wall_s")} | {"command": old.get("command", "")}
+    runs[str(seed)] = {"accuracy": new["accuracy"], "recovery_wall_s": new["recovery_wall_s"], "command": command}
+    accs = [r["accuracy"] for r in runs.values()]
+    return {
+        **new,
+        "accuracy": statistics.fmean(accs),
+        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "recovery_wall_s": statistics.fmean(r["recovery_wall_s"] for r in runs.values()),
+        "runs": dict(sorted(runs.items(), key=lambda kv: int(kv[0]))),
+        "description": description,
+        "command": command,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,31 +154,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--n-train", type=int, default=8000)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to (re)run; others are kept")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="recovery seeds; runs of other seeds already measured are kept",
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "recovery.json")
     args = parser.parse_args(argv)
     command = "python benchmarks/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:])
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
-    rows = {r["variant"]: r for r in previous["rows"]}
+    current = {name: None if c is None else c.to_dict() for name, (c, _) in variants().items()}
+    # a previous row is kept only if it was measured with the variant's current configuration and data
+    same_data = previous.get("n_train", args.n_train) == args.n_train
+    rows = {r["variant"]: r for r in previous["rows"] if same_data and current.get(r["variant"], "?") == r["config"]}
     start = time.time()
     dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train)
     start_accuracy = accuracy(dense_model, data["validation"])
-    for name, config in variants().items():
-        if args.only and name not in args.only:
-            continue
-        rows[name] = {**run(name, config, args.data_dir, args.n_train), "command": command}
-        # written after every variant: a long run that is interrupted keeps what it measured
-        result = {
-            "benchmark": "recovery",
-            "command": command,
-            "machine": machine_info(),
-            "versions": versions(),
-            "wall_time_s": time.time() - start,
-            "start_accuracy": start_accuracy,
-            "n_train": args.n_train,
-            "rows": [rows[n] for n in variants() if n in rows],
-        }
-        write_result(args.output, result)
-        render_results()  # RESULTS.md and the README always match the JSON on disk
+    for seed in args.seeds:
+        for name, (config, description) in variants().items():
+            if args.only and name not in args.only:
+                continue
+            measured = run(name, config, args.data_dir, args.n_train, seed)
+            rows[name] = merge_run(rows.get(name), measured, seed, description, command)
+            # written after every run: a long benchmark that is interrupted keeps what it measured
+            result = {
+                "benchmark": "recovery",
+                "command": command,
+                "machine": machine_info(),
+                "versions": versions(),
+                "wall_time_s": time.time() - start,
+                "start_accuracy": start_accuracy,
+                "n_train": args.n_train,
+                "rows": [rows[n] for n in current if n in rows],
+            }
+            write_result(args.output, result)
+            render_results()  # RESULTS.md and the README always match the JSON on disk
 
 
 if __name__ == "__main__":

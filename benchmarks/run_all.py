@@ -32,7 +32,8 @@ QUICK = [
     ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
     ("oneshot", ["oneshot.py", "--n-train", "2000", "--calibration", "128", "--skip-llm"]),
     ("trainer_overhead", ["trainer_overhead.py", "--steps", "10", "--warmup", "3", "--rounds", "1"]),
-    ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm"]),
+    ("recovery", ["recovery.py", "--n-train", "2000", "--only", "dense", "2x"]),
+    ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", "--n-train", "2000"]),
 ]
 
 

@@ -52,8 +52,11 @@ class PruningConfig(JsonMixin):
         sparsity_criterion: ``"magnitude"`` (|W|) or ``"activation"`` (|W| * ||X||, Wanda; needs calibration data).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: in every M consecutive inputs keep N); an N:M
             pattern sets the sparsity to ``1 - N/M`` itself.
-        reconstruct: after masking, update the kept weights block by block to reconstruct each layer's dense
-            output on calibration data (SparseGPT's OBS update; needs data; one-shot ``prune()`` only).
+        reconstruct: needs calibration data. Structured: after removing heads/neurons, refit the kept columns
+            and bias of each shrunk branch's output projection by least squares so its output on calibration
+            data matches the dense one (``prune()`` and every structural event of the PruningTrainer).
+            Unstructured: after masking, update the kept weights block by block to reconstruct each layer's
+            dense output (SparseGPT's OBS update; one-shot ``prune()`` only).
 
     Schedule (used by :class:`~hf_prune.trainer.PruningTrainer`; ``prune()`` is always one-shot):
         schedule: ``"oneshot"`` (prune at ``start_step``, then recover), ``"iterative"`` (equal increments every
@@ -213,7 +216,7 @@ class PruningConfig(JsonMixin):
 
     @property
     def needs_data(self) -> bool:
-        structured_data = self.structured and self.criterion in ("taylor", "fisher")
+        structured_data = self.structured and (self.criterion in ("taylor", "fisher") or self.reconstruct)
         sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)
         return structured_data or sparse_data
 

@@ -20,7 +20,7 @@ from .criteria import input_norms, structured_scores
 from .masks import apply_masks, compute_masks, prunable_linears, sparsity_report, to_module_layout, weight_scores
 from .measure import count_parameters, encoder_flops
 from .plan import PruningPlan
-from .reconstruct import sequential_prune
+from .reconstruct import apply_plan_with_compensation, sequential_prune
 
 logger = logging.get_logger(__name__)
 
@@ -118,7 +118,10 @@ def prune(
         plan = allocate(model, scores, config)
         timings["allocation"] = time.perf_counter() - start
         start = time.perf_counter()
-        plan.apply(model)
+        if config.reconstruct:
+            apply_plan_with_compensation(model, plan, batches())
+        else:
+            plan.apply(model)
         timings["surgery"] = time.perf_counter() - start
     sparsity = config.effective_sparsity
     if sparsity > 0 and config.reconstruct:

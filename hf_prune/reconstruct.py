@@ -14,14 +14,19 @@ passes of the calibration set plus one small Cholesky solve per weight matrix.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import get_adapter
+from .architectures import ArchAdapter, get_adapter
 from .masks import compute_masks
+from .surgery import _plan_ffn, _plan_heads, head_feature_index
+
+if TYPE_CHECKING:
+    from .plan import PruningPlan
 
 
 class _Stop(Exception):
@@ -154,3 +159,119 @@ def sequential_prune(
             else:
                 outputs.append(((), {**kwargs, "hidden_states": hidden}))
         captured = outputs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# structured pruning: least-squares refit of the output projections
+# ---------------------------------------------------------------------------------------------------------
+def _output_projections(adapter: ArchAdapter, plan: PruningPlan) -> list[tuple[int, str, tuple[str, list[int]]]]:
+    """(layer, projection path, (``"heads"`` or ``"ffn"``, removed units)) for every branch the plan shrinks."""
+    targets = []
+    for layer, heads in plan.heads.items():
+        if heads:
+            for proj in adapter.attention_projs:
+                if proj.side == "in":
+                    targets.append((layer, proj.path, ("heads", heads)))
+    for layer, neurons in plan.ffn.items():
+        if neurons:
+            for proj in adapter.ffn_projs:
+                if proj.side == "in":
+                    targets.append((layer, proj.path, ("ffn", neurons)))
+    return targets
+
+
+@torch.no_grad()
+def apply_plan_with_compensation(
+    model: nn.Module,
+    plan: PruningPlan,
+    batches: Iterable[dict[str, torch.Tensor]],
+    damp: float = 1e-4,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Apply a structured ``plan`` and refit what is left of each shrunk branch's output projection.
+
+    Removing heads or neurons deletes input columns of the branch's output projection (``o_proj``,
+    ``attention.output.dense``, ``down_proj``...). Instead of just dropping them, the kept columns and the bias
+    are refitted by least squares so the projection's output on calibration tokens stays as close as possible to
+    the dense one: with ``G = E[x x^T]`` over dense inputs ``x`` (plus a constant 1 for the bias),
+    ``[W_K', b'] = [W, b] G[:, K] (G[K, K] + damp)^-1``. This is the linear-regression step of Kwon et al. 2022
+    ("A Fast Post-Training Pruning Framework for Transformers") applied to the weights rather than to per-head
+    mask scales, and it includes FLAP-style bias compensation (An et al. 2024), so a layer whose heads are all
+    removed still adds their mean contribution. Padding tokens are left out of ``G``. Cost: one forward pass of
+    the calibration data and one small solve per shrunk projection; memory: one ``(d_in+1)^2`` matrix each.
+
+    ``reduce`` (e.g. an all-reduce sum) combines the statistics of data-parallel processes, so every rank
+    refits the same weights.
+    """
+    adapter = get_adapter(model)
+    # validate before the calibration pass, so a bad plan fails fast with the surgery's own message
+    _plan_heads(model, plan.heads)
+    _plan_ffn(model, plan.ffn)
+    layers = adapter.layers(model)
+    head_dim = adapter.head_dim(model.config)
+    targets = []
+    for layer, path, (kind, removed) in _output_projections(adapter, plan):
+        module = layers[layer].get_submodule(path)
+        w = _rows(module.weight.detach(), module).float().cpu().clone()
+        columns = removed if kind == "ffn" else head_feature_index(removed, head_dim).tolist()
+        gone = set(columns)
+        keep = [i for i in range(w.shape[1]) if i not in gone]
+        bias = getattr(module, "bias", None)
+        b = None if bias is None else bias.detach().float().cpu().clone()
+        targets.append((module, w, b, keep))
+    if not targets:
+        plan.apply(model)
+        return
+    device = next(model.parameters()).device
+    grams = {
+        i: torch.zeros(w.shape[1] + (b is not None), w.shape[1] + (b is not None), device=device)
+        for i, (_, w, b, _) in enumerate(targets)
+    }
+    counts = torch.zeros(len(targets), dtype=torch.float64, device=device)
+    token_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(key: int, with_bias: bool):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            mask = token_mask[0]
+            if mask is not None and mask.numel() == x.shape[0]:
+                x = x[mask.reshape(-1).bool()]
+            if with_bias:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            grams[key] += x.t() @ x
+            counts[key] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(i, b is not None)) for i, (m, _, b, _) in enumerate(targets)]
+    no_cache = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            token_mask[0] = batch.get("attention_mask")
+            model(**{k: v for k, v in batch.items() if k != "labels"}, **no_cache)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if reduce is not None:
+        grams = {i: reduce(g) for i, g in grams.items()}
+        counts = reduce(counts)
+    if not bool((counts > 0).all()):
+        raise ValueError("structured reconstruction needs calibration data, but it yielded no tokens")
+    plan.apply(model)
+    for i, (module, w, b, keep) in enumerate(targets):
+        if not keep and b is None:
+            continue  # nothing left to refit: the branch contributes nothing, as in the dense model
+        gram = (grams[i].double() / counts[i]).cpu()
+        full = w.double() if b is None else torch.cat([w.double(), b.double().unsqueeze(1)], dim=1)
+        cols = torch.as_tensor(keep + ([w.shape[1]] if b is not None else []), dtype=torch.long)
+        sub = gram[cols][:, cols]
+        reg = damp * torch.diagonal(sub).mean() * torch.eye(len(cols), dtype=sub.dtype)
+        # solve (G_KK + reg) X = G_K: X^T = full @ G[:, K] (G_KK + reg)^-1, as G is symmetric
+        fitted = torch.linalg.solve(sub + reg, gram[cols] @ full.t()).t()
+        new_w, new_b = (fitted, None) if b is None else (fitted[:, :-1], fitted[:, -1])
+        module.weight.copy_(_rows(new_w, module).to(module.weight.dtype))
+        if new_b is not None:
+            module.bias.copy_(new_b.to(module.bias.dtype))

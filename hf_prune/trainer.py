@@ -44,6 +44,7 @@ from .masks import (
     weight_scores,
 )
 from .measure import count_parameters, encoder_flops, prunable_parameters
+from .reconstruct import apply_plan_with_compensation
 from .schedules import Event, build_events, resolve_window
 from .surgery import STATE_KEY, _record, apply_layer_shapes
 
@@ -212,7 +213,11 @@ class PruningCallback(TrainerCallback):
                 )
                 scores = _all_reduce_scores(scores)
                 plan = allocate(model, scores, step_config)
-                plan.apply(model)
+                if config.reconstruct:
+                    reduce = _all_reduce_sum if _distributed() else None
+                    apply_plan_with_compensation(model, plan, self._calibration(model), reduce=reduce)
+                else:
+                    plan.apply(model)
                 self._applier = None  # surgery replaced the parameters the applier points at
                 if self.trainer is not None:
                     _rebuild_optimizer(self.trainer)
@@ -250,6 +255,12 @@ def _all_reduce_scores(scores):
             if t.numel():
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return scores
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
 
 
 def _all_reduce_dict(norms: dict[str, torch.Tensor], square: bool) -> dict[str, torch.Tensor]:
@@ -303,11 +314,26 @@ def _rebuild_optimizer(trainer: Trainer) -> None:
         setattr(trainer.callback_handler, attr, getattr(trainer, attr))
 
 
+def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
+    """Distillation compares logits position by position: the teacher must have the same task head."""
+    related = isinstance(teacher, type(model)) or isinstance(model, type(teacher))
+    t_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+    s_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if not related or t_labels != s_labels:
+        raise ValueError(
+            f"teacher_model is a {type(teacher).__name__} with num_labels={t_labels} but the model is a "
+            f"{type(model).__name__} with num_labels={s_labels}; distillation needs the same task head"
+        )
+
+
 class PruningMixin:
     """Adds scheduled pruning, distillation and pruned-checkpoint resume to a ``transformers.Trainer`` subclass.
 
     Use as ``class MyTrainer(PruningMixin, SomeTrainer)``. Extra keyword arguments: ``pruning_config`` (a
-    :class:`PruningConfig` or dict) and ``calibration_dataset`` (defaults to the train dataset).
+    :class:`PruningConfig` or dict), ``calibration_dataset`` (defaults to the train dataset) and
+    ``teacher_model``: the model distilled from when ``distill_alpha``/``distill_hidden`` are set (default: a
+    frozen copy of the model as it is when the trainer is built). Pass a stronger dense model, e.g. one fine-tuned
+    for longer, to recover more than the starting point knew.
     """
 
     def __init__(
@@ -315,6 +341,7 @@ class PruningMixin:
         *args: Any,
         pruning_config: PruningConfig | dict[str, Any] | None = None,
         calibration_dataset: Any = None,
+        teacher_model: nn.Module | None = None,
         **kwargs: Any,
     ):
         self.teacher = None
@@ -330,10 +357,16 @@ class PruningMixin:
             )
         self.pruning_callback = PruningCallback(self.pruning_config, self, calibration_dataset)
         self.add_callback(self.pruning_callback)
-        if self.pruning_config.distill_alpha > 0 or self.pruning_config.distill_hidden > 0:
+        distill = self.pruning_config.distill_alpha > 0 or self.pruning_config.distill_hidden > 0
+        if teacher_model is not None and not distill:
+            raise ValueError("teacher_model was given but distill_alpha and distill_hidden are both 0; set one > 0")
+        if distill:
             import copy
 
-            self.teacher = copy.deepcopy(self.model).eval()
+            if teacher_model is not None:
+                _check_teacher(teacher_model, self.model)
+            self.teacher = (teacher_model if teacher_model is not None else copy.deepcopy(self.model)).eval()
+            self.teacher.to(next(self.model.parameters()).device)
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 

@@ -19,7 +19,13 @@ from tests.test_trainer import args, toy_data, toy_model
 def main(out: Path) -> None:
     model = toy_model()
     config = PruningConfig(
-        target_flops=0.5, criterion="fisher", scope="global", schedule="iterative", frequency=2, sparsity=0.3
+        target_flops=0.5,
+        criterion="fisher",
+        scope="global",
+        schedule="iterative",
+        frequency=2,
+        sparsity=0.3,
+        reconstruct=True,  # the refit statistics are reduced across ranks too
     )
     trainer = PruningTrainer(
         model=model, args=args(out, ddp_backend="gloo"), train_dataset=toy_data(), pruning_config=config

@@ -31,3 +31,17 @@ def test_readme_headline_table_is_rendered_from_json():
     expected = "\n".join(module.headline(module.load_results(BENCH / "results")))
     assert block == expected
     assert len(expected.splitlines()) >= 5
+
+
+def test_recovery_rows_average_over_seeds_and_replace_a_rerun_seed():
+    spec = importlib.util.spec_from_file_location("bench_recovery", BENCH / "recovery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    legacy = {"variant": "2x", "accuracy": 0.80, "recovery_wall_s": 100.0, "command": "first", "config": {}}
+    run = {**legacy, "accuracy": 0.90, "recovery_wall_s": 50.0}
+    row = module.merge_run(legacy, run, seed=1, description="d", command="second")
+    assert list(row["runs"]) == ["0", "1"] and row["runs"]["0"]["command"] == "first"
+    assert abs(row["accuracy"] - 0.85) < 1e-12 and row["recovery_wall_s"] == 75.0
+    assert abs(row["accuracy_std"] - 0.0707107) < 1e-6
+    row = module.merge_run(row, {**run, "accuracy": 0.70}, seed=1, description="d", command="third")
+    assert abs(row["accuracy"] - 0.75) < 1e-12 and row["runs"]["1"]["command"] == "third"

@@ -12,6 +12,7 @@ from hf_prune import PruningConfig, prune
 from hf_prune.allocate import allocate
 from hf_prune.criteria import magnitude_scores, mask_gradient_scores, random_scores
 from hf_prune.masks import compute_masks, prunable_linears, sparsity_report, weight_scores
+from hf_prune.surgery import head_feature_index
 
 from .families import FAMILIES, make_inputs, make_model, output_tensor
 
@@ -286,3 +287,111 @@ def test_reconstruct_keeps_sparsity_and_reduces_output_error(name):
         with torch.no_grad():
             errors[reconstruct] = float((output_tensor(pruned(**inputs)) - reference).pow(2).mean())
     assert errors[True] < errors[False]
+
+
+# ---- structured reconstruction (least-squares refit of the output projections) ----------------------------
+def _structured_plan(name: str) -> hf_prune.PruningPlan:
+    # GQA (llama: 2 query heads per key/value head) removes whole groups; bert-like layers lose every head in
+    # layer 1 (only the bias path is left) and part of the FFN elsewhere
+    if name == "llama":
+        return hf_prune.PruningPlan(heads={0: [0, 1], 2: [2, 3]}, ffn={0: list(range(0, 40, 3)), 1: list(range(25))})
+    return hf_prune.PruningPlan(heads={0: [1], 1: [0, 1, 2, 3]}, ffn={0: list(range(0, 40, 3)), 2: list(range(25))})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_structured_reconstruct_is_the_least_squares_refit(name):
+    from hf_prune.reconstruct import apply_plan_with_compensation
+
+    family, model = task_model(name)
+    adapter = hf_prune.get_adapter(model)
+    layers = adapter.layers(model)
+    batches = [make_inputs(family, batch=8, seq=11, padded=True, seed=s) for s in range(6)]
+    plan = _structured_plan(name)
+    head_dim = adapter.head_dim(model.config)
+    # the reference: every shrunk output projection's inputs on real (non-padding) tokens, and its dense output
+    targets = []
+    for layer, removed, projs in [(i, r, adapter.attention_projs) for i, r in plan.heads.items()] + [
+        (i, r, adapter.ffn_projs) for i, r in plan.ffn.items()
+    ]:
+        for proj in projs:
+            if proj.side == "in":
+                gone = set(removed if projs is adapter.ffn_projs else head_feature_index(removed, head_dim).tolist())
+                targets.append((layers[layer].get_submodule(proj.path), gone))
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(targets))}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, inp, i=i: captured[i].append(inp[0].detach().clone()))
+        for i, (m, _) in enumerate(targets)
+    ]
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in handles:
+        h.remove()
+    references = []
+    for i, (module, gone) in enumerate(targets):
+        valid = torch.cat([b["attention_mask"].reshape(-1) for b in batches]).bool()
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured[i]])[valid].double()
+        w = (module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()).detach().double()
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach().double().clone()  # the refit overwrites it in place
+        y = x @ w.t() + (0 if bias is None else bias)
+        keep = [c for c in range(x.shape[1]) if c not in gone]
+        design = x[:, keep] if bias is None else torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        solution = torch.linalg.lstsq(design, y).solution.t()
+        references.append((solution, x[:, keep], y, w[:, keep], bias))
+    apply_plan_with_compensation(model, plan, batches, damp=0.0)
+    assert [s.to_dict() for s in adapter.layer_shapes(model)] == [
+        s.to_dict() for s in adapter.layer_shapes(plan.apply(task_model(name)[1]))
+    ]
+    for (module, _), (solution, x_keep, y, w_keep, bias) in zip(targets, references, strict=True):
+        w_new = (module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()).detach().double()
+        refit = x_keep @ w_new.t() + (0 if bias is None else module.bias.detach().double())
+        design = x_keep if bias is None else torch.cat([x_keep, torch.ones(len(x_keep), 1, dtype=x_keep.dtype)], 1)
+        optimum = (design @ solution.t() - y).pow(2).mean()
+        plain = x_keep @ w_keep.t() + (0 if bias is None else bias)
+        # the refit reaches the least-squares optimum up to float32 Gram accumulation (the solution itself is not
+        # unique when inputs are collinear, the residual is), and beats keeping the surviving weights as they were
+        assert float((refit - y).pow(2).mean()) == pytest.approx(float(optimum), rel=1e-4, abs=1e-12)
+        assert (refit - y).pow(2).mean() < (plain - y).pow(2).mean()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_structured_reconstruct_brings_the_pruned_model_closer_to_the_dense_one(name):
+    family, model = task_model(name)
+    data = calibration(family, n_batches=8)
+    held_out = make_inputs(family, batch=8, padded=False, seed=123)
+    with torch.no_grad():
+        reference = output_tensor(model(**held_out))
+    errors, shapes = {}, {}
+    for reconstruct in (False, True):
+        pruned = copy.deepcopy(model)
+        config = PruningConfig(heads=0.5, ffn=0.5, criterion="magnitude", reconstruct=reconstruct, max_samples=64)
+        report = prune(pruned, config, calibration_data=data)
+        shapes[reconstruct] = report.layers_after
+        with torch.no_grad():
+            errors[reconstruct] = float((output_tensor(pruned(**held_out)) - reference).pow(2).mean())
+    assert shapes[True] == shapes[False]
+    assert errors[True] < errors[False]
+
+
+def test_structured_reconstruct_needs_data_before_touching_the_model():
+    _family, model = task_model("bert")
+    snapshot = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        prune(model, PruningConfig(heads=0.5, criterion="magnitude", reconstruct=True))
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+
+
+def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
+    from hf_prune.reconstruct import apply_plan_with_compensation
+
+    _family, model = task_model("llama")
+    snapshot = copy.deepcopy(model.state_dict())
+
+    def batches():
+        raise AssertionError("calibration must not start for an invalid plan")
+        yield
+
+    with pytest.raises(ValueError, match="whole groups"):
+        apply_plan_with_compensation(model, hf_prune.PruningPlan(heads={0: [0]}), batches())
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())

@@ -327,3 +327,61 @@ def test_copy_of_trainer_model_is_not_pruned_teacher(tmp_path):
     trainer.train()
     teacher_state = trainer.teacher.state_dict()
     assert all(torch.equal(snapshot[k], teacher_state[k]) for k in snapshot)
+
+
+def test_structured_reconstruct_runs_at_every_event(tmp_path, monkeypatch):
+    import hf_prune.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.apply_plan_with_compensation
+
+    def spy(model, plan, batches, **kw):
+        calls.append(plan.num_heads_removed + plan.num_neurons_removed)
+        return real(model, plan, batches, **kw)
+
+    monkeypatch.setattr(trainer_module, "apply_plan_with_compensation", spy)
+    model = toy_model()
+    config = PruningConfig(
+        heads=0.5, ffn=0.5, ffn_multiple=1, schedule="iterative", frequency=3, end_step=9, reconstruct=True
+    )
+    trainer = PruningTrainer(model=model, args=args(tmp_path), train_dataset=toy_data(), pruning_config=config)
+    trainer.train()
+    assert len(calls) == len(trainer.pruning_callback.done_steps) >= 3 and all(n > 0 for n in calls)
+    shapes = hf_prune.get_adapter(model).layer_shapes(model)
+    assert [s.heads for s in shapes] == [2, 2, 2] and [s.ffn for s in shapes] == [20, 20, 20]
+
+
+def test_distillation_uses_the_given_teacher_model(tmp_path):
+    teacher = toy_model()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = toy_model()
+    trainer = PruningTrainer(
+        model=model,
+        args=args(tmp_path),
+        train_dataset=toy_data(),
+        pruning_config=PruningConfig(distill_alpha=1.0),
+        teacher_model=teacher,
+    )
+    assert trainer.teacher is teacher and all(not p.requires_grad for p in teacher.parameters())
+    batch = trainer.data_collator([toy_data()[i] for i in range(8)])
+    model.train()
+    # the student differs from this teacher, so pure distillation is no longer zero (it is with the default copy)
+    assert float(trainer.compute_loss(model, batch).detach()) > 1e-4
+
+
+def test_teacher_model_mismatches_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="distill_alpha and distill_hidden are both 0"):
+        PruningTrainer(model=toy_model(), args=args(tmp_path), train_dataset=toy_data(), teacher_model=toy_model())
+    config = FAMILIES["bert"].make_config()
+    config.num_labels = 3
+    three_labels = tf.BertForSequenceClassification(config)
+    with pytest.raises(ValueError, match="num_labels=3 but the model is a BertForSequenceClassification"):
+        PruningTrainer(
+            model=toy_model(),
+            args=args(tmp_path),
+            train_dataset=toy_data(),
+            pruning_config=PruningConfig(distill_alpha=0.5),
+            teacher_model=three_labels,
+        )
