@@ -69,14 +69,27 @@ def obs_update(
     return w
 
 
-def _attach_hessian_hooks(modules: dict[str, nn.Module]):
-    """Accumulate ``X^T X`` and the row count of every module's input while the hooks are attached."""
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+def _attach_hessian_hooks(
+    modules: dict,
+    with_ones: frozenset = frozenset(),
+    token_mask: list[torch.Tensor | None] | None = None,
+):
+    """Accumulate ``X^T X`` and the row count of every module's input while the hooks are attached.
 
-    def make_hook(name: str):
+    Modules whose key is in ``with_ones`` get a constant 1 appended to each input row (for fitting a bias). When
+    ``token_mask[0]`` holds the current batch's attention mask, padding rows are left out.
+    """
+    hessians: dict = {}
+    counts: dict = {}
+
+    def make_hook(name):
         def hook(module: nn.Module, inputs: tuple) -> None:
             x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            mask = token_mask[0] if token_mask is not None else None
+            if mask is not None and mask.numel() == x.shape[0]:
+                x = x[mask.reshape(-1).bool()]
+            if name in with_ones:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
             hessians[name] = hessians.get(name, 0) + x.t() @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -222,28 +235,11 @@ def apply_plan_with_compensation(
     if not targets:
         plan.apply(model)
         return
-    device = next(model.parameters()).device
-    grams = {
-        i: torch.zeros(w.shape[1] + (b is not None), w.shape[1] + (b is not None), device=device)
-        for i, (_, w, b, _) in enumerate(targets)
-    }
-    counts = torch.zeros(len(targets), dtype=torch.float64, device=device)
     token_mask: list[torch.Tensor | None] = [None]
-
-    def make_hook(key: int, with_bias: bool):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            mask = token_mask[0]
-            if mask is not None and mask.numel() == x.shape[0]:
-                x = x[mask.reshape(-1).bool()]
-            if with_bias:
-                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-            grams[key] += x.t() @ x
-            counts[key] += x.shape[0]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(i, b is not None)) for i, (m, _, b, _) in enumerate(targets)]
+    with_ones = frozenset(i for i, (_, _, b, _) in enumerate(targets) if b is not None)
+    grams, counts, handles = _attach_hessian_hooks(
+        {i: module for i, (module, _, _, _) in enumerate(targets)}, with_ones, token_mask
+    )
     no_cache = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
     was_training = model.training
     model.eval()
@@ -255,6 +251,13 @@ def apply_plan_with_compensation(
         for h in handles:
             h.remove()
         model.train(was_training)
+    device = next(model.parameters()).device
+    # every process must hold every statistic (zeros where its shard had none) before they are summed
+    grams = {
+        i: grams.get(i, torch.zeros(w.shape[1] + (i in with_ones), w.shape[1] + (i in with_ones), device=device))
+        for i, (_, w, _, _) in enumerate(targets)
+    }
+    counts = torch.tensor([float(counts.get(i, 0)) for i in range(len(targets))], dtype=torch.float64, device=device)
     if reduce is not None:
         grams = {i: reduce(g) for i, g in grams.items()}
         counts = reduce(counts)
