@@ -5,7 +5,10 @@ metric: SST-2 dev accuracy (872 sentences). Budget: a 2x cut of the encoder FLOP
 of the FFN neurons of every layer (hf_prune fisher: the same FLOPs target, allocated globally). Every row starts
 from a fresh copy of the fine-tuned model:
 
-* hf_prune magnitude (layer scope) and fisher (global, 512 calibration sentences);
+* hf_prune magnitude (layer scope) and fisher (global, 512 calibration sentences), with and without the
+  least-squares refit; fisher in layer scope (Torch-Pruning's exact shapes); and ``target_latency=0.5``, which
+  allocates against a latency table measured on this machine at the benchmark's batch shape instead of FLOPs
+  (its FLOPs cut may differ from 2x: the row shows it);
 * Torch-Pruning ``MetaPruner`` with L2 magnitude importance, whole heads + FFN neurons, hidden size untouched;
 * TextPruner ``TransformerPruner`` (iterative, first-order importance on 512 sentences) to 6 heads / 768 neurons;
   with ``keep_shape=True`` as well (weights zeroed in place: TextPruner's choice, no structural change);
@@ -14,7 +17,7 @@ from a fresh copy of the fine-tuned model:
 Latency: one fixed random batch of 32 x 64 tokens on CPU, dense and pruned interleaved in the same process
 (``hf_prune.compare_latency``). A peer that raises is recorded with its error, not dropped.
 
-    python benchmarks/peers.py [--data-dir ../shared/data] [--repeats 12] [--output benchmarks/results/peers.json]
+    python benchmarks/peers.py [--data-dir ../shared/data] [--repeats 24] [--output benchmarks/results/peers.json]
 """
 
 from __future__ import annotations
@@ -127,6 +130,38 @@ def hf_prune_fisher_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
     return {"config": report.config}
 
 
+def hf_prune_fisher_layer_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
+    config = PruningConfig(
+        heads=HEADS_FRACTION,
+        ffn=FFN_FRACTION,
+        criterion="fisher",
+        scope="layer",
+        max_samples=CALIBRATION,
+        reconstruct=True,
+    )
+    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
+    return {"config": report.config}
+
+
+def hf_prune_latency_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
+    """target_latency=0.5: a latency table measured at the benchmark's own batch shape, then verified plans."""
+    config = PruningConfig(
+        target_latency=0.5,
+        latency_batch_size=BATCH,
+        seq_len=SEQ_LEN,
+        criterion="fisher",
+        scope="global",
+        max_samples=CALIBRATION,
+        reconstruct=True,
+    )
+    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
+    meta = report.plan["meta"]
+    return {
+        "config": report.config,
+        "latency_plan": {k: meta[k] for k in ("achieved_keep", "measured_keep", "latency_searches", "latency_table")},
+    }
+
+
 def torch_pruning_l2(model: nn.Module, data: Any) -> dict[str, Any]:
     """Torch-Pruning MetaPruner on the BertModel: whole heads (head dims kept) + FFN neurons, L2 magnitude.
 
@@ -231,6 +266,18 @@ PEERS = (
         f"fisher, global, target_flops=0.5, {CALIBRATION} calibration, least-squares reconstruction",
         hf_prune_fisher_reconstruct,
     ),
+    Peer(
+        "hf_prune",
+        f"fisher, layer scope, 50% heads + 50% FFN (Torch-Pruning's shapes), {CALIBRATION} calibration, "
+        "least-squares reconstruction",
+        hf_prune_fisher_layer_reconstruct,
+    ),
+    Peer(
+        "hf_prune",
+        f"fisher, global, target_latency=0.5 (table measured at {BATCH} x {SEQ_LEN}), {CALIBRATION} calibration, "
+        "least-squares reconstruction",
+        hf_prune_latency_reconstruct,
+    ),
     Peer("Torch-Pruning", "MetaPruner, L2 magnitude, 50% heads + 50% FFN per layer", torch_pruning_l2, catch=True),
     Peer(
         "TextPruner",
@@ -303,6 +350,18 @@ def peer_versions() -> dict[str, str]:
     return found
 
 
+def _note(row: dict[str, Any]) -> str:
+    plan = row.get("latency_plan")
+    if not plan:
+        return row.get("note", "")
+    table = plan["latency_table"]
+    return (
+        f"latency table: dense {table['dense_ms']:.0f} ms at {table['batch_size']} x {table['seq_len']}; plan "
+        f"predicted at {plan['achieved_keep']:.3f} and timed at {plan['measured_keep']:.3f} of dense latency "
+        f"({plan['latency_searches']} searches; profiling included in the prune time)"
+    )
+
+
 def render_peers(result: dict[str, Any]) -> list[str]:
     """Markdown for RESULTS.md: one table row per entry, failed peers with their error."""
     lines = [
@@ -311,8 +370,10 @@ def render_peers(result: dict[str, Any]) -> list[str]:
         *_header(result),
         f"Every row prunes a fresh copy of all-MiniLM-L6-v2 fine-tuned 1 epoch on {result['n_train']} SST-2 "
         f"sentences (dense dev accuracy {result['dense_accuracy']:.2%}) one-shot, no retraining: half of the heads "
-        "and half of the FFN neurons of every layer (hf_prune fisher: the same FLOPs target allocated globally), "
-        "or 50% of the encoder Linear weights for unstructured rows. Latency: one batch of "
+        "and half of the FFN neurons of every layer (hf_prune fisher/global: the same FLOPs target allocated "
+        "across layers; fisher/layer: exactly Torch-Pruning's shapes; target_latency=0.5: half the latency measured "
+        "on this machine, whatever FLOPs that takes, shown in its FLOPs column), or 50% of the encoder Linear "
+        "weights for unstructured rows. Latency: one batch of "
         f"{result['latency_batch']} x {result['latency_seq_len']} tokens on CPU, dense and pruned interleaved.",
         "",
         "| tool | method | dev accuracy | params | encoder FLOPs ratio | weights removed | dense ms | pruned ms "
@@ -328,7 +389,7 @@ def render_peers(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['tool']} | {r['method']} | {r['accuracy']:.2%} | {r['params'] / 1e6:.1f}M "
             f"| {r['flops_ratio']:.2f}x | {r['weights_removed']:.0%} | {r['dense_ms']:.0f} | {r['pruned_ms']:.0f} "
-            f"| {r['speedup']:.2f}x | {r['prune_time_s']:.1f} s | {r.get('note', '')} |"
+            f"| {r['speedup']:.2f}x | {r['prune_time_s']:.1f} s | {_note(r)} |"
         )
     lines += [
         "",
@@ -337,13 +398,20 @@ def render_peers(result: dict[str, Any]) -> list[str]:
         "zeros remove none).",
         "",
     ]
+    dense = next((r for r in result["rows"] if r.get("tool") == "dense" and "speedup" in r), None)
+    if dense is not None:
+        lines += [
+            f"The dense row times the model against an identical copy: its {dense['speedup']:.2f}x is the noise "
+            "floor of the speedup column.",
+            "",
+        ]
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--repeats", type=int, default=12, help="latency repeats per model")
+    parser.add_argument("--repeats", type=int, default=24, help="latency repeats per model")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "peers.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from .architectures import ArchAdapter, LayerShape, Proj, get_adapter, register,
 from .config import PruningConfig
 from .criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
 from .hub import from_pretrained, is_pruned, save_pretrained
+from .latency_model import LatencyTable, profile_latency
 from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, prunable_parameters
 from .oneshot import PruningReport, prune
 from .plan import PruningPlan
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchAdapter",
+    "LatencyTable",
     "LayerShape",
     "Proj",
     "PruningCallback",
@@ -46,6 +48,7 @@ __all__ = [
     "magnitude_scores",
     "mask_gradient_scores",
     "measure_latency",
+    "profile_latency",
     "prunable_parameters",
     "prune",
     "prune_ffn",

@@ -16,6 +16,7 @@ from .jsonable import JsonMixin
 CRITERIA = ("magnitude", "taylor", "fisher", "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
 SCOPES = ("layer", "global")
+KEEP_TARGETS = ("target_flops", "target_params", "target_latency")
 SPARSITY_SCOPES = ("layer", "global", "row")
 SCHEDULES = ("oneshot", "iterative", "cubic")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -36,6 +37,12 @@ class PruningConfig(JsonMixin):
         ffn: fraction of FFN neurons to remove, ``0 <= ffn < 1``.
         target_flops: fraction of the transformer blocks' FLOPs to *keep*, ``0 < x <= 1`` (0.5 = a 2x cut).
         target_params: fraction of the blocks' prunable parameters to keep, ``0 < x <= 1``.
+        target_latency: fraction of the blocks' *measured* latency to keep, ``0 < x <= 1`` (0.5 = blocks twice as
+            fast on this machine). A latency table of one block is timed on the model's device at
+            ``latency_batch_size`` x ``seq_len`` (:func:`~hf_prune.latency_model.profile_latency`) and the
+            allocation keeps the most important heads/neurons it can afford; widths that cross a slow kernel
+            threshold are avoided, which a FLOPs target cannot see.
+        latency_batch_size: batch size the latency table is measured at (match your serving batch).
         criterion: ``"magnitude"`` (weights only), ``"taylor"`` (first-order head/neuron mask gradients,
             Michel et al. 2019), ``"fisher"`` (mask Fisher information, Kwon et al. 2022) or ``"random"``.
         scope: ``"layer"`` (same fraction in every layer) or ``"global"`` (rank across layers; scores are
@@ -73,7 +80,7 @@ class PruningConfig(JsonMixin):
     Calibration:
         max_samples: examples drawn from the calibration data for data-driven criteria.
         batch_size: calibration batch size.
-        seq_len: sequence length used to count FLOPs for ``target_flops``.
+        seq_len: sequence length used to count FLOPs for ``target_flops`` and to time blocks for ``target_latency``.
         seed: seed of the ``random`` criterion.
     """
 
@@ -81,6 +88,8 @@ class PruningConfig(JsonMixin):
     ffn: float = 0.0
     target_flops: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
+    latency_batch_size: int = 8
     criterion: str = "magnitude"
     scope: str = "layer"
     min_heads_per_layer: int = 1
@@ -142,6 +151,7 @@ class PruningConfig(JsonMixin):
         self._check_fraction("ffn", low_open=False, high_open=True)
         self._check_fraction("target_flops", low_open=True, high_open=False, optional=True)
         self._check_fraction("target_params", low_open=True, high_open=False, optional=True)
+        self._check_fraction("target_latency", low_open=True, high_open=False, optional=True)
         self._check_fraction("sparsity", low_open=False, high_open=True)
         self._check_choice("criterion", CRITERIA)
         self._check_choice("schedule", SCHEDULES)
@@ -176,14 +186,15 @@ class PruningConfig(JsonMixin):
         self._check_int("max_samples", 1)
         self._check_int("batch_size", 1)
         self._check_int("seq_len", 1)
+        self._check_int("latency_batch_size", 1)
         self._check_int("seed", 0)
-        if self.target_flops is not None and self.target_params is not None:
-            raise ValueError("PruningConfig: set at most one of target_flops and target_params")
-        if (self.target_flops is not None or self.target_params is not None) and (self.heads or self.ffn):
+        targets = {k: getattr(self, k) for k in KEEP_TARGETS if getattr(self, k) is not None}
+        if len(targets) > 1:
+            raise ValueError(f"PruningConfig: set at most one of {', '.join(KEEP_TARGETS)}; got {targets}")
+        if targets and (self.heads or self.ffn):
             raise ValueError(
-                "PruningConfig: heads/ffn fractions and target_flops/target_params are alternatives; "
-                f"got heads={self.heads}, ffn={self.ffn}, target_flops={self.target_flops}, "
-                f"target_params={self.target_params}"
+                f"PruningConfig: heads/ffn fractions and {'/'.join(KEEP_TARGETS)} are alternatives; "
+                f"got heads={self.heads}, ffn={self.ffn}, " + ", ".join(f"{k}={v}" for k, v in targets.items())
             )
         if self.pattern != "unstructured":
             m = _NM.match(str(self.pattern))
@@ -211,8 +222,13 @@ class PruningConfig(JsonMixin):
         return 1 - nm[0] / nm[1] if nm else self.sparsity
 
     @property
+    def keep_target(self) -> str | None:
+        """``"flops"``, ``"params"`` or ``"latency"`` for the keep-target that is set, else ``None``."""
+        return next((k.removeprefix("target_") for k in KEEP_TARGETS if getattr(self, k) is not None), None)
+
+    @property
     def structured(self) -> bool:
-        return bool(self.heads or self.ffn or self.target_flops is not None or self.target_params is not None)
+        return bool(self.heads or self.ffn or self.keep_target)
 
     @property
     def needs_data(self) -> bool:

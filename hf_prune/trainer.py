@@ -33,8 +33,9 @@ from transformers.utils import logging
 from .allocate import allocate
 from .architectures import get_adapter
 from .calibration import iter_batches
-from .config import PruningConfig
+from .config import KEEP_TARGETS, PruningConfig
 from .criteria import input_norms, structured_scores
+from .latency_model import LatencyTable, profile_latency
 from .masks import (
     MaskApplier,
     compute_masks,
@@ -71,6 +72,7 @@ class PruningCallback(TrainerCallback):
         self._applier: MaskApplier | None = None
         self.progress = 0.0
         self.original: dict[str, float] = {}
+        self.latency: LatencyTable | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -114,6 +116,8 @@ class PruningCallback(TrainerCallback):
     def save_state(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         state = {"done_steps": self.done_steps, "progress": self.progress, "original": self.original}
+        if self.latency is not None:  # a resumed run allocates with the same measured table, not a new one
+            state["latency_table"] = self.latency.to_dict()
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
         if self.masks:
             save_file({k: v.to(torch.uint8).cpu().contiguous() for k, v in self.masks.items()}, folder / MASKS_FILE)
@@ -126,6 +130,8 @@ class PruningCallback(TrainerCallback):
         self.done_steps = list(state["done_steps"])
         self.progress = float(state["progress"])
         self.original = dict(state["original"])
+        if "latency_table" in state:
+            self.latency = LatencyTable.from_dict(state["latency_table"])
         if (folder / MASKS_FILE).exists():
             self.masks = {k: v.bool().to(device or "cpu") for k, v in load_file(folder / MASKS_FILE).items()}
             self._applier = None
@@ -150,14 +156,25 @@ class PruningCallback(TrainerCallback):
             return self.trainer.model
         return kwargs["model"]
 
+    def _latency_table(self, model: nn.Module) -> LatencyTable:
+        """Measured once, on the model as training starts; every later event allocates with the same table."""
+        if self.latency is None:
+            c = self.config
+            table = profile_latency(model, c.latency_batch_size, c.seq_len, multiple=c.ffn_multiple)
+            self.latency = _all_reduce_table(table)
+        return self.latency
+
     def _counts(self, model: nn.Module) -> dict[str, float]:
         shapes = get_adapter(model).layer_shapes(model)
-        return {
+        counts = {
             "units": sum(s.kv_heads for s in shapes),
             "ffn": sum(s.ffn for s in shapes),
             "flops": encoder_flops(model, self.config.seq_len).total,
             "params": prunable_parameters(model),
         }
+        if self.config.keep_target == "latency":
+            counts["latency"] = self._latency_table(model).model_ms(shapes)
+        return counts
 
     def _run_due_events(self, model: nn.Module, step: int) -> None:
         for event in self.events:
@@ -182,9 +199,9 @@ class PruningCallback(TrainerCallback):
         """The one-event config that brings the model from where it is to ``progress`` of the final target."""
         final, now = self.config, self._counts(model)
         changes: dict[str, Any] = {}
-        if final.target_flops is not None or final.target_params is not None:
-            key = "flops" if final.target_flops is not None else "params"
-            final_keep = final.target_flops if final.target_flops is not None else final.target_params
+        key = final.keep_target
+        if key is not None:
+            final_keep = getattr(final, f"target_{key}")
             keep_now = (1 - progress * (1 - final_keep)) * self.original[key] / now[key]
             if keep_now >= 0.999:
                 return None
@@ -196,7 +213,7 @@ class PruningCallback(TrainerCallback):
                 changes[field] = min(max(0.0, frac), 0.999) if frac > 1e-9 else 0.0
             if not changes["heads"] and not changes["ffn"]:
                 return None
-        base = {k: v for k, v in final.to_dict().items() if k not in ("heads", "ffn", "target_flops", "target_params")}
+        base = {k: v for k, v in final.to_dict().items() if k not in ("heads", "ffn", *KEEP_TARGETS)}
         return PruningConfig(**{**base, **changes, "sparsity": 0.0, "pattern": "unstructured"})
 
     def _prune(self, model: nn.Module, event: Event) -> None:
@@ -212,7 +229,8 @@ class PruningCallback(TrainerCallback):
                     model, config.criterion, batches, config.max_samples, config.seed, progress=False
                 )
                 scores = _all_reduce_scores(scores)
-                plan = allocate(model, scores, step_config)
+                # timing differs per process, so under DDP the table alone decides (it is averaged over ranks)
+                plan = allocate(model, scores, step_config, latency=self.latency, verify_latency=not _distributed())
                 if config.reconstruct:
                     reduce = _all_reduce_sum if _distributed() else None
                     apply_plan_with_compensation(model, plan, self._calibration(model), reduce=reduce)
@@ -255,6 +273,16 @@ def _all_reduce_scores(scores):
             if t.numel():
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return scores
+
+
+def _all_reduce_table(table: LatencyTable) -> LatencyTable:
+    """Average a latency table over processes: each rank timed its own device, all must allocate alike."""
+    if not _distributed():
+        return table
+    values = torch.tensor(table.unit_ms + table.ffn_ms, dtype=torch.float64)
+    values = _all_reduce_sum(values) / torch.distributed.get_world_size()
+    n = len(table.unit_ms)
+    return LatencyTable.from_dict({**table.to_dict(), "unit_ms": values[:n].tolist(), "ffn_ms": values[n:].tolist()})
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,12 @@ from hf_prune import PruningConfig, PruningTrainer
 from tests.test_trainer import args, toy_data, toy_model
 
 
-def main(out: Path) -> None:
+def main(out: Path, target: str) -> None:
     model = toy_model()
+    # latency: every rank times its own copy; the averaged table must still give one plan
+    keep = {"target_flops": 0.5} if target == "flops" else {"target_latency": 0.6, "seq_len": 12}
     config = PruningConfig(
-        target_flops=0.5,
+        **keep,
         criterion="fisher",
         scope="global",
         schedule="iterative",
@@ -43,9 +45,10 @@ def main(out: Path) -> None:
         "weights_sha256": digest.hexdigest(),
         "events": trainer.pruning_callback.done_steps,
         "sparsity": hf_prune.masks.sparsity_report(model)["overall"],
+        "latency_table": trainer.pruning_callback.latency.to_dict() if trainer.pruning_callback.latency else None,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -16,7 +18,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_prunes_identically(tmp_path):
+@pytest.mark.parametrize("target", ["flops", "latency"])
+def test_two_process_ddp_prunes_identically(tmp_path, target):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
@@ -31,6 +34,7 @@ def test_two_process_ddp_prunes_identically(tmp_path):
         str(_free_port()),
         str(worker),
         str(tmp_path),
+        target,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,3 +45,4 @@ def test_two_process_ddp_prunes_identically(tmp_path):
     assert r0["events"] == r1["events"] and len(r0["events"]) > 1
     assert sum(s["heads"] for s in r0["shapes"]) < 12  # something was pruned
     assert abs(r0["sparsity"] - 0.3) < 0.02
+    assert r0["latency_table"] == r1["latency_table"] and (r0["latency_table"] is None) == (target == "flops")

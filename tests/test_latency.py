@@ -1,0 +1,212 @@
+"""Latency tables and target_latency allocation (tiny models; timings are never asserted, only structure)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import hf_prune
+from hf_prune import LayerShape, PruningConfig, allocate
+from hf_prune.criteria import Scores
+from hf_prune.latency_model import LatencyTable, measure_keep, profile_latency
+
+from .families import FAMILIES, make_model
+
+
+def tiny(name: str = "bert"):
+    family = FAMILIES[name]
+    cls = next(c for c in family.classes if "ForSequenceClassification" in c.__name__ or "CausalLM" in c.__name__)
+    return make_model(family, cls)
+
+
+def table(ffn_ms: list[float], units_ms: list[float] | None = None, layers: int = 3) -> LatencyTable:
+    """A hand-made table for the tiny configs (4 heads, FFN 40) with FFN widths 0, 8, ..., 40."""
+    return LatencyTable(
+        num_layers=layers,
+        units=[0, 1, 2, 3, 4],
+        unit_ms=units_ms or [20.0, 21.0, 22.0, 23.0, 24.0],
+        ffn=[0, 8, 16, 24, 32, 40],
+        ffn_ms=ffn_ms,
+        batch_size=1,
+        seq_len=16,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+    )
+
+
+LINEAR = [14.0, 16.0, 18.0, 20.0, 22.0, 24.0]
+# the same costs, except that any width above 24 pays a step (a slow kernel past a size threshold)
+STEP = [14.0, 16.0, 18.0, 20.0, 29.0, 31.0]
+
+
+def scores_for(model, seed: int = 0) -> Scores:
+    g = torch.Generator().manual_seed(seed)
+    shapes = hf_prune.get_adapter(model).layer_shapes(model)
+    heads = [torch.rand(s.heads, generator=g) + 0.5 for s in shapes]
+    # layer 0's neurons matter most, so a linear cost model makes it wide and the others narrow
+    ffn = [torch.rand(s.ffn, generator=g) * (4.0 if i == 0 else 1.0) for i, s in enumerate(shapes)]
+    return Scores(heads=heads, ffn=ffn, criterion="fisher")
+
+
+# ---- the table ------------------------------------------------------------------------------------------------
+
+
+def test_table_arithmetic_and_json_round_trip():
+    t = table(LINEAR)
+    full = [LayerShape(4, 4, 40)] * 3
+    assert t.model_ms(full) == pytest.approx(t.full_ms) == pytest.approx(24.0)
+    # each layer owns a third of the sweep difference: one head 1/3 ms, 8 neurons 2/3 ms
+    assert t.block_ms(LayerShape(3, 3, 40)) == pytest.approx(8.0 - 1 / 3)
+    assert t.block_ms(LayerShape(4, 4, 36)) == pytest.approx(8.0 - 1 / 3)  # interpolated between 32 and 40
+    assert t.model_ms([LayerShape(0, 0, 0)] * 3) == pytest.approx(24.0 - 4.0 - 10.0)
+    again = LatencyTable.from_json(t.to_json())
+    assert again == t and json.loads(t.to_json())["ffn"] == [0, 8, 16, 24, 32, 40]
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama"])
+def test_profile_latency_sweeps_every_family(name):
+    model = tiny(name).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    t = profile_latency(model, batch_size=2, seq_len=16, points=4, repeats=2, warmup=1, use_cache=False, progress=False)
+    shape = hf_prune.get_adapter(model).layer_shapes(model)[0]
+    assert t.units == list(range(shape.kv_heads + 1))
+    assert t.ffn[0] == 0 and t.ffn[-1] == shape.ffn and len(t.ffn) >= 4
+    assert t.unit_ms == sorted(t.unit_ms) and t.ffn_ms == sorted(t.ffn_ms)  # more kept never predicts faster
+    assert t.unit_ms[-1] == t.ffn_ms[-1] == t.full_ms > 0 and t.num_layers == 3
+    # profiling works on copies: the model keeps its shapes, weights and training mode
+    assert model.training and hf_prune.get_adapter(model).layer_shapes(model)[0] == shape
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_profile_latency_is_cached_and_validates_its_arguments():
+    model = tiny().eval()
+    first = profile_latency(model, batch_size=1, seq_len=8, points=2, repeats=1, progress=False)
+    assert profile_latency(model, batch_size=1, seq_len=8, points=2, repeats=1, progress=False) is first
+    with pytest.raises(ValueError, match=r"batch_size=0 is invalid; allowed: an integer >= 1"):
+        profile_latency(model, batch_size=0)
+    with pytest.raises(ValueError, match=r"points=1 is invalid"):
+        profile_latency(model, points=1)
+
+
+def test_measure_keep_times_a_smaller_copy():
+    model = tiny().eval()
+    shapes = [LayerShape(1, 1, 8)] * 3
+    keep = measure_keep(model, shapes, batch_size=2, seq_len=16, repeats=3)
+    assert keep > 0 and hf_prune.get_adapter(model).layer_shapes(model)[0] == LayerShape(4, 4, 40)
+
+
+# ---- allocation -------------------------------------------------------------------------------------------------
+
+
+def _plan_shapes(model, plan) -> list[LayerShape]:
+    pruned = plan.apply(copy.deepcopy(model))
+    return hf_prune.get_adapter(pruned).layer_shapes(pruned)
+
+
+def test_latency_search_spends_the_budget_and_avoids_a_slow_width():
+    model = tiny()
+    scores = scores_for(model)
+    config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
+    linear, step = table(LINEAR), table(STEP)
+    plans = {
+        name: allocate(model, scores, config, latency=t, verify_latency=False)
+        for name, t in (("linear", linear), ("step", step))
+    }
+    for name, t in (("linear", linear), ("step", step)):
+        shapes = _plan_shapes(model, plans[name])
+        spent = t.model_ms(shapes)
+        budget = 0.6 * t.full_ms
+        assert spent <= budget + 1e-9 and plans[name].meta["achieved_keep"] == pytest.approx(spent / t.full_ms)
+        # nothing more fits: one more head or one more block of 8 neurons anywhere would exceed the budget
+        for i, s in enumerate(shapes):
+            for bigger in (LayerShape(s.heads + 1, s.kv_heads + 1, s.ffn), LayerShape(s.heads, s.kv_heads, s.ffn + 8)):
+                if bigger.kv_heads > 4 or bigger.ffn > 40:
+                    continue
+                grown = [*shapes[:i], bigger, *shapes[i + 1 :]]
+                assert t.model_ms(grown) > budget
+    # with a linear cost the important layer 0 stays wide; with the step no layer goes past 24 neurons
+    assert _plan_shapes(model, plans["linear"])[0].ffn > 24
+    assert max(s.ffn for s in _plan_shapes(model, plans["step"])) <= 24
+
+
+def test_latency_target_with_a_non_loss_criterion_cuts_uniformly():
+    model = tiny()
+    config = PruningConfig(target_latency=0.6, criterion="magnitude", scope="layer")
+    t = table(LINEAR)
+    plan = allocate(model, hf_prune.magnitude_scores(model), config, latency=t, verify_latency=False)
+    shapes = _plan_shapes(model, plan)
+    assert len({s.heads for s in shapes}) == 1 and max(s.ffn for s in shapes) - min(s.ffn for s in shapes) <= 8
+    assert t.model_ms(shapes) <= 0.6 * t.full_ms * 1.005 and plan.meta["target"] == "latency"
+
+
+def test_prune_with_target_latency_profiles_verifies_and_reports():
+    model = tiny().eval()
+    dense = hf_prune.get_adapter(model).layer_shapes(model)
+    config = PruningConfig(
+        target_latency=0.5, criterion="fisher", scope="global", seq_len=16, latency_batch_size=2, max_samples=8
+    )
+    data = [{"input_ids": list(range(3, 19)), "attention_mask": [1] * 16, "labels": i % 2} for i in range(8)]
+    report = hf_prune.prune(model, config, calibration_data=data)
+    meta = report.plan["meta"]
+    assert meta["target"] == "latency" and 1 <= meta["latency_searches"] <= 3 and meta["measured_keep"] > 0
+    assert meta["latency_table"]["batch_size"] == 2 and meta["latency_table"]["seq_len"] == 16
+    after = hf_prune.get_adapter(model).layer_shapes(model)
+    assert sum(s.heads for s in after) + sum(s.ffn for s in after) < sum(s.heads for s in dense) + sum(
+        s.ffn for s in dense
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_latency": 0.0}, "0 < target_latency <= 1"),
+        ({"target_latency": 1.5}, "0 < target_latency <= 1"),
+        ({"target_latency": 0.5, "target_flops": 0.5}, "at most one of target_flops, target_params, target_latency"),
+        ({"target_latency": 0.5, "heads": 0.2}, "are alternatives"),
+        ({"target_latency": 0.5, "latency_batch_size": 0}, "latency_batch_size=0"),
+    ],
+)
+def test_latency_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(**kwargs)
+
+
+def test_trainer_measures_the_table_once_and_checkpoints_it(tmp_path, monkeypatch):
+    import hf_prune.trainer as trainer_module
+
+    from .test_trainer import args, toy_data, toy_model
+
+    calls = []
+    real = trainer_module.profile_latency
+
+    def counted(*a, **kw):
+        calls.append(a[1:])
+        return real(*a, **kw, use_cache=False, progress=False)
+
+    monkeypatch.setattr(trainer_module, "profile_latency", counted)
+    model = toy_model()
+    config = PruningConfig(
+        target_latency=0.6,
+        criterion="fisher",
+        scope="global",
+        schedule="iterative",
+        frequency=3,
+        seq_len=12,
+        latency_batch_size=2,
+        max_samples=16,
+    )
+    trainer = hf_prune.PruningTrainer(model=model, args=args(tmp_path), train_dataset=toy_data(), pruning_config=config)
+    dense = sum(s.ffn + s.heads for s in hf_prune.get_adapter(model).layer_shapes(model))
+    trainer.train()
+    callback = trainer.pruning_callback
+    assert calls == [(2, 12)] and callback.latency is not None
+    assert callback.original["latency"] == pytest.approx(callback.latency.full_ms)
+    assert sum(s.ffn + s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)) < dense
+    callback.save_state(tmp_path)
+    fresh = hf_prune.PruningCallback(config)
+    fresh.load_state(tmp_path)
+    assert fresh.latency == callback.latency and fresh.original == callback.original
