@@ -110,56 +110,21 @@ def dense(model: nn.Module, data: Any) -> None:
     """The fine-tuned model as is (its latency row measures dense vs an identical copy: the noise floor)."""
 
 
-def hf_prune_magnitude(model: nn.Module, data: Any) -> dict[str, Any]:
-    config = PruningConfig(heads=HEADS_FRACTION, ffn=FFN_FRACTION, criterion="magnitude", scope="layer")
-    report = hf_prune.prune(model, config)
-    return {"config": report.config}
+def hf_prune_row(**options: Any) -> PruneFn:
+    """An hf_prune row: ``prune()`` with ``PruningConfig(max_samples=CALIBRATION, **options)``."""
 
+    def run(model: nn.Module, data: Any) -> dict[str, Any]:
+        config = PruningConfig(max_samples=CALIBRATION, **options)
+        calibration = data["train"].select(range(CALIBRATION)) if config.needs_data else None
+        report = hf_prune.prune(model, config, calibration_data=calibration)
+        extra: dict[str, Any] = {"config": report.config}
+        if config.keep_target == "latency":
+            meta = report.plan["meta"]
+            keys = ("achieved_keep", "measured_keep", "latency_searches", "latency_table")
+            extra["latency_plan"] = {k: meta[k] for k in keys}
+        return extra
 
-def hf_prune_fisher(model: nn.Module, data: Any) -> dict[str, Any]:
-    config = PruningConfig(target_flops=0.5, criterion="fisher", scope="global", max_samples=CALIBRATION)
-    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
-    return {"config": report.config}
-
-
-def hf_prune_fisher_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
-    config = PruningConfig(
-        target_flops=0.5, criterion="fisher", scope="global", max_samples=CALIBRATION, reconstruct=True
-    )
-    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
-    return {"config": report.config}
-
-
-def hf_prune_fisher_layer_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
-    config = PruningConfig(
-        heads=HEADS_FRACTION,
-        ffn=FFN_FRACTION,
-        criterion="fisher",
-        scope="layer",
-        max_samples=CALIBRATION,
-        reconstruct=True,
-    )
-    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
-    return {"config": report.config}
-
-
-def hf_prune_latency_reconstruct(model: nn.Module, data: Any) -> dict[str, Any]:
-    """target_latency=0.5: a latency table measured at the benchmark's own batch shape, then verified plans."""
-    config = PruningConfig(
-        target_latency=0.5,
-        latency_batch_size=BATCH,
-        seq_len=SEQ_LEN,
-        criterion="fisher",
-        scope="global",
-        max_samples=CALIBRATION,
-        reconstruct=True,
-    )
-    report = hf_prune.prune(model, config, calibration_data=data["train"].select(range(CALIBRATION)))
-    meta = report.plan["meta"]
-    return {
-        "config": report.config,
-        "latency_plan": {k: meta[k] for k in ("achieved_keep", "measured_keep", "latency_searches", "latency_table")},
-    }
+    return run
 
 
 def torch_pruning_l2(model: nn.Module, data: Any) -> dict[str, Any]:
@@ -259,24 +224,40 @@ def torch_l1_layer(model: nn.Module, data: Any) -> None:
 
 PEERS = (
     Peer("dense", "fine-tuned MiniLM, no pruning", dense),
-    Peer("hf_prune", "magnitude, layer scope, 50% heads + 50% FFN", hf_prune_magnitude),
-    Peer("hf_prune", f"fisher, global, target_flops=0.5, {CALIBRATION} calibration", hf_prune_fisher),
+    Peer(
+        "hf_prune",
+        "magnitude, layer scope, 50% heads + 50% FFN",
+        hf_prune_row(heads=HEADS_FRACTION, ffn=FFN_FRACTION, criterion="magnitude", scope="layer"),
+    ),
+    Peer(
+        "hf_prune",
+        f"fisher, global, target_flops=0.5, {CALIBRATION} calibration",
+        hf_prune_row(target_flops=0.5, criterion="fisher", scope="global"),
+    ),
     Peer(
         "hf_prune",
         f"fisher, global, target_flops=0.5, {CALIBRATION} calibration, least-squares reconstruction",
-        hf_prune_fisher_reconstruct,
+        hf_prune_row(target_flops=0.5, criterion="fisher", scope="global", reconstruct=True),
     ),
     Peer(
         "hf_prune",
         f"fisher, layer scope, 50% heads + 50% FFN (Torch-Pruning's shapes), {CALIBRATION} calibration, "
         "least-squares reconstruction",
-        hf_prune_fisher_layer_reconstruct,
+        hf_prune_row(heads=HEADS_FRACTION, ffn=FFN_FRACTION, criterion="fisher", scope="layer", reconstruct=True),
     ),
     Peer(
         "hf_prune",
         f"fisher, global, target_latency=0.5 (table measured at {BATCH} x {SEQ_LEN}), {CALIBRATION} calibration, "
         "least-squares reconstruction",
-        hf_prune_latency_reconstruct,
+        # the table is measured at the benchmark's own batch shape
+        hf_prune_row(
+            target_latency=0.5,
+            latency_batch_size=BATCH,
+            seq_len=SEQ_LEN,
+            criterion="fisher",
+            scope="global",
+            reconstruct=True,
+        ),
     ),
     Peer("Torch-Pruning", "MetaPruner, L2 magnitude, 50% heads + 50% FFN per layer", torch_pruning_l2, catch=True),
     Peer(

@@ -160,9 +160,11 @@ def render_recovery(result: dict[str, Any]) -> list[str]:
         delta = f"{(r['accuracy'] - dense) * 100:+.1f} pt" if dense is not None else "n/a"
         seeds = list(r.get("runs", {"0": None}))
         acc = f"{r['accuracy']:.2%}" + (f" ± {r['accuracy_std'] * 100:.2f}" if len(seeds) > 1 else "")
+        flops = sorted({round(run["flops_ratio"], 2) for run in r.get("runs", {}).values() if "flops_ratio" in run})
+        flops_text = _span(flops, "x") if len(flops) > 1 else f"{r['flops_ratio']:.2f}x"
         lines.append(
             f"| {r['variant']} | {r.get('description', '')} | {acc} | {', '.join(seeds)} | {delta} "
-            f"| {r['flops_ratio']:.2f}x | {r['params'] / 1e6:.1f}M | {r['sparsity']:.0%} "
+            f"| {flops_text} | {r['params'] / 1e6:.1f}M | {r['sparsity']:.0%} "
             f"| {r['recovery_wall_s']:.0f} s |"
         )
     lines.append("")

@@ -37,11 +37,12 @@ class PruningConfig(JsonMixin):
         ffn: fraction of FFN neurons to remove, ``0 <= ffn < 1``.
         target_flops: fraction of the transformer blocks' FLOPs to *keep*, ``0 < x <= 1`` (0.5 = a 2x cut).
         target_params: fraction of the blocks' prunable parameters to keep, ``0 < x <= 1``.
-        target_latency: fraction of the blocks' *measured* latency to keep, ``0 < x <= 1`` (0.5 = blocks twice as
-            fast on this machine). A latency table of one block is timed on the model's device at
-            ``latency_batch_size`` x ``seq_len`` (:func:`~hf_prune.latency_model.profile_latency`) and the
-            allocation keeps the most important heads/neurons it can afford; widths that cross a slow kernel
-            threshold are avoided, which a FLOPs target cannot see.
+        target_latency: fraction of the model's *measured* forward latency to keep, ``0 < x <= 1`` (0.5 = twice as
+            fast on this machine at ``latency_batch_size`` x ``seq_len``). A latency table is timed on copies of
+            the model on its own device (:func:`~hf_prune.latency_model.profile_latency`), the allocation keeps
+            the most important heads/neurons whose predicted latency fits, and the chosen shapes are timed and
+            the budget corrected (:func:`~hf_prune.allocate.allocate`). Widths past a slow kernel threshold are
+            avoided, which a FLOPs target cannot see.
         latency_batch_size: batch size the latency table is measured at (match your serving batch).
         criterion: ``"magnitude"`` (weights only), ``"taylor"`` (first-order head/neuron mask gradients,
             Michel et al. 2019), ``"fisher"`` (mask Fisher information, Kwon et al. 2022) or ``"random"``.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -134,15 +135,21 @@ def _dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch
     return inputs
 
 
+def _synced(model: nn.Module, device: torch.device) -> Callable[..., Any]:
+    """``model`` as a callable that waits for the GPU, so wall-clock timing covers the kernels it queued."""
+    if device.type != "cuda":
+        return model
+
+    def run(**kwargs: Any) -> Any:
+        out = model(**kwargs)
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
 def _median_ms(model: nn.Module, inputs: dict[str, Any], repeats: int, warmup: int, device: torch.device) -> float:
-    if device.type == "cuda":
-
-        def run(**kwargs: Any) -> None:
-            model(**kwargs)
-            torch.cuda.synchronize(device)
-
-        return measure_latency(run, inputs, repeats=repeats, warmup=warmup).median_ms
-    return measure_latency(model, inputs, repeats=repeats, warmup=warmup).median_ms
+    return measure_latency(_synced(model, device), inputs, repeats=repeats, warmup=warmup).median_ms
 
 
 def _grid(full: int, points: int, multiple: int) -> list[int]:
@@ -289,17 +296,6 @@ def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, se
     model.eval()
     work = apply_layer_shapes(copy.deepcopy(model), shapes)
     inputs = _dummy_inputs(model, batch_size, seq_len, device)
-    if device.type == "cuda":
-
-        def synced(m: nn.Module):
-            def run(**kwargs: Any) -> None:
-                m(**kwargs)
-                torch.cuda.synchronize(device)
-
-            return run
-
-        result = compare_latency(synced(model), synced(work), inputs, repeats=repeats)
-    else:
-        result = compare_latency(model, work, inputs, repeats=repeats)
+    result = compare_latency(_synced(model, device), _synced(work, device), inputs, repeats=repeats)
     model.train(was_training)
     return 1.0 / result["speedup"]
