@@ -243,21 +243,23 @@ def profile_latency(
     was_training = model.training
     model.eval()
     timings: list[list[float]] = []
-    reference: list[float] = []  # the unpruned model itself, timed before, between and after the sweeps
-    with torch.inference_mode():
-        reference.append(_median_ms(model, inputs, repeats, warmup + 3, device))
-        for sweep in sweeps:
-            work = copy.deepcopy(model)
-            measured = []
-            for shape_of in sweep[1:]:  # widest first, as a copy can only shrink; full width is the reference
-                apply_layer_shapes(work, [shape_of(s) for s in shapes])
-                measured.append(_median_ms(work, inputs, repeats, warmup, device))
-                bar.update()
-            del work
-            reference.append(_median_ms(model, inputs, repeats, warmup, device))
-            timings.append(measured[::-1])
-    model.train(was_training)
-    bar.close()
+    reference: list[float] = []  # the model as given, timed before, between and after the sweeps
+    try:
+        with torch.inference_mode():
+            reference.append(_median_ms(model, inputs, repeats, warmup + 3, device))
+            for sweep in sweeps:
+                work = copy.deepcopy(model)
+                measured = []
+                for shape_of in sweep[1:]:  # widest first, as a copy can only shrink; full width is the reference
+                    apply_layer_shapes(work, [shape_of(s) for s in shapes])
+                    measured.append(_median_ms(work, inputs, repeats, warmup, device))
+                    bar.update()
+                del work
+                reference.append(_median_ms(model, inputs, repeats, warmup, device))
+                timings.append(measured[::-1])
+    finally:
+        model.train(was_training)
+        bar.close()
     full = sorted(reference)[len(reference) // 2]
     # a cut model timed slower than the full one is noise: cap it so both tables end at the same full latency
     unit_ms, ffn_ms = (_monotone([*(min(v, full) for v in t), full]) for t in timings)
@@ -294,8 +296,10 @@ def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, se
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    work = apply_layer_shapes(copy.deepcopy(model), shapes)
-    inputs = _dummy_inputs(model, batch_size, seq_len, device)
-    result = compare_latency(_synced(model, device), _synced(work, device), inputs, repeats=repeats)
-    model.train(was_training)
+    try:
+        work = apply_layer_shapes(copy.deepcopy(model), shapes)
+        inputs = _dummy_inputs(model, batch_size, seq_len, device)
+        result = compare_latency(_synced(model, device), _synced(work, device), inputs, repeats=repeats)
+    finally:
+        model.train(was_training)
     return 1.0 / result["speedup"]
