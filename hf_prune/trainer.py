@@ -161,7 +161,7 @@ class PruningCallback(TrainerCallback):
         if self.latency is None:
             c = self.config
             table = profile_latency(model, c.latency_batch_size, c.seq_len, multiple=c.ffn_multiple)
-            self.latency = _all_reduce_table(table)
+            self.latency = _all_reduce_table(table, next(model.parameters()).device)
         return self.latency
 
     def _counts(self, model: nn.Module) -> dict[str, float]:
@@ -275,13 +275,15 @@ def _all_reduce_scores(scores):
     return scores
 
 
-def _all_reduce_table(table: LatencyTable) -> LatencyTable:
+def _all_reduce_table(table: LatencyTable, device: torch.device) -> LatencyTable:
     """Average a latency table over processes: each rank timed its own device, all must allocate alike."""
     if not _distributed():
         return table
-    values = torch.tensor(table.unit_ms + table.ffn_ms, dtype=torch.float64)
+    # on the model's device: NCCL reduces CUDA tensors only (gloo takes either)
+    values = torch.tensor(table.unit_ms + table.ffn_ms, dtype=torch.float64, device=device)
     values = _all_reduce_sum(values) / torch.distributed.get_world_size()
     n = len(table.unit_ms)
+    values = values.cpu()
     return LatencyTable.from_dict({**table.to_dict(), "unit_ms": values[:n].tolist(), "ffn_ms": values[n:].tolist()})
 
 
