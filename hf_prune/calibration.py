@@ -12,6 +12,11 @@ from transformers import default_data_collator
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 
+def no_cache(model: torch.nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for models that keep a KV cache (calibration and timing passes need none)."""
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
 def _clean_example(example: dict[str, Any]) -> dict[str, Any]:
     example = dict(example)
     if "label" in example and "labels" not in example:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .architectures import LayerShape, get_adapter
+from .calibration import no_cache
 from .jsonable import JsonMixin
 from .measure import compare_latency, measure_latency
 from .surgery import apply_layer_shapes
@@ -129,10 +129,7 @@ def _dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch
     g = torch.Generator().manual_seed(0)
     # avoid low ids (special tokens); token values do not change the cost
     ids = torch.randint(min(vocab - 1, 1000), vocab, (batch_size, seq_len), generator=g).to(device)
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        inputs["use_cache"] = False
-    return inputs
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **no_cache(model)}
 
 
 def _synced(model: nn.Module, device: torch.device) -> Callable[..., Any]:

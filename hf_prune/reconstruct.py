@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
+from .calibration import no_cache
 from .masks import compute_masks
 from .surgery import _plan_ffn, _plan_heads, head_feature_index
 
@@ -126,12 +127,12 @@ def sequential_prune(
         raise _Stop
 
     # no KV cache: the captured kwargs are replayed through each block and must not grow a cache
-    no_cache = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    cache_off = no_cache(model)
     handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for batch in batches:
             with contextlib.suppress(_Stop):
-                model(**{k: v for k, v in batch.items() if k != "labels"}, **no_cache)
+                model(**{k: v for k, v in batch.items() if k != "labels"}, **cache_off)
     finally:
         handle.remove()
     if not captured:
@@ -240,13 +241,13 @@ def apply_plan_with_compensation(
     grams, counts, handles = _attach_hessian_hooks(
         {i: module for i, (module, _, _, _) in enumerate(targets)}, with_ones, token_mask
     )
-    no_cache = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    cache_off = no_cache(model)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             token_mask[0] = batch.get("attention_mask")
-            model(**{k: v for k, v in batch.items() if k != "labels"}, **no_cache)
+            model(**{k: v for k, v in batch.items() if k != "labels"}, **cache_off)
     finally:
         for h in handles:
             h.remove()
