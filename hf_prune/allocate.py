@@ -323,7 +323,11 @@ class _Allocator:
 
 
 def _verified_latency_search(
-    model: nn.Module, alloc: _Allocator, search: Callable[[float], tuple[list[int], list[int]]], keep: float
+    model: nn.Module,
+    alloc: _Allocator,
+    search: Callable[[float], tuple[list[int], list[int]]],
+    keep: float,
+    budget: float,
 ) -> tuple[list[int], list[int], dict[str, Any]]:
     """Search with the table, time the result on a copy, and rescale the budget until the measurement meets it.
 
@@ -332,8 +336,7 @@ def _verified_latency_search(
     prediction, decides.
     """
     config = alloc.config
-    full = alloc.total_cost([s.kv_heads for s in alloc.shapes], [s.ffn for s in alloc.shapes], "latency")
-    budget, tried = keep * full, []
+    tried = []
     for _ in range(1 + LATENCY_CORRECTIONS):
         units, ffn = search(budget)
         shapes = [LayerShape(u * g, u, f) for u, f, g in zip(units, ffn, alloc.groups, strict=True)]
@@ -346,7 +349,7 @@ def _verified_latency_search(
     units, ffn, measured, _ = max(meeting, key=lambda t: t[3]) if meeting else min(tried, key=lambda t: t[2])
     if not meeting:
         logger.warning(
-            "hf_prune: target_latency=%s not reached after %d corrections; best measured %.3f",
+            "hf_prune: target_latency=%s not reached in %d searches; best measured %.3f",
             keep,
             len(tried),
             measured,
@@ -383,7 +386,7 @@ def allocate(
         if target == "latency":
             search = alloc.latency_search if loss_scores else (lambda b: alloc.fraction_search(b, "latency"))
             if verify_latency:
-                units, ffn, extra = _verified_latency_search(model, alloc, search, keep)
+                units, ffn, extra = _verified_latency_search(model, alloc, search, keep, budget)
             else:
                 units, ffn = search(budget)
         elif loss_scores:
