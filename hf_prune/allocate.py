@@ -73,12 +73,13 @@ class _Allocator:
         if len(scores.heads) != len(self.shapes) or len(scores.ffn) != len(self.shapes):
             raise ValueError(f"scores cover {len(scores.heads)} layers but the model has {len(self.shapes)}")
         self.groups = [s.heads // s.kv_heads if s.kv_heads else 1 for s in self.shapes]
-        # unit scores: sum of the query-head scores of each KV group
+        # unit scores: sum of the query-head scores of each KV group. Scores live on the model's device; allocation
+        # is a small sequential search over plain numbers, so it runs on the CPU.
         self.unit_scores = [
-            scores.heads[i].float().reshape(s.kv_heads, -1).sum(1) if s.kv_heads else torch.zeros(0)
+            scores.heads[i].detach().float().cpu().reshape(s.kv_heads, -1).sum(1) if s.kv_heads else torch.zeros(0)
             for i, s in enumerate(self.shapes)
         ]
-        self.ffn_scores = [f.float() for f in scores.ffn]
+        self.ffn_scores = [f.detach().float().cpu() for f in scores.ffn]
         for i, s in enumerate(self.shapes):
             if self.unit_scores[i].numel() != s.kv_heads or self.ffn_scores[i].numel() != s.ffn:
                 raise ValueError(f"layer {i}: score sizes do not match the model's heads/FFN")

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
+from .calibration import model_device, to_device
 
 
 @dataclass
@@ -49,7 +50,8 @@ def magnitude_scores(model: nn.Module) -> Scores:
     heads, ffn = [], []
     for i, block in enumerate(adapter.layers(model)):
         shape = adapter.layer_shape(model, i)
-        head_score = torch.zeros(shape.heads)
+        device = block.get_submodule(adapter.attention_projs[0].path).weight.device
+        head_score = torch.zeros(shape.heads, device=device)
         if shape.heads:
             group = shape.heads // shape.kv_heads
             for proj in adapter.attention_projs:
@@ -59,7 +61,8 @@ def magnitude_scores(model: nn.Module) -> Scores:
                 else:
                     head_score += _per_head(sq, shape.heads, proj.parts)
         heads.append(head_score.sqrt())
-        neuron_score = torch.zeros(shape.ffn)
+        ffn_device = block.get_submodule(adapter.ffn_projs[0].path).weight.device
+        neuron_score = torch.zeros(shape.ffn, device=ffn_device)
         for proj in adapter.ffn_projs:
             neuron_score += feature_sq_norms(block.get_submodule(proj.path), proj.side)
         ffn.append(neuron_score.sqrt())
@@ -67,13 +70,17 @@ def magnitude_scores(model: nn.Module) -> Scores:
 
 
 def random_scores(model: nn.Module, seed: int = 0) -> Scores:
-    """Seeded random scores: the control every criterion is compared to."""
+    """Seeded random scores: the control every criterion is compared to.
+
+    Drawn by a CPU generator (the same numbers on every device and rank), then placed on the model's device.
+    """
     adapter: ArchAdapter = get_adapter(model)
     g = torch.Generator().manual_seed(seed)
     shapes = adapter.layer_shapes(model)
+    device = model_device(model)
     return Scores(
-        heads=[torch.rand(s.heads, generator=g) for s in shapes],
-        ffn=[torch.rand(s.ffn, generator=g) for s in shapes],
+        heads=[torch.rand(s.heads, generator=g).to(device) for s in shapes],
+        ffn=[torch.rand(s.ffn, generator=g).to(device) for s in shapes],
         criterion="random",
     )
 
@@ -123,8 +130,9 @@ def mask_gradient_scores(
     head_dim = adapter.head_dim(model.config)
     o_proj = next(p for p in adapter.attention_projs if p.side == "in")
     down_proj = next(p for p in adapter.ffn_projs if p.side == "in")
-    head_acc = [torch.zeros(s.heads) for s in shapes]
-    ffn_acc = [torch.zeros(s.ffn) for s in shapes]
+    device = model_device(model)
+    head_acc = [torch.zeros(s.heads, device=device) for s in shapes]
+    ffn_acc = [torch.zeros(s.ffn, device=device) for s in shapes]
     masks: dict[str, list[torch.Tensor | None]] = {"heads": [None] * len(layers), "ffn": [None] * len(layers)}
 
     def hook(kind_: str, i: int, expand: int):
@@ -133,7 +141,7 @@ def mask_gradient_scores(
             mask = masks[kind_][i]
             if mask is None or mask.shape[1] == 0:
                 return args
-            scale = mask.to(x.dtype).repeat_interleave(expand, dim=-1)
+            scale = mask.to(device=x.device, dtype=x.dtype).repeat_interleave(expand, dim=-1)
             return (x * scale.view(x.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
 
         return pre_hook
@@ -150,7 +158,7 @@ def mask_gradient_scores(
         for p in model.parameters():
             p.requires_grad_(False)
         for batch in tqdm(batches, desc=f"{kind} scores", disable=not progress, leave=False):
-            batch = _ensure_labels(model, batch)
+            batch = _ensure_labels(model, to_device(batch, device))
             n = batch["input_ids"].shape[0]
             device = batch["input_ids"].device
             for i, s in enumerate(shapes):
@@ -165,8 +173,8 @@ def mask_gradient_scores(
                     g = grad_of.get(id(m))
                     if g is None:
                         continue
-                    g = g.detach().float().cpu()
-                    acc[i] += g.abs().sum(0) if kind == "taylor" else g.pow(2).sum(0)
+                    g = g.detach().float()
+                    acc[i] += (g.abs().sum(0) if kind == "taylor" else g.pow(2).sum(0)).to(acc[i].device)
             seen += n
             if max_samples is not None and seen >= max_samples:
                 break
@@ -198,17 +206,19 @@ def input_norms(
             x = args[0].detach().float()
             x = x.reshape(-1, x.shape[-1])
             if current_mask[0] is not None and current_mask[0].numel() == x.shape[0]:
-                x = x[current_mask[0].reshape(-1).bool()]
-            sq = x.pow(2).sum(0).cpu()
+                x = x[current_mask[0].reshape(-1).to(x.device).bool()]
+            sq = x.pow(2).sum(0)
             sums[name] = sq if sums[name] is None else sums[name] + sq
 
         return pre_hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    device = model_device(model)
     seen = 0
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="activation norms", disable=not progress, leave=False):
+                batch = to_device(batch, device)
                 current_mask[0] = batch.get("attention_mask")
                 model(**{k: v for k, v in batch.items() if k != "labels"})
                 seen += batch["input_ids"].shape[0]

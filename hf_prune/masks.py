@@ -37,14 +37,15 @@ def _rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def weight_scores(
     modules: Mapping[str, nn.Module], criterion: str = "magnitude", norms: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """|W| (magnitude) or |W| * ||X_j|| (activation, Wanda), as float tensors in (out, in) layout."""
+    """|W| (magnitude) or |W| * ||X_j|| (activation, Wanda), as float tensors in (out, in) layout on each weight's
+    device."""
     scores = {}
     for name, module in modules.items():
-        w = _rows(module.weight.detach(), module).abs().float().cpu().contiguous()
+        w = _rows(module.weight.detach(), module).abs().float().contiguous()
         if criterion == "activation":
             if norms is None or name not in norms:
                 raise ValueError(f"activation-aware scores need input norms for {name}")
-            w = w * norms[name].float().cpu().unsqueeze(0)
+            w = w * norms[name].float().to(w.device).unsqueeze(0)
         elif criterion != "magnitude":
             raise ValueError(f"unknown sparsity criterion {criterion!r}; allowed: magnitude, activation")
         scores[name] = w
@@ -52,7 +53,7 @@ def weight_scores(
 
 
 def _keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_keep > 0:
         mask[torch.topk(scores.reshape(-1), n_keep, sorted=False).indices] = True
     return mask.view_as(scores)
@@ -83,18 +84,19 @@ def compute_masks(
             masks[name] = mask.reshape(out_f, in_f)
         return masks
     if scope == "global":
-        flat = torch.cat([s.reshape(-1) for s in scores.values()])
+        first = next(iter(scores.values()))
+        flat = torch.cat([s.reshape(-1).to(first.device) for s in scores.values()])
         n_prune = int(sparsity * flat.numel())
         if n_prune == 0:
             return {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
         threshold = torch.kthvalue(flat, n_prune).values
         # ties at the threshold are broken so exactly n_prune weights go
-        below = {name: s < threshold for name, s in scores.items()}
+        below = {name: s < threshold.to(s.device) for name, s in scores.items()}
         remaining = n_prune - sum(int(b.sum()) for b in below.values())
         for name, s in scores.items():
             mask = ~below[name]
             if remaining > 0:
-                ties = (s == threshold).reshape(-1).nonzero().squeeze(1)[:remaining]
+                ties = (s == threshold.to(s.device)).reshape(-1).nonzero().squeeze(1)[:remaining]
                 mask.view(-1)[ties] = False
                 remaining -= ties.numel()
             masks[name] = mask

@@ -14,7 +14,7 @@ from transformers.utils import logging
 
 from .allocate import allocate
 from .architectures import get_adapter
-from .calibration import iter_batches
+from .calibration import calibration_set
 from .config import PruningConfig
 from .criteria import input_norms, structured_scores
 from .masks import apply_masks, compute_masks, prunable_linears, sparsity_report, to_module_layout, weight_scores
@@ -81,13 +81,16 @@ def prune(
     Args:
         model: any model of a supported family.
         config: a :class:`PruningConfig` (or its dict form).
-        calibration_data: needed by ``taylor``/``fisher`` and by activation-aware sparsity: a DataLoader, an
-            iterable of batches, or a tokenized ``datasets.Dataset``/list of dicts (batched with ``collate_fn``).
-            At most ``config.max_samples`` examples are used.
+        calibration_data: needed by ``taylor``/``fisher``, ``reconstruct`` and activation-aware sparsity. Any form
+            :func:`~hf_prune.calibration.calibration_set` accepts: tokenized examples (a ``datasets.Dataset`` or a
+            list of dicts, ragged lengths padded, batched with ``collate_fn``), ready batches of any padded lengths
+            (a list, generator or DataLoader). At most ``config.max_samples`` examples are drawn, once, and reused by
+            every pass.
 
     Raises:
         ValueError: unsupported architecture, or a data-driven criterion without calibration data (raised
             before anything is computed).
+        TypeError: calibration data in a form that is not accepted (the message lists the accepted forms).
     """
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
@@ -97,10 +100,11 @@ def prune(
             f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r} needs "
             "calibration_data (tokenized examples or batches)"
         )
-    device = next(model.parameters()).device
-
-    def batches():
-        return iter_batches(calibration_data, config.batch_size, config.max_samples, collate_fn, device)
+    # drawn once, before anything changes: every pass below (scores, refit, OBS update, norms) sees the same tokens,
+    # and a generator or stream is read only here
+    calibration = None
+    if calibration_data is not None and config.needs_data:
+        calibration = calibration_set(calibration_data, model, config.batch_size, config.max_samples, collate_fn)
 
     timings: dict[str, float] = {}
     params_before = count_parameters(model)
@@ -111,7 +115,7 @@ def prune(
         start = time.perf_counter()
         needs = config.criterion in ("taylor", "fisher")
         scores = structured_scores(
-            model, config.criterion, batches() if needs else None, config.max_samples, config.seed
+            model, config.criterion, calibration if needs else None, config.max_samples, config.seed
         )
         timings["scoring"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -119,21 +123,21 @@ def prune(
         timings["allocation"] = time.perf_counter() - start
         start = time.perf_counter()
         if config.reconstruct:
-            apply_plan_with_compensation(model, plan, batches())
+            apply_plan_with_compensation(model, plan, calibration)
         else:
             plan.apply(model)
         timings["surgery"] = time.perf_counter() - start
     sparsity = config.effective_sparsity
     if sparsity > 0 and config.reconstruct:
         start = time.perf_counter()
-        sequential_prune(model, batches(), sparsity, config.sparsity_scope, config.sparsity_criterion, config.nm)
+        sequential_prune(model, calibration, sparsity, config.sparsity_scope, config.sparsity_criterion, config.nm)
         timings["unstructured"] = time.perf_counter() - start
     elif sparsity > 0:
         start = time.perf_counter()
         modules = prunable_linears(model)
         norms = None
         if config.sparsity_criterion == "activation":
-            norms = input_norms(model, modules, batches(), config.max_samples)
+            norms = input_norms(model, modules, calibration, config.max_samples)
         scores_w = weight_scores(modules, config.sparsity_criterion, norms)
         masks = compute_masks(scores_w, sparsity, config.sparsity_scope, config.nm)
         apply_masks(model, to_module_layout(masks, modules))

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
-from .calibration import no_cache
+from .calibration import model_device, no_cache, to_device
 from .masks import compute_masks
 from .surgery import _plan_ffn, _plan_heads, head_feature_index
 
@@ -88,7 +88,7 @@ def _attach_hessian_hooks(
             x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
             mask = token_mask[0] if token_mask is not None else None
             if mask is not None and mask.numel() == x.shape[0]:
-                x = x[mask.reshape(-1).bool()]
+                x = x[mask.reshape(-1).to(x.device).bool()]
             if name in with_ones:
                 x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
             hessians[name] = hessians.get(name, 0) + x.t() @ x
@@ -130,7 +130,9 @@ def sequential_prune(
     cache_off = no_cache(model)
     handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
     try:
+        device = model_device(model)
         for batch in batches:
+            batch = to_device(batch, device)
             with contextlib.suppress(_Stop):
                 model(**{k: v for k, v in batch.items() if k != "labels"}, **cache_off)
     finally:
@@ -160,7 +162,7 @@ def sequential_prune(
             scores = w_rows.abs()
             if criterion == "activation":
                 scores = scores * torch.sqrt(torch.diag(hessian) * counts[name]).unsqueeze(0)
-            keep = compute_masks({name: scores.cpu()}, sparsity, scope, nm)[name]
+            keep = compute_masks({name: scores}, sparsity, scope, nm)[name]
             updated = obs_update(w_rows, hessian, keep)
             module.weight.copy_(_rows(updated, module).to(module.weight.dtype))
         # the pruned block's outputs feed the next block
@@ -226,12 +228,12 @@ def apply_plan_with_compensation(
     targets = []
     for layer, path, (kind, removed) in _output_projections(adapter, plan):
         module = layers[layer].get_submodule(path)
-        w = _rows(module.weight.detach(), module).float().cpu().clone()
+        w = _rows(module.weight.detach(), module).float().clone()
         columns = removed if kind == "ffn" else head_feature_index(removed, head_dim).tolist()
         gone = set(columns)
         keep = [i for i in range(w.shape[1]) if i not in gone]
         bias = getattr(module, "bias", None)
-        b = None if bias is None else bias.detach().float().cpu().clone()
+        b = None if bias is None else bias.detach().float().clone()
         targets.append((module, w, b, keep))
     if not targets:
         plan.apply(model)
@@ -242,17 +244,18 @@ def apply_plan_with_compensation(
         {i: module for i, (module, _, _, _) in enumerate(targets)}, with_ones, token_mask
     )
     cache_off = no_cache(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
+            batch = to_device(batch, device)
             token_mask[0] = batch.get("attention_mask")
             model(**{k: v for k, v in batch.items() if k != "labels"}, **cache_off)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    device = next(model.parameters()).device
     # every process must hold every statistic (zeros where its shard had none) before they are summed
     grams = {
         i: grams.get(i, torch.zeros(w.shape[1] + (i in with_ones), w.shape[1] + (i in with_ones), device=device))
@@ -268,14 +271,18 @@ def apply_plan_with_compensation(
     for i, (module, w, b, keep) in enumerate(targets):
         if not keep and b is None:
             continue  # nothing left to refit: the branch contributes nothing, as in the dense model
-        gram = (grams[i].double() / counts[i]).cpu()
-        full = w.double() if b is None else torch.cat([w.double(), b.double().unsqueeze(1)], dim=1)
-        cols = torch.as_tensor(keep + ([w.shape[1]] if b is not None else []), dtype=torch.long)
+        # float64 on the statistics' device (MPS has no float64: solve on the CPU there)
+        solve_on = w.device if w.device.type != "mps" else torch.device("cpu")
+        gram = grams[i].to(solve_on).double() / counts[i].to(solve_on)
+        full = w.to(solve_on).double()
+        if b is not None:
+            full = torch.cat([full, b.to(solve_on).double().unsqueeze(1)], dim=1)
+        cols = torch.as_tensor(keep + ([w.shape[1]] if b is not None else []), dtype=torch.long, device=solve_on)
         sub = gram[cols][:, cols]
-        reg = damp * torch.diagonal(sub).mean() * torch.eye(len(cols), dtype=sub.dtype)
+        reg = damp * torch.diagonal(sub).mean() * torch.eye(len(cols), dtype=sub.dtype, device=solve_on)
         # solve (G_KK + reg) X = G_K: X^T = full @ G[:, K] (G_KK + reg)^-1, as G is symmetric
         fitted = torch.linalg.solve(sub + reg, gram[cols] @ full.t()).t()
         new_w, new_b = (fitted, None) if b is None else (fitted[:, :-1], fitted[:, -1])
-        module.weight.copy_(_rows(new_w, module).to(module.weight.dtype))
+        module.weight.copy_(_rows(new_w, module).to(module.weight))
         if new_b is not None:
-            module.bias.copy_(new_b.to(module.bias.dtype))
+            module.bias.copy_(new_b.to(module.bias))

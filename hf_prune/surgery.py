@@ -12,11 +12,15 @@ KV cache's length bookkeeping right so ``generate()`` still works.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from .architectures import ArchAdapter, LayerShape, Proj, get_adapter
@@ -31,12 +35,48 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------------------------------------
 # low-level slicing
 # ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSlice:
+    """One parameter replaced by surgery: ``new = old.index_select(dim, index)``.
+
+    Lets whoever holds per-parameter state (an optimizer's Adam moments, EMA copies) slice it with the same indices
+    instead of dropping it (see :func:`record_slices` and :func:`hf_prune.optim.remap_optimizer`).
+    """
+
+    old: nn.Parameter
+    new: nn.Parameter
+    dim: int
+    index: torch.Tensor
+
+
+_RECORDERS: list[list[ParamSlice]] = []
+
+
+@contextlib.contextmanager
+def record_slices() -> Iterator[list[ParamSlice]]:
+    """Collect a :class:`ParamSlice` for every parameter surgery replaces inside the ``with`` block."""
+    log: list[ParamSlice] = []
+    _RECORDERS.append(log)
+    try:
+        yield log
+    finally:
+        _RECORDERS.remove(log)
+
+
+def _replace(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+    old = getattr(module, name)
+    new = nn.Parameter(old.detach().index_select(dim, index).clone(), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    for log in _RECORDERS:
+        log.append(ParamSlice(old, new, dim, index))
+
+
 def slice_projection(module: nn.Module, index: torch.Tensor, side: str) -> None:
     """Keep only the features ``index`` of ``module`` on ``side`` (``"out"`` or ``"in"``), in place.
 
     Works for ``nn.Linear`` (weight ``(out, in)``) and transformers' ``Conv1D`` (weight ``(in, out)``).
     The bias follows output features. New ``nn.Parameter`` objects replace the old ones, so any optimizer
-    holding the old tensors must be rebuilt (the PruningTrainer does this).
+    holding the old tensors must be told (the PruningTrainer slices their state, see :func:`record_slices`).
     """
     is_linear = isinstance(module, nn.Linear)
     if not is_linear and not (hasattr(module, "nf") and hasattr(module, "nx")):
@@ -50,10 +90,9 @@ def slice_projection(module: nn.Module, index: torch.Tensor, side: str) -> None:
     else:
         raise ValueError(f"side must be 'out' or 'in', got {side!r}")
     with torch.no_grad():
-        module.weight = nn.Parameter(weight.index_select(dim, index).clone(), requires_grad=weight.requires_grad)
+        _replace(module, "weight", dim, index)
         if side == "out" and getattr(module, "bias", None) is not None:
-            bias = module.bias
-            module.bias = nn.Parameter(bias.index_select(0, index).clone(), requires_grad=bias.requires_grad)
+            _replace(module, "bias", 0, index)
     n = int(index.numel())
     if is_linear:
         if side == "out":
@@ -208,10 +247,26 @@ def pruning_state(model: nn.Module) -> dict[str, Any] | None:
     return getattr(model.config, STATE_KEY, None)
 
 
-def _original_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
-    state = pruning_state(model)
-    if state is not None:
-        return state
+def own_config(model: nn.Module) -> PretrainedConfig:
+    """Give ``model`` a config object of its own (once) and return it.
+
+    Surgery writes the pruned shapes into the config. Two models built from one config object (a ``model_init``, a
+    sweep, ``Model(cfg)`` twice) share it, and pruning one would then rewrite the other's recorded shapes. The first
+    structural change therefore deep-copies the config and points every submodule that held the shared object at the
+    copy; later changes find the model already owning it.
+    """
+    config = model.config
+    if getattr(model, "_hf_prune_own_config", None) is config:
+        return config
+    mine = copy.deepcopy(config)
+    for module in model.modules():
+        if getattr(module, "config", None) is config:
+            module.config = mine
+    model._hf_prune_own_config = mine
+    return mine
+
+
+def _fresh_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
     config = model.config
     n = adapter.num_layers(config)
     return {
@@ -226,6 +281,45 @@ def _original_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
         "kept_heads": [list(range(adapter.num_heads(config))) for _ in range(n)],
         "layers": None,
     }
+
+
+def check_state(model: nn.Module, state: Mapping[str, Any], shapes: list[LayerShape] | None = None) -> None:
+    """Raise a clear ``ValueError`` when a recorded pruning ``state`` does not describe ``model``'s modules.
+
+    ``shapes`` are the shapes the state must describe (default: the modules' current shapes).
+    """
+    adapter = get_adapter(model)
+    shapes = adapter.layer_shapes(model) if shapes is None else shapes
+    recorded = state.get("layers")
+    kept = state.get("kept_heads")
+    problem = None
+    if not isinstance(kept, list) or len(kept) != len(shapes):
+        problem = (
+            f"kept_heads covers {len(kept) if isinstance(kept, list) else kept!r} layers, the model has {len(shapes)}"
+        )
+    elif recorded is not None and [LayerShape(**r) for r in recorded] != list(shapes):
+        problem = f"it records layer shapes {[tuple(r.values()) for r in recorded]}"
+    else:
+        bad = [i for i, (k, sh) in enumerate(zip(kept, shapes, strict=True)) if len(k) != sh.heads]
+        if bad:
+            problem = f"kept_heads of layers {bad} do not match their head counts"
+    if problem:
+        raise ValueError(
+            f"model.config.{STATE_KEY} does not describe this model ({problem}; the modules have "
+            f"{[(s.heads, s.kv_heads, s.ffn) for s in shapes]} as (heads, kv_heads, ffn)). The config probably "
+            "belongs to another model: a config object shared by two models, or a pruned model's config used to "
+            "build a new one. Build each model from its own config (copy.deepcopy(config)), or load a pruned "
+            "model with hf_prune.from_pretrained."
+        )
+
+
+def _current_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
+    """The model's recorded state, checked against its modules, or a fresh one for an unpruned model."""
+    state = pruning_state(model)
+    if state is None:
+        return _fresh_state(model, adapter)
+    check_state(model, state)
+    return copy.deepcopy(state)
 
 
 def _record(model: nn.Module, adapter: ArchAdapter, state: dict[str, Any]) -> None:
@@ -305,7 +399,8 @@ def _apply(
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     head_dim = adapter.head_dim(model.config)
-    state = _original_state(model, adapter)
+    state = _current_state(model, adapter)
+    own_config(model)
     for layer, (shape, keep_q, keep_kv) in head_plans.items():
         _resize_attention(adapter, layers[layer], shape, keep_q, keep_kv, head_dim)
         state["kept_heads"][layer] = [state["kept_heads"][layer][h] for h in keep_q]
@@ -363,23 +458,50 @@ def prune_structure(
     return _apply(model, head_plans, ffn_plans)
 
 
-def apply_layer_shapes(model: nn.Module, shapes: list[LayerShape] | list[dict[str, int]]) -> nn.Module:
-    """Resize every block to ``shapes`` by keeping the *first* heads/neurons (used to rebuild a pruned model's
-    skeleton before its weights load; the kept values are then overwritten by the checkpoint)."""
+def apply_layer_shapes(
+    model: nn.Module,
+    shapes: list[LayerShape] | list[dict[str, int]],
+    state: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Resize every block to ``shapes`` by keeping the *first* heads/neurons, and record the result in the config.
+
+    This rebuilds a pruned model's skeleton before its weights load (the kept values are then overwritten by the
+    checkpoint). ``state`` is the checkpoint's recorded pruning state (``config.hf_prune``); it is checked against
+    ``shapes`` and recorded as is, so head provenance (``kept_heads``) survives the reload. Without it, the model's
+    own recorded state is kept when it already describes ``shapes``, else the state is derived from the resize.
+
+    Raises:
+        ValueError: wrong layer count, a shape larger than the model's, or a ``state`` that does not match.
+    """
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     shapes = [s if isinstance(s, LayerShape) else LayerShape(**s) for s in shapes]
     if len(shapes) != len(layers):
         raise ValueError(f"the saved pruning state describes {len(shapes)} layers but the model has {len(layers)}")
-    head_dim = adapter.head_dim(model.config)
-    for i, (block, target) in enumerate(zip(layers, shapes, strict=True)):
-        current = adapter.layer_shape(model, i)
+    current_shapes = adapter.layer_shapes(model)
+    for i, (current, target) in enumerate(zip(current_shapes, shapes, strict=True)):
         if target.heads > current.heads or target.kv_heads > current.kv_heads or target.ffn > current.ffn:
             raise ValueError(f"layer {i}: saved shape {target} is larger than the config's {current}")
+    recorded = pruning_state(model)
+    if state is None and recorded is not None:
+        with contextlib.suppress(ValueError):
+            check_state(model, recorded, shapes)
+            state = recorded  # the config already describes the target shapes (a pruned model being reloaded)
+    if state is not None:
+        check_state(model, state, shapes)
+        state = copy.deepcopy(dict(state))
+    else:
+        # the modules are cut further: derive from their own state (raises if the config describes another model)
+        state = _current_state(model, adapter)
+        state["kept_heads"] = [k[: t.heads] for k, t in zip(state["kept_heads"], shapes, strict=True)]
+    own_config(model)
+    head_dim = adapter.head_dim(model.config)
+    for block, current, target in zip(layers, current_shapes, shapes, strict=True):
         if (target.heads, target.kv_heads) != (current.heads, current.kv_heads):
             _resize_attention(
                 adapter, block, current, list(range(target.heads)), list(range(target.kv_heads)), head_dim
             )
         if target.ffn != current.ffn:
             _resize_ffn(adapter, block, list(range(target.ffn)))
+    _record(model, adapter, state)
     return model

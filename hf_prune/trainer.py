@@ -3,16 +3,17 @@
 Three pieces, so users can pick what fits their own trainer:
 
 * :class:`PruningCallback` holds the schedule and the masks. At each scheduled event it scores, allocates and cuts
-  structure (then rebuilds the optimizer and LR scheduler through the trainer it is bound to) and recomputes
-  unstructured masks; after every optimizer step it re-applies the masks so pruned weights stay exactly zero.
+  structure (swapping the pruned parameters inside the optimizer, their Adam moments sliced with the same indices,
+  see :mod:`hf_prune.optim`) and recomputes unstructured masks; after every optimizer step it re-applies the masks so
+  pruned weights stay exactly zero.
 * :class:`PruningMixin` adds it to any ``Trainer`` subclass (``class T(PruningMixin, Seq2SeqTrainer)``), plus
   distillation from the dense model in ``compute_loss``, pruning statistics in the logs, and
   ``resume_from_checkpoint`` that replays the pruned structure before the checkpoint's weights load.
 * :class:`PruningTrainer` = ``PruningMixin`` + ``Trainer``.
 
 Why a callback *and* a mixin instead of callbacks only (transformers' usual extension point): callbacks cannot
-replace the trainer's optimizer, change ``compute_loss`` or run before checkpoint weights load, all of which
-structural pruning needs.
+re-wrap DDP around a resized model, change ``compute_loss`` or run before checkpoint weights load, all of which
+structural pruning under the Trainer needs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -32,9 +32,11 @@ from transformers.utils import logging
 
 from .allocate import allocate
 from .architectures import get_adapter
-from .calibration import iter_batches
+from .calibration import CalibrationSet, calibration_set, model_device
 from .config import KEEP_TARGETS, PruningConfig
-from .criteria import input_norms, structured_scores
+from .criteria import Scores, input_norms, structured_scores
+from .distill import count_positions, hidden_mse_sum, is_causal_lm, kl_sum, logit_positions, token_positions
+from .distributed import all_reduce_sum, all_reduce_sum_many, is_distributed, world_size
 from .latency_model import LatencyTable, profile_latency
 from .masks import (
     MaskApplier,
@@ -45,9 +47,10 @@ from .masks import (
     weight_scores,
 )
 from .measure import count_parameters, encoder_flops, prunable_parameters
+from .optim import remap_optimizer
 from .reconstruct import apply_plan_with_compensation
 from .schedules import Event, build_events, resolve_window
-from .surgery import STATE_KEY, _record, apply_layer_shapes
+from .surgery import STATE_KEY, apply_layer_shapes, pruning_state, record_slices
 
 logger = logging.get_logger(__name__)
 
@@ -55,12 +58,38 @@ STATE_FILE = "hf_prune_state.json"
 MASKS_FILE = "hf_prune_masks.safetensors"
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _unsupported_backend(args: TrainingArguments, trainer: Trainer | None = None) -> str | None:
+    """FSDP and DeepSpeed flatten and shard parameters: surgery and per-module masks cannot reach them."""
+    if getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    return None
+
+
+def _check_backend(args: TrainingArguments, config: PruningConfig, trainer: Trainer | None = None) -> None:
+    backend = _unsupported_backend(args, trainer)
+    if backend and (config.structured or config.effective_sparsity > 0):
+        raise ValueError(
+            f"hf_prune cannot prune under {backend}: it flattens and shards parameters, so heads, neurons and weight "
+            "masks cannot be addressed per module. Train with DDP (plain `accelerate launch`/`torchrun`) or on one "
+            "device."
+        )
 
 
 class PruningCallback(TrainerCallback):
-    """Runs the pruning schedule of ``config`` for the trainer it is bound to (see module docstring)."""
+    """Runs the pruning schedule of ``config`` for a ``transformers.Trainer`` (see module docstring).
+
+    Bound to a trainer (as :class:`PruningMixin` does), it also re-wraps DDP after structural events. Added on its own
+    to any ``Trainer`` (``trainer.add_callback(PruningCallback(config, calibration_dataset=...))``), it works in a
+    single process: it swaps the pruned parameters inside the trainer's optimizer (their Adam moments sliced along),
+    and needs ``calibration_dataset`` for data-driven criteria. Under DDP it needs the trainer (use the mixin) and
+    says so before training starts.
+
+    Why its state is saved in its own files next to each checkpoint rather than through the Trainer's stateful
+    callbacks: masks are tensors (``trainer_state.json`` holds JSON only) and the structure must be replayed before
+    the checkpoint's weights load, which happens regardless of ``restore_callback_states_from_checkpoint``.
+    """
 
     def __init__(self, config: PruningConfig, trainer: Trainer | None = None, calibration_dataset: Any = None):
         self.config = config
@@ -70,6 +99,9 @@ class PruningCallback(TrainerCallback):
         self.done_steps: list[int] = []
         self.masks: dict[str, torch.Tensor] = {}
         self._applier: MaskApplier | None = None
+        self._calibration_set: CalibrationSet | None = None
+        self._optimizer: Any = None
+        self._state: TrainerState | None = None
         self.progress = 0.0
         self.original: dict[str, float] = {}
         self.latency: LatencyTable | None = None
@@ -78,6 +110,10 @@ class PruningCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = self._model(kwargs)
         get_adapter(model)  # unknown architecture: fail before training starts
+        _check_backend(args, self.config, self.trainer)
+        self._remember(state, kwargs)
+        if self.trainer is None:
+            self._check_standalone()
         steps_per_epoch = max(1, math.ceil(state.max_steps / max(1, state.num_train_epochs or 1)))
         start, end = resolve_window(
             self.config.schedule,
@@ -103,24 +139,45 @@ class PruningCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._remember(state, kwargs)
         self._run_due_events(self._model(kwargs), state.global_step)
         return control
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir() and (not _distributed() or torch.distributed.get_rank() == 0):
+        if args.should_save and folder.is_dir():
             self.save_state(folder)
         return control
 
+    def _remember(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        self._state = state
+        if kwargs.get("optimizer") is not None:
+            self._optimizer = kwargs["optimizer"]
+
+    def _check_standalone(self) -> None:
+        """Without a bound trainer the callback cannot re-wrap DDP nor reach the trainer's eval dataloader."""
+        if self.config.structured and is_distributed():
+            raise ValueError(
+                "PruningCallback without a trainer cannot prune structure under DDP (the DDP wrapper must be rebuilt "
+                "around the resized model); use PruningTrainer or `class MyTrainer(PruningMixin, Trainer)`"
+            )
+        if self.config.needs_data and self.calibration_dataset is None:
+            raise ValueError(
+                f"PruningCallback without a trainer needs calibration_dataset for criterion={self.config.criterion!r}"
+                f" / sparsity_criterion={self.config.sparsity_criterion!r} / reconstruct={self.config.reconstruct}"
+            )
+
     # ---- state --------------------------------------------------------------------------------------------
     def save_state(self, folder: str | os.PathLike) -> None:
+        """Write the schedule position, masks and latency table into a checkpoint folder (atomically)."""
         folder = Path(folder)
         state = {"done_steps": self.done_steps, "progress": self.progress, "original": self.original}
         if self.latency is not None:  # a resumed run allocates with the same measured table, not a new one
             state["latency_table"] = self.latency.to_dict()
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _atomic_write(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2)))
         if self.masks:
-            save_file({k: v.to(torch.uint8).cpu().contiguous() for k, v in self.masks.items()}, folder / MASKS_FILE)
+            masks = {k: v.to(torch.uint8).cpu().contiguous() for k, v in self.masks.items()}
+            _atomic_write(folder / MASKS_FILE, lambda p: save_file(masks, p))
 
     def load_state(self, folder: str | os.PathLike, device: torch.device | None = None) -> None:
         folder = Path(folder)
@@ -161,7 +218,7 @@ class PruningCallback(TrainerCallback):
         if self.latency is None:
             c = self.config
             table = profile_latency(model, c.latency_batch_size, c.seq_len, multiple=c.ffn_multiple)
-            self.latency = _all_reduce_table(table, next(model.parameters()).device)
+            self.latency = _average_table(table, model_device(model))
         return self.latency
 
     def _counts(self, model: nn.Module) -> dict[str, float]:
@@ -181,19 +238,39 @@ class PruningCallback(TrainerCallback):
             if event.step == step and step not in self.done_steps:
                 self._prune(model, event)
                 self.done_steps.append(step)
+                self._restart_best_tracking()
 
-    def _calibration(self, model: nn.Module):
-        device = next(model.parameters()).device
-        data = self.calibration_dataset
-        if data is None and self.trainer is not None:
-            data = self.trainer.train_dataset
-        if data is None:
-            raise ValueError("data-driven pruning during training needs a calibration_dataset or a train_dataset")
-        if self.trainer is not None:
-            # the trainer's own collator and column handling; a sequential loader consumes no training RNG
-            loader = self.trainer.get_eval_dataloader(data)
-            return iter_batches(loader, max_samples=self.config.max_samples, device=device)
-        return iter_batches(data, self.config.batch_size, self.config.max_samples, device=device)
+    def _restart_best_tracking(self) -> None:
+        """Checkpoints from before an event hold another model (other shapes or fewer zeros): ``load_best_model_at_end``
+        must choose among checkpoints of the final pruned model only, so the running best restarts here."""
+        if self._state is not None and self._state.best_model_checkpoint is not None:
+            logger.info(
+                "hf_prune: best-checkpoint tracking restarts after the pruning event (previous best %s was a "
+                "different model)",
+                self._state.best_model_checkpoint,
+            )
+        if self._state is not None:
+            self._state.best_metric = None
+            self._state.best_model_checkpoint = None
+            self._state.best_global_step = None
+
+    def _calibration(self, model: nn.Module) -> CalibrationSet:
+        """The calibration sample, drawn once (a generator is read once) and reused at every event and pass."""
+        if self._calibration_set is None:
+            data = self.calibration_dataset
+            if data is None and self.trainer is not None:
+                data = self.trainer.train_dataset
+            if data is None:
+                raise ValueError("data-driven pruning during training needs a calibration_dataset or a train_dataset")
+            c = self.config
+            if self.trainer is not None and (
+                isinstance(data, torch.utils.data.Dataset) or hasattr(data, "column_names")
+            ):
+                # the trainer's own collator and column handling (sharded per process); a sequential loader consumes
+                # no training RNG
+                data = self.trainer.get_eval_dataloader(data)
+            self._calibration_set = calibration_set(data, model, c.batch_size, c.max_samples)
+        return self._calibration_set.to(model_device(model))
 
     def _step_config(self, model: nn.Module, progress: float) -> PruningConfig | None:
         """The one-event config that brings the model from where it is to ``progress`` of the final target."""
@@ -223,22 +300,7 @@ class PruningCallback(TrainerCallback):
         was_training = model.training
         with torch.random.fork_rng(devices=[]):
             if structural:
-                needs = config.criterion in ("taylor", "fisher")
-                batches = self._calibration(model) if needs else None
-                scores = structured_scores(
-                    model, config.criterion, batches, config.max_samples, config.seed, progress=False
-                )
-                scores = _all_reduce_scores(scores)
-                # timing differs per process, so under DDP the table alone decides (it is averaged over ranks)
-                plan = allocate(model, scores, step_config, latency=self.latency, verify_latency=not _distributed())
-                if config.reconstruct:
-                    reduce = _all_reduce_sum if _distributed() else None
-                    apply_plan_with_compensation(model, plan, self._calibration(model), reduce=reduce)
-                else:
-                    plan.apply(model)
-                self._applier = None  # surgery replaced the parameters the applier points at
-                if self.trainer is not None:
-                    _rebuild_optimizer(self.trainer)
+                self._cut_structure(model, step_config)
             if config.effective_sparsity > 0:
                 self._update_masks(model, event.progress)
         model.train(was_training)
@@ -248,6 +310,33 @@ class PruningCallback(TrainerCallback):
             {k: v for k, v in self.stats(model).items() if k != "pruning/progress"},
         )
 
+    def _cut_structure(self, model: nn.Module, step_config: PruningConfig) -> None:
+        config = self.config
+        needs = config.criterion in ("taylor", "fisher")
+        scores = structured_scores(
+            model,
+            config.criterion,
+            self._calibration(model) if needs else None,
+            config.max_samples,
+            config.seed,
+            progress=False,
+        )
+        scores = _sum_scores(scores)
+        # timing differs per process, so under DDP the table alone decides (it is averaged over ranks)
+        plan = allocate(model, scores, step_config, latency=self.latency, verify_latency=not is_distributed())
+        with record_slices() as slices:
+            if config.reconstruct:
+                reduce = all_reduce_sum if is_distributed() else None
+                apply_plan_with_compensation(model, plan, self._calibration(model), reduce=reduce)
+            else:
+                plan.apply(model)
+        self._applier = None  # surgery replaced the parameters the applier points at
+        optimizer = self.trainer.optimizer if self.trainer is not None else self._optimizer
+        if optimizer is not None:
+            remap_optimizer(optimizer, slices)
+        if self.trainer is not None:
+            _rewrap_ddp(self.trainer)
+
     def _update_masks(self, model: nn.Module, progress: float) -> None:
         config = self.config
         nm = config.nm if progress >= 1.0 else None
@@ -256,7 +345,9 @@ class PruningCallback(TrainerCallback):
         norms = None
         if config.sparsity_criterion == "activation":
             norms = input_norms(model, modules, self._calibration(model), config.max_samples, progress=False)
-            norms = _all_reduce_dict(norms, square=True)
+            names = list(norms)
+            summed = all_reduce_sum_many([norms[n].pow(2) for n in names])
+            norms = {n: t.sqrt() for n, t in zip(names, summed, strict=True)}
         scores = weight_scores(modules, config.sparsity_criterion, norms)
         scope = config.sparsity_scope if nm is None else "row"
         self.masks = to_module_layout(compute_masks(scores, sparsity, scope, nm), modules)
@@ -264,84 +355,58 @@ class PruningCallback(TrainerCallback):
         self._applier()
 
 
-def _all_reduce_scores(scores):
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _sum_scores(scores: Scores) -> Scores:
     """Sum scores over processes so every rank allocates the same plan (data-parallel calibration shards)."""
-    if not _distributed():
+    if not is_distributed():
         return scores
-    for tensors in (scores.heads, scores.ffn):
-        for t in tensors:
-            if t.numel():
-                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return scores
+    tensors = [*scores.heads, *scores.ffn]
+    summed = all_reduce_sum_many(tensors)
+    n = len(scores.heads)
+    return Scores(heads=summed[:n], ffn=summed[n:], criterion=scores.criterion)
 
 
-def _all_reduce_table(table: LatencyTable, device: torch.device) -> LatencyTable:
+def _average_table(table: LatencyTable, device: torch.device) -> LatencyTable:
     """Average a latency table over processes: each rank timed its own device, all must allocate alike."""
-    if not _distributed():
+    if not is_distributed():
         return table
-    # on the model's device: NCCL reduces CUDA tensors only (gloo takes either)
     values = torch.tensor(table.unit_ms + table.ffn_ms, dtype=torch.float64, device=device)
-    values = _all_reduce_sum(values) / torch.distributed.get_world_size()
+    values = (all_reduce_sum(values) / world_size()).cpu()
     n = len(table.unit_ms)
-    values = values.cpu()
     return LatencyTable.from_dict({**table.to_dict(), "unit_ms": values[:n].tolist(), "ffn_ms": values[n:].tolist()})
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
+def _rewrap_ddp(trainer: Trainer) -> None:
+    """Wrap the resized model in a new DDP (the old one's buckets and hooks refer to the replaced parameters).
 
-
-def _all_reduce_dict(norms: dict[str, torch.Tensor], square: bool) -> dict[str, torch.Tensor]:
-    if not _distributed():
-        return norms
-    out = {}
-    for name, t in norms.items():
-        t = t.pow(2) if square else t.clone()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        out[name] = t.sqrt() if square else t
-    return out
-
-
-def _rebuild_optimizer(trainer: Trainer) -> None:
-    """New optimizer and LR scheduler over the model's current parameters, keeping the optimizer state of every
-    parameter surgery did not replace and the scheduler's position, so training continues seamlessly."""
-    old = trainer.optimizer
-    if old is None:
+    The wrapper is built with the accelerator's own DDP kwargs. ``accelerator.prepare_model`` is not called again:
+    under native AMP it would wrap the model's forward in a second autocast.
+    """
+    old = trainer.model_wrapped
+    if not is_distributed() or old is trainer.model or not isinstance(old, nn.parallel.DistributedDataParallel):
         return
-    old_inner = getattr(old, "optimizer", old)
-    old_state = old_inner.state
-    old_sched = trainer.lr_scheduler
     accelerator = trainer.accelerator
-    if old in getattr(accelerator, "_optimizers", []):
-        accelerator._optimizers.remove(old)
-    trainer.optimizer = None
-    trainer.create_optimizer()
-    new_inner = trainer.optimizer
-    for group in new_inner.param_groups:
-        for p in group["params"]:
-            if p in old_state:
-                new_inner.state[p] = old_state[p]
-    trainer.optimizer = accelerator.prepare(trainer.optimizer)
-    if old_sched is not None:
-        max_steps = trainer.state.max_steps
-        trainer.lr_scheduler = None
-        trainer._created_lr_scheduler = False
-        trainer.create_scheduler(num_training_steps=max_steps, optimizer=trainer.optimizer)
-        sched = trainer.lr_scheduler
-        if hasattr(sched, "last_epoch") and hasattr(old_sched, "last_epoch"):
-            sched.last_epoch = old_sched.last_epoch
-            last_lrs = old_sched.get_last_lr()
-            groups = getattr(trainer.optimizer, "optimizer", trainer.optimizer).param_groups
-            for group, lr in zip(groups, last_lrs, strict=True):
-                group["lr"] = lr
-            sched._last_lr = list(last_lrs)
-    if _distributed() and trainer.model_wrapped is not trainer.model:
-        # DDP buckets refer to the replaced parameters: wrap the resized model again
-        trainer.model_wrapped = accelerator.prepare_model(trainer.model)
-    for attr in ("model", "optimizer", "lr_scheduler"):
-        setattr(trainer.callback_handler, attr, getattr(trainer, attr))
+    handler = getattr(accelerator, "ddp_handler", None)
+    kwargs = handler.to_kwargs() if handler is not None else {}
+    device = model_device(trainer.model)
+    ids = [device.index] if device.type != "cpu" and device.index is not None else None
+    new = nn.parallel.DistributedDataParallel(
+        trainer.model, device_ids=ids, output_device=ids[0] if ids else None, **kwargs
+    )
+    # accelerate lists prepared models (for save_state/free_memory) and has no public call to swap one; replacing
+    # the entry drops its reference to the old wrapper and its gradient buckets
+    models = getattr(accelerator, "_models", [])
+    for i, m in enumerate(models):
+        if m is old:
+            models[i] = new
+    trainer.model_wrapped = new
+    trainer.callback_handler.model = trainer.model
 
 
 def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
@@ -360,10 +425,14 @@ class PruningMixin:
     """Adds scheduled pruning, distillation and pruned-checkpoint resume to a ``transformers.Trainer`` subclass.
 
     Use as ``class MyTrainer(PruningMixin, SomeTrainer)``. Extra keyword arguments: ``pruning_config`` (a
-    :class:`PruningConfig` or dict), ``calibration_dataset`` (defaults to the train dataset) and
-    ``teacher_model``: the model distilled from when ``distill_alpha``/``distill_hidden`` are set (default: a
-    frozen copy of the model as it is when the trainer is built). Pass a stronger dense model, e.g. one fine-tuned
-    for longer, to recover more than the starting point knew.
+    :class:`PruningConfig` or dict), ``calibration_dataset`` (defaults to the train dataset; any form
+    :func:`~hf_prune.calibration.calibration_set` accepts) and ``teacher_model``: the model distilled from when
+    ``distill_alpha``/``distill_hidden`` are set (default: a frozen copy of the model as it is when the trainer is
+    built). Pass a stronger dense model, e.g. one fine-tuned for longer, to recover more than the starting point knew.
+
+    Distillation is normalised over the valid positions of the whole accumulated batch on all processes (see
+    :mod:`hf_prune.distill`), so the loss is the same for 1 x 16 and 2 x 8 micro-batches and for 1 or 2 processes.
+    With ``load_best_model_at_end`` the best checkpoint is chosen among those saved after the last pruning event.
     """
 
     def __init__(
@@ -375,11 +444,14 @@ class PruningMixin:
         **kwargs: Any,
     ):
         self.teacher = None
+        self._distill_counts: torch.Tensor | None = None
+        self._in_training_step = False
         super().__init__(*args, **kwargs)
         if isinstance(pruning_config, dict):
             pruning_config = PruningConfig.from_dict(pruning_config)
         self.pruning_config = pruning_config or PruningConfig()
         get_adapter(self.model)  # unknown architecture: a clear error before anything runs
+        _check_backend(self.args, self.pruning_config, self)
         if self.pruning_config.needs_data and calibration_dataset is None and self.train_dataset is None:
             raise ValueError(
                 f"criterion={self.pruning_config.criterion!r} needs calibration data: pass calibration_dataset or "
@@ -396,11 +468,22 @@ class PruningMixin:
             if teacher_model is not None:
                 _check_teacher(teacher_model, self.model)
             self.teacher = (teacher_model if teacher_model is not None else copy.deepcopy(self.model)).eval()
-            self.teacher.to(next(self.model.parameters()).device)
+            self.teacher.to(model_device(self.model))
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
+            self._causal = is_causal_lm(self.model)
+            # compute_loss returns a loss already normalised over the accumulated batch (see hf_prune.distill)
+            self.loss_is_scaled_for_ga = True
 
     # ---- distillation -------------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.teacher is not None:
+            counts = [count_positions(b, self._causal) for b in batch_samples]
+            local = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)], dtype=torch.float64)
+            self._distill_counts = all_reduce_sum(local.to(device))
+        return batch_samples, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -409,22 +492,28 @@ class PruningMixin:
         loss, outputs = super().compute_loss(
             model, {**inputs, "output_hidden_states": want_hidden} if want_hidden else inputs, True, num_items_in_batch
         )
+        in_loop = self._in_training_step and self._distill_counts is not None
+        ga = self.current_gradient_accumulation_steps if in_loop else 1
+        if not ((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func):
+            loss = loss / ga  # a micro-batch mean: the stock training_step would divide it (we said we scale)
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
             teacher_out = self.teacher(**teacher_inputs, output_hidden_states=want_hidden)
-        t = cfg.distill_temperature
-        s_logits, t_logits = outputs.logits, teacher_out.logits
-        kl = F.kl_div(
-            F.log_softmax(s_logits.float() / t, dim=-1).reshape(-1, s_logits.shape[-1]),
-            F.log_softmax(t_logits.float() / t, dim=-1).reshape(-1, t_logits.shape[-1]),
-            log_target=True,
-            reduction="batchmean",
-        ) * (t * t)
+        valid = logit_positions(inputs, self._causal)
+        tokens = token_positions(inputs)
+        if in_loop:
+            # sums over this micro-batch / counts over the accumulated all-process batch; DDP averages gradients over
+            # processes, hence the world size
+            n_logits, n_tokens = (float(c) for c in self._distill_counts)
+            scale = world_size()
+        else:  # called outside the training loop: this batch is all there is
+            n_logits = float(valid.sum()) if valid is not None else float(inputs["input_ids"].shape[0])
+            n_tokens, scale = float(tokens.sum()), 1
+        kl = kl_sum(outputs.logits, teacher_out.logits, valid, cfg.distill_temperature) * scale / max(n_logits, 1.0)
         total = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
         if want_hidden:
-            total = total + cfg.distill_hidden * F.mse_loss(
-                outputs.hidden_states[-1].float(), teacher_out.hidden_states[-1].float()
-            )
+            mse = hidden_mse_sum(outputs.hidden_states[-1], teacher_out.hidden_states[-1], tokens)
+            total = total + cfg.distill_hidden * mse * scale / max(n_tokens, 1.0)
         return (total, outputs) if return_outputs else total
 
     def _move_model_to_device(self, model, device):
@@ -436,9 +525,13 @@ class PruningMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The training loop holds its own reference to the wrapped model; after a structural event under DDP the
         # trainer re-wrapped the resized model, and that wrapper must be the one that runs.
-        if _distributed() and self.model_wrapped is not model and self.model_wrapped is not self.model:
+        if is_distributed() and self.model_wrapped is not model and self.model_wrapped is not self.model:
             model = self.model_wrapped
-        return super().training_step(model, inputs, num_items_in_batch)
+        self._in_training_step = True
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
 
     # ---- logging ------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -448,19 +541,35 @@ class PruningMixin:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        config_file = Path(resume_from_checkpoint) / "config.json"
         target = model if model is not None else self.model
-        if config_file.exists():
-            state = json.loads(config_file.read_text()).get(STATE_KEY)
-            if state and state.get("layers"):
-                # replay the structure so the checkpoint's smaller tensors fit, then let the stock loader run
-                apply_layer_shapes(target, state["layers"])
-                _record(target, get_adapter(target), state)
-                if self.teacher is not None:
-                    self.teacher.to(next(target.parameters()).device)
+        state = _checkpoint_state(resume_from_checkpoint)
+        if state and state.get("layers"):
+            # replay the structure so the checkpoint's smaller tensors fit, then let the stock loader run
+            apply_layer_shapes(target, state["layers"], state)
+            if self.teacher is not None:
+                self.teacher.to(model_device(target))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        device = next(target.parameters()).device
-        self.pruning_callback.load_state(resume_from_checkpoint, device)
+        self.pruning_callback.load_state(resume_from_checkpoint, model_device(target))
+
+    def _load_best_model(self) -> None:
+        # the callback restarts best tracking at every pruning event, so this only trips on a hand-edited state
+        best = self.state.best_model_checkpoint
+        saved = (_checkpoint_state(best) or {}).get("layers") if best else None
+        current = (pruning_state(self.model) or {}).get("layers")
+        if saved != current:
+            shapes = [s.to_dict() for s in get_adapter(self.model).layer_shapes(self.model)]
+            raise ValueError(
+                f"load_best_model_at_end: the best checkpoint {best} holds layer shapes {saved}, but the model now "
+                f"has {shapes}; load it with hf_prune.from_pretrained({best!r}, ...) instead"
+            )
+        super()._load_best_model()
+
+
+def _checkpoint_state(folder: str | os.PathLike) -> dict[str, Any] | None:
+    config_file = Path(folder) / "config.json"
+    if not config_file.exists():
+        return None
+    return json.loads(config_file.read_text()).get(STATE_KEY)
 
 
 class PruningTrainer(PruningMixin, Trainer):

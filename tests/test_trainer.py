@@ -160,29 +160,53 @@ def test_gradient_accumulation_and_bf16_keep_working(tmp_path):
     assert recorder.max_masked_abs == 0.0 and recorder.stale_optimizer_params == 0
 
 
-def test_optimizer_state_survives_for_untouched_parameters(tmp_path):
+def test_optimizer_state_survives_structural_events(tmp_path):
+    """Untouched parameters keep their Adam state; sliced ones keep the moments of their kept rows/columns."""
     model = toy_model()
-    config = PruningConfig(heads=0.5, schedule="oneshot", start_step=4)
+    config = PruningConfig(heads=0.5, ffn=0.5, schedule="oneshot", start_step=4)
     trainer = PruningTrainer(
         model=model, args=args(tmp_path, num_train_epochs=1), train_dataset=toy_data(), pruning_config=config
     )
     seen = {}
 
+    def inner():
+        return getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+
+    def layer0():
+        block = model.bert.encoder.layer[0]
+        return block.attention.self.query.weight, block.attention.output.dense.weight, block.intermediate.dense.weight
+
     class Probe(tf.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # the 4th optimizer step, before the event at step 4
+                seen["before"] = [{k: v.clone() for k, v in inner().state[p].items()} for p in layer0()]
+
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+            if state.global_step == 4:  # runs after the PruningCallback's event at this step
                 emb = model.bert.embeddings.word_embeddings.weight
-                q = model.bert.encoder.layer[0].attention.self.query.weight
-                seen["emb_steps"] = int(inner.state[emb]["step"]) if emb in inner.state else 0
-                seen["q_in_state"] = q in inner.state
-                seen["lr"] = inner.param_groups[0]["lr"]
+                seen["emb_steps"] = int(inner().state[emb]["step"]) if emb in inner().state else 0
+                seen["after"] = [{k: v.clone() for k, v in inner().state[p].items()} for p in layer0()]
+                seen["lr"] = inner().param_groups[0]["lr"]
                 seen["sched_lr"] = trainer.lr_scheduler.get_last_lr()[0]
+                seen["kept_heads"] = model.config.hf_prune["kept_heads"][0]
+                seen["live"] = all(any(p is q for g in inner().param_groups for q in g["params"]) for p in layer0())
 
     trainer.add_callback(Probe())
     trainer.train()
     assert seen["emb_steps"] == 4  # Adam moments of unchanged parameters carried over
-    assert seen["q_in_state"] is False  # sliced tensors start fresh
+    assert seen["live"]  # the optimizer optimises the new, smaller parameters
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in seen["kept_heads"]])
+    (q0, o0, f0), (q1, o1, f1) = seen["before"], seen["after"]
+    assert len(seen["kept_heads"]) == 2 and q1["exp_avg"].shape[0] == 2 * head_dim
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(q1[key], q0[key][rows])  # query rows of the kept heads
+        assert torch.equal(o1[key], o0[key][:, rows])  # output-projection columns of the kept heads
+        assert f1[key].shape[0] < f0[key].shape[0]
+        # every kept FFN row's moments appear unchanged among the old rows
+        matches = (f1[key][:, None, :] == f0[key][None, :, :]).all(-1).any(1)
+        assert bool(matches.all())
+    assert int(q1["step"]) == int(q0["step"]) == 4
     assert seen["lr"] == pytest.approx(seen["sched_lr"]) and seen["lr"] < 1e-3  # schedule position kept
 
 
