@@ -12,6 +12,7 @@ where the Trainer draws the batches).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,3 +96,23 @@ def hidden_mse_sum(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Te
     """Sum over non-padding tokens of the mean squared difference of the hidden states."""
     per_token = (student.float() - teacher.float()).pow(2).mean(-1)
     return (per_token * valid.to(per_token.dtype)).sum()
+
+
+def cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None, causal: bool, args: Any = None
+) -> torch.Tensor:
+    """Sum over valid positions of the cross-entropy of ``labels`` (shifted by one for causal LMs), with the
+    Trainer's ``label_smoothing_factor`` when ``args`` has one."""
+    if causal:
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    if valid is not None and tuple(valid.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"cannot align logits of shape {tuple(logits.shape)} with labels of shape {tuple(labels.shape)}"
+        )
+    smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+    flat = labels.reshape(-1).to(logits.device)
+    per_position = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), flat.clamp(min=0), reduction="none", label_smoothing=smoothing
+    )
+    keep = (flat != -100) if valid is None else valid.reshape(-1).to(logits.device) & (flat != -100)
+    return (per_position * keep.to(per_position.dtype)).sum()

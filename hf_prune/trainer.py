@@ -35,7 +35,15 @@ from .architectures import get_adapter
 from .calibration import CalibrationSet, calibration_set, model_device
 from .config import KEEP_TARGETS, PruningConfig
 from .criteria import Scores, input_norms, structured_scores
-from .distill import count_positions, hidden_mse_sum, is_causal_lm, kl_sum, logit_positions, token_positions
+from .distill import (
+    count_positions,
+    cross_entropy_sum,
+    hidden_mse_sum,
+    is_causal_lm,
+    kl_sum,
+    logit_positions,
+    token_positions,
+)
 from .distributed import all_reduce_sum, all_reduce_sum_many, is_distributed, world_size
 from .latency_model import LatencyTable, profile_latency
 from .masks import (
@@ -489,18 +497,9 @@ class PruningMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         cfg = self.pruning_config
         want_hidden = cfg.distill_hidden > 0
-        loss, outputs = super().compute_loss(
-            model, {**inputs, "output_hidden_states": want_hidden} if want_hidden else inputs, True, num_items_in_batch
-        )
-        in_loop = self._in_training_step and self._distill_counts is not None
-        ga = self.current_gradient_accumulation_steps if in_loop else 1
-        if not ((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func):
-            loss = loss / ga  # a micro-batch mean: the stock training_step would divide it (we said we scale)
-        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad():
-            teacher_out = self.teacher(**teacher_inputs, output_hidden_states=want_hidden)
         valid = logit_positions(inputs, self._causal)
         tokens = token_positions(inputs)
+        in_loop = self._in_training_step and self._distill_counts is not None
         if in_loop:
             # sums over this micro-batch / counts over the accumulated all-process batch; DDP averages gradients over
             # processes, hence the world size
@@ -509,12 +508,39 @@ class PruningMixin:
         else:  # called outside the training loop: this batch is all there is
             n_logits = float(valid.sum()) if valid is not None else float(inputs["input_ids"].shape[0])
             n_tokens, scale = float(tokens.sum()), 1
+        extra = {"output_hidden_states": True} if want_hidden else {}
+        if self._own_task_loss(inputs):
+            # cross-entropy normalised like the distillation terms. Not the model's own loss: classifiers in
+            # transformers 5 accept loss kwargs yet ignore num_items_in_batch, so the stock Trainer sums their
+            # micro-batch means under gradient accumulation
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, **extra)
+            loss = cross_entropy_sum(outputs.logits, inputs["labels"], valid, self._causal, self.args)
+            loss = loss * scale / max(n_logits, 1.0)
+        else:
+            loss, outputs = super().compute_loss(model, {**inputs, **extra}, True, num_items_in_batch)
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+            if not scaled and in_loop:
+                loss = loss / self.current_gradient_accumulation_steps  # what the stock training_step would do
+        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_out = self.teacher(**teacher_inputs, **extra)
         kl = kl_sum(outputs.logits, teacher_out.logits, valid, cfg.distill_temperature) * scale / max(n_logits, 1.0)
         total = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
         if want_hidden:
             mse = hidden_mse_sum(outputs.hidden_states[-1], teacher_out.hidden_states[-1], tokens)
             total = total + cfg.distill_hidden * mse * scale / max(n_tokens, 1.0)
         return (total, outputs) if return_outputs else total
+
+    def _own_task_loss(self, inputs: dict[str, Any]) -> bool:
+        """Integer class labels with a custom loss nowhere in sight: hf_prune computes the cross-entropy itself."""
+        labels = inputs.get("labels")
+        return (
+            self.compute_loss_func is None
+            and labels is not None
+            and not labels.is_floating_point()
+            and getattr(self.model.config, "problem_type", None) in (None, "single_label_classification")
+            and getattr(self.model.config, "num_labels", 2) > 1
+        )
 
     def _move_model_to_device(self, model, device):
         super()._move_model_to_device(model, device)

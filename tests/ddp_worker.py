@@ -16,6 +16,28 @@ from hf_prune import PruningConfig, PruningTrainer
 from tests.test_trainer import args, toy_data, toy_model
 
 
+def distill(out: Path, kind: str, batch: int) -> None:
+    """One distillation step with ``batch`` examples per process; rank 0 writes the loss and weights."""
+    from safetensors.torch import save_file
+
+    from tests.distill_setup import CONFIG, setup, training_args
+
+    model, data, collate = setup(kind)
+    trainer = PruningTrainer(
+        model=model,
+        args=training_args(out / "run", batch, 1, ddp_backend="gloo"),
+        train_dataset=data,
+        data_collator=collate,
+        pruning_config=CONFIG,
+    )
+    trainer.train()
+    if torch.distributed.get_rank() == 0:
+        loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+        world = torch.distributed.get_world_size()
+        (out / "rank0.json").write_text(json.dumps({"loss": loss, "world_size": world}))
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "rank0.safetensors")
+
+
 def main(out: Path, target: str) -> None:
     model = toy_model()
     # latency: every rank times its own copy; the averaged table must still give one plan
@@ -51,4 +73,7 @@ def main(out: Path, target: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[2].startswith("distill-"):
+        distill(Path(sys.argv[1]), sys.argv[2].removeprefix("distill-"), int(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])

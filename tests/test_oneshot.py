@@ -134,7 +134,8 @@ def test_flops_and_params_targets_are_met_within_one_percent(name, criterion, sc
     else:
         kept = hf_prune.prunable_parameters(model) / dense_params
     assert abs(kept - 0.5) <= 0.01, kept
-    assert report.plan["meta"]["achieved_keep"] == pytest.approx(kept, abs=1e-9) or target == "target_params"
+    # the allocator's own cost model must agree with what was measured on the model
+    assert report.plan["meta"]["achieved_keep"] == pytest.approx(kept, abs=1e-9)
 
 
 def test_layer_scope_is_uniform_and_global_scope_is_not():
@@ -149,7 +150,8 @@ def test_layer_scope_is_uniform_and_global_scope_is_not():
     assert {k: len(v) for k, v in layer.heads.items()} == {0: 2, 1: 2, 2: 2}
     assert sum(len(v) for v in glob.heads.values()) == 6
     assert len(glob.heads.get(2, [])) == 3 and len(glob.heads.get(1, [])) == 2  # lowest normalised go first
-    assert sorted(layer.heads[2]) == [1, 2, 3] or len(layer.heads[2]) == 2
+    # layer scope removes the two weakest of layer 2 (three tie at 0.01), never its strongest head 0
+    assert len(layer.heads[2]) == 2 and set(layer.heads[2]) <= {1, 2, 3}
 
 
 def test_min_heads_per_layer_and_gqa_groups_are_respected():

@@ -86,6 +86,12 @@ def test_schedules():
     gains = [b - a for a, b in itertools.pairwise(progress)]
     assert gains == sorted(gains, reverse=True)  # cubic: big steps first, gentle near the end
     assert resolve_window("iterative", 100, 50, None, None, None, None) == (0, 50)
+    # Zhu & Gupta (2017), eq. 1 with initial sparsity 0: s_t = s_f * (1 - (1 - (t - t0) / (n * dt)) ** 3)
+    t0, dt, n = 5, 7, 6
+    zhu_gupta = build_events("cubic", t0, t0 + n * dt, dt, 50)
+    assert [e.step for e in zhu_gupta] == [t0 + k * dt for k in range(1, n + 1)]
+    for k, event in enumerate(zhu_gupta, start=1):
+        assert event.progress == pytest.approx(1 - (1 - k * dt / (n * dt)) ** 3, abs=1e-12)
     assert resolve_window("oneshot", 100, 50, None, None, 1.0, None) == (50, 50)
     with pytest.raises(ValueError, match="window is empty"):
         resolve_window("iterative", 100, 50, 60, 10, None, None)
@@ -127,7 +133,9 @@ def test_schedules_reach_their_targets(tmp_path, schedule, kind):
         assert recorder.max_masked_abs == 0.0
     events = trainer.pruning_callback.events
     assert trainer.pruning_callback.done_steps == [e.step for e in events]
-    assert len(events) == (1 if schedule == "oneshot" else len(events)) and events[-1].progress == 1.0
+    # 16 steps, default window [0, 8], an event every 2 steps (the cubic schedule has nothing to remove at step 0)
+    expected_steps = {"oneshot": [0], "iterative": [0, 2, 4, 6, 8], "cubic": [2, 4, 6, 8]}[schedule]
+    assert [e.step for e in events] == expected_steps and events[-1].progress == 1.0
     assert recorder.stale_optimizer_params == 0
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged[-1]["pruning/progress"] == 1.0 and "pruning/kept_heads" in logged[-1]
