@@ -9,9 +9,9 @@ Public API (everything users need is re-exported here)::
     model = hf_prune.from_pretrained("out", AutoModelForSequenceClassification)
 """
 
-from . import calibration  # noqa: F401  (hf_prune.calibration.iter_batches)
 from .allocate import allocate
 from .architectures import ArchAdapter, LayerShape, Proj, get_adapter, register, supported_model_types
+from .calibration import CalibrationSet, calibration_set
 from .config import PruningConfig
 from .criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
 from .hub import from_pretrained, is_pruned, save_pretrained
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchAdapter",
+    "CalibrationSet",
     "LatencyTable",
     "LayerShape",
     "Proj",
@@ -39,6 +40,7 @@ __all__ = [
     "__version__",
     "allocate",
     "apply_layer_shapes",
+    "calibration_set",
     "compare_latency",
     "count_parameters",
     "encoder_flops",

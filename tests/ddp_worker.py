@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,8 +52,13 @@ def main(out: Path, target: str) -> None:
         sparsity=0.3,
         reconstruct=True,  # the refit statistics are reduced across ranks too
     )
+    # HF_PRUNE_TEST_BACKEND=nccl runs the same job on GPUs (tests/test_cuda.py)
+    backend = os.environ.get("HF_PRUNE_TEST_BACKEND", "gloo")
     trainer = PruningTrainer(
-        model=model, args=args(out, ddp_backend="gloo"), train_dataset=toy_data(), pruning_config=config
+        model=model,
+        args=args(out, ddp_backend=backend, use_cpu=backend == "gloo"),
+        train_dataset=toy_data(),
+        pruning_config=config,
     )
     trainer.train()
     rank = torch.distributed.get_rank()

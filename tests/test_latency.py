@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from hf_prune.criteria import Scores
 from hf_prune.latency_model import LatencyTable, measure_keep, profile_latency
 
 from .families import FAMILIES, make_model
+
+ALLOCATE = importlib.import_module("hf_prune.allocate")  # the module (hf_prune.allocate is the function)
 
 
 def tiny(name: str = "bert"):
@@ -210,3 +213,41 @@ def test_trainer_measures_the_table_once_and_checkpoints_it(tmp_path, monkeypatc
     fresh = hf_prune.PruningCallback(config)
     fresh.load_state(tmp_path)
     assert fresh.latency == callback.latency and fresh.original == callback.original
+
+
+# ---- the measured-latency correction loop (timing stubbed: the rule is tested, not the clock) ------------------
+def _stub_timing(monkeypatch, t: LatencyTable, measured_of):
+    calls = []
+
+    def fake_measure_keep(model, shapes, batch_size, seq_len, repeats=12):
+        predicted = t.model_ms(shapes) / t.full_ms
+        calls.append(predicted)
+        return measured_of(predicted)
+
+    monkeypatch.setattr(ALLOCATE, "measure_keep", fake_measure_keep)
+    return calls
+
+
+def test_correction_loop_rescales_the_budget_until_the_measurement_meets_the_target(monkeypatch):
+    """Mixed shapes run 15% slower than the table predicts: the second search aims lower and lands on target."""
+    model, t = tiny(), table(LINEAR)
+    calls = _stub_timing(monkeypatch, t, lambda predicted: 1.15 * predicted)
+    config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
+    plan = allocate(model, scores_for(model), config, latency=t, verify_latency=True)
+    meta = plan.meta
+    assert len(calls) == meta["latency_searches"] == 2
+    assert calls[0] == pytest.approx(0.6, abs=0.02) and calls[1] < calls[0]  # the first search trusted the table
+    assert abs(meta["measured_keep"] - 0.6) <= 0.02 * 0.6
+    assert meta["measured_keep"] == pytest.approx(1.15 * t.model_ms(_plan_shapes(model, plan)) / t.full_ms)
+
+
+def test_correction_loop_stops_and_warns_when_the_target_cannot_be_met(monkeypatch):
+    model, t = tiny(), table(LINEAR)
+    calls = _stub_timing(monkeypatch, t, lambda predicted: 0.9 + 0.01 * predicted)  # nothing gets below 0.9
+    warnings = []
+    monkeypatch.setattr(ALLOCATE.logger, "warning", lambda msg, *a: warnings.append(msg % a))
+    config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
+    plan = allocate(model, scores_for(model), config, latency=t, verify_latency=True)
+    assert len(calls) == plan.meta["latency_searches"] == 1 + ALLOCATE.LATENCY_CORRECTIONS
+    assert plan.meta["measured_keep"] == pytest.approx(min(0.9 + 0.01 * c for c in calls))
+    assert len(warnings) == 1 and "not reached in 3 searches" in warnings[0]

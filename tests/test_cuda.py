@@ -1,0 +1,135 @@
+"""CUDA tier: runs wherever a GPU is present (skipped otherwise). Run it on every GPU machine you get:
+``pytest -m cuda``. The CPU tier guards the same code paths with the meta-device checks in test_devices.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+import hf_prune
+from hf_prune import PruningConfig, PruningTrainer, prune
+from hf_prune.distributed import all_reduce_sum
+
+from .families import FAMILIES, make_model
+from .test_calibration import model_and_examples, ready_batches
+from .test_distributed import _free_port
+from .test_trainer import toy_data
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "taylor", "fisher"])
+def test_oneshot_prune_on_cuda_matches_cpu(criterion, dtype):
+    model, examples = model_and_examples()
+    batches = ready_batches(examples)
+    config = PruningConfig(
+        target_flops=0.6,
+        criterion=criterion,
+        scope="global",
+        reconstruct=True,
+        sparsity=0.3,
+        sparsity_criterion="activation",
+        seq_len=16,
+    )
+    cpu = copy.deepcopy(model)
+    gpu = model.to("cuda", dtype)
+    report = prune(gpu, config, calibration_data=batches)  # CPU batches: moved to the model's device
+    assert all(p.device.type == "cuda" and p.dtype == dtype for p in gpu.parameters())
+    with torch.no_grad():
+        logits = gpu(**{k: v.cuda() for k, v in batches[0].items() if k != "labels"}).logits
+    assert bool(torch.isfinite(logits.float()).all())
+    if dtype == torch.float32:
+        cpu_report = prune(cpu, config, calibration_data=batches)
+        assert report.flops_after == pytest.approx(cpu_report.flops_after, rel=0.02)
+        if criterion in ("magnitude", "random"):  # no data involved: the very same plan on either device
+            assert report.plan["heads"] == cpu_report.plan["heads"] and report.plan["ffn"] == cpu_report.plan["ffn"]
+
+
+def test_target_latency_profiles_on_the_gpu():
+    model, examples = model_and_examples()
+    model = model.cuda()
+    config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", seq_len=32, latency_batch_size=8)
+    report = prune(model, config, calibration_data=ready_batches(examples))
+    assert report.plan["meta"]["latency_table"]["device"].startswith("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trainer_prunes_distills_and_masks_on_cuda(tmp_path, dtype):
+    family = FAMILIES["bert"]
+    model = make_model(family, tf.BertForSequenceClassification).to(dtype)
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=2,
+        seed=0,
+        disable_tqdm=True,
+        bf16=dtype == torch.bfloat16,
+    )
+    config = PruningConfig(
+        heads=0.5,
+        ffn=0.5,
+        criterion="fisher",
+        reconstruct=True,
+        sparsity=0.4,
+        sparsity_criterion="activation",
+        schedule="iterative",
+        frequency=4,
+        distill_alpha=0.5,
+        distill_hidden=0.1,
+    )
+    trainer = PruningTrainer(model=model, args=args, train_dataset=toy_data(), pruning_config=config)
+    trainer.train()
+    assert next(model.parameters()).device.type == "cuda"
+    assert [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)] == [2, 2, 2]
+    assert hf_prune.masks.sparsity_report(model)["overall"] == pytest.approx(0.4, abs=0.01)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    live = {id(p) for p in model.parameters()}
+    assert all(id(p) in live for g in inner.param_groups for p in g["params"])
+
+
+def test_reduction_helper_outside_a_process_group_is_a_copy_on_the_same_device():
+    t = torch.arange(4.0, device="cuda")
+    out = all_reduce_sum(t)
+    assert out.device == t.device and torch.equal(out, t) and out is not t
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("target", ["flops", "latency"])
+def test_two_gpu_nccl_ddp_prunes_identically(tmp_path, target):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_PRUNE_TEST_BACKEND": "nccl"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(worker),
+        str(tmp_path),
+        target,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    assert r0["world_size"] == 2 and r0["shapes"] == r1["shapes"]
+    assert r0["weights_sha256"] == r1["weights_sha256"] and len(r0["events"]) > 1
