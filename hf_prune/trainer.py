@@ -133,6 +133,8 @@ class PruningCallback(TrainerCallback):
             self.config.end_epoch,
         )
         self.events = build_events(self.config.schedule, start, end, self.config.frequency, steps_per_epoch)
+        if state.global_step > 0 and not self.done_steps:
+            self._resumed_state(args, state, model)
         if not self.original:
             self.original = self._counts(model)
         if state.global_step == 0:
@@ -173,6 +175,17 @@ class PruningCallback(TrainerCallback):
             raise ValueError(
                 f"PruningCallback without a trainer needs calibration_dataset for criterion={self.config.criterion!r}"
                 f" / sparsity_criterion={self.config.sparsity_criterion!r} / reconstruct={self.config.reconstruct}"
+            )
+
+    def _resumed_state(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        """A resumed run whose trainer did not restore the callback (a stock Trainer): read the checkpoint's state."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if (folder / STATE_FILE).exists():
+            self.load_state(folder, model_device(model))
+        elif any(e.step < state.global_step for e in self.events):
+            raise ValueError(
+                f"training resumes at step {state.global_step}, after pruning events, but {folder} holds no "
+                f"{STATE_FILE}; resume pruning runs with PruningTrainer or PruningMixin"
             )
 
     # ---- state --------------------------------------------------------------------------------------------

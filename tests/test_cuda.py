@@ -4,11 +4,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +15,7 @@ from hf_prune.distributed import all_reduce_sum
 
 from .families import FAMILIES, make_model
 from .test_calibration import model_and_examples, ready_batches
-from .test_distributed import _free_port
+from .test_distributed import check_ranks_agree, launch
 from .test_trainer import toy_data
 
 pytestmark = [
@@ -112,24 +107,5 @@ def test_reduction_helper_outside_a_process_group_is_a_copy_on_the_same_device()
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("target", ["flops", "latency"])
 def test_two_gpu_nccl_ddp_prunes_identically(tmp_path, target):
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_PRUNE_TEST_BACKEND": "nccl"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(worker),
-        str(tmp_path),
-        target,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
-    assert r0["world_size"] == 2 and r0["shapes"] == r1["shapes"]
-    assert r0["weights_sha256"] == r1["weights_sha256"] and len(r0["events"]) > 1
+    launch(tmp_path, target, env={"HF_PRUNE_TEST_BACKEND": "nccl"})
+    check_ranks_agree(tmp_path, target)

@@ -118,26 +118,20 @@ def test_three_models_from_one_config_train_and_resume_exactly(tmp_path):
         torch.manual_seed(0)
         return tf.BertForSequenceClassification(config)
 
-    first = fresh()
-    PruningTrainer(model=first, args=args(tmp_path / "first"), train_dataset=data, pruning_config=prune_config).train()
-    assert [s.heads for s in hf_prune.get_adapter(first).layer_shapes(first)] == [2, 2, 2]
+    def trainer(name: str, **kw) -> PruningTrainer:
+        return PruningTrainer(
+            model=fresh(), args=args(tmp_path / name, **kw), train_dataset=data, pruning_config=prune_config
+        )
+
+    first = trainer("first")
+    first.train()
+    assert [s.heads for s in hf_prune.get_adapter(first.model).layer_shapes(first.model)] == [2, 2, 2]
     assert not hasattr(config, "hf_prune")
 
-    full_model = fresh()
-    full = PruningTrainer(
-        model=full_model,
-        args=args(tmp_path / "full", save_strategy="epoch"),
-        train_dataset=data,
-        pruning_config=prune_config,
-    )
+    full = trainer("full", save_strategy="epoch")
     full.train()
-    resumed_model = fresh()
-    resumed = PruningTrainer(
-        model=resumed_model,
-        args=args(tmp_path / "resumed", save_strategy="epoch"),
-        train_dataset=data,
-        pruning_config=prune_config,
-    )
+    resumed = trainer("resumed", save_strategy="epoch")
+    full_model, resumed_model = full.model, resumed.model
     checkpoint = tmp_path / "full" / "out" / "checkpoint-8"
     assert checkpoint.is_dir()
     resumed.train(resume_from_checkpoint=str(checkpoint))

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from hf_prune.distill import count_positions, kl_sum, logit_positions
 
 from .distill_setup import CONFIG, setup, training_args
 from .families import FAMILIES, make_model
-from .test_distributed import _free_port
+from .test_distributed import launch
 
 
 def one_step(tmp_path, kind: str, batch: int, accumulation: int, config: PruningConfig = CONFIG):
@@ -109,29 +105,11 @@ def test_kl_ignores_padding_and_ignored_positions():
 @pytest.mark.parametrize("kind", ["causal", "classifier"])
 def test_world_size_does_not_change_the_distillation_loss(tmp_path, kind):
     """2 processes x 8 (gloo) take the same step as 1 process x 16."""
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     results = {}
     for nproc, batch in ((1, 16), (2, 8)):
         out = tmp_path / f"n{nproc}"
         out.mkdir()
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            str(worker),
-            str(out),
-            f"distill-{kind}",
-            str(batch),
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        launch(out, f"distill-{kind}", str(batch), nproc=nproc)
         results[nproc] = (json.loads((out / "rank0.json").read_text()), load_file(out / "rank0.safetensors"))
     (meta1, w1), (meta2, w2) = results[1], results[2]
     assert meta1["world_size"] == 1 and meta2["world_size"] == 2

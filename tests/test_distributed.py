@@ -18,31 +18,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("target", ["flops", "latency"])
-def test_two_process_ddp_prunes_identically(tmp_path, target):
+def launch(out: Path, *worker_args: str, nproc: int = 2, env: dict[str, str] | None = None) -> None:
+    """Run ``ddp_worker.py out *worker_args`` in ``nproc`` processes under torch.distributed.run."""
     worker = Path(__file__).with_name("ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        "2",
+        str(nproc),
         "--master_addr",
         "127.0.0.1",
         "--master_port",
         str(_free_port()),
         str(worker),
-        str(tmp_path),
-        target,
+        str(out),
+        *worker_args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+
+
+def check_ranks_agree(out: Path, target: str) -> None:
+    r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in range(2))
     assert r0["world_size"] == 2
     assert r0["shapes"] == r1["shapes"]
     assert r0["weights_sha256"] == r1["weights_sha256"]
     assert r0["events"] == r1["events"] and len(r0["events"]) > 1
-    assert sum(s["heads"] for s in r0["shapes"]) < 12  # something was pruned
+    # something was pruned (with a latency target, timing decides whether heads or neurons go first)
+    assert sum(s["heads"] for s in r0["shapes"]) < 12 or sum(s["ffn"] for s in r0["shapes"]) < 120
     assert abs(r0["sparsity"] - 0.3) < 0.02
     assert r0["latency_table"] == r1["latency_table"] and (r0["latency_table"] is None) == (target == "flops")
+
+
+@pytest.mark.parametrize("target", ["flops", "latency"])
+def test_two_process_ddp_prunes_identically(tmp_path, target):
+    launch(tmp_path, target)
+    check_ranks_agree(tmp_path, target)
