@@ -83,3 +83,7 @@ if __name__ == "__main__":
         distill(Path(sys.argv[1]), sys.argv[2].removeprefix("distill-"), int(sys.argv[3]))
     else:
         main(Path(sys.argv[1]), sys.argv[2])
+    # leave together: a rank that exits while another still writes its results tears gloo down under it (SIGABRT)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -90,3 +90,29 @@ def test_ready_batches_of_different_lengths_prune_minilm_to_half_the_macs(finetu
         measured[criterion] = {"kept_macs": round(kept, 4), "prune_s": round(seconds, 1)}
     print("SST-2 dev accuracy:", accuracy, "pruning:", measured)
     assert max(accuracy["taylor"], accuracy["fisher"]) >= accuracy["magnitude"] + 0.05, accuracy
+
+
+def test_tokenized_dataset_with_text_columns_and_a_padding_collator(finetuned):
+    """A ``datasets.Dataset`` straight from ``dataset.map(tokenize)`` (ragged, raw text and idx columns kept) with
+    ``DataCollatorWithPadding``: the same scores as the same sentences given as ready padded batches."""
+    model, tokenizer = finetuned
+    rows = _rows("train_8k.tsv", 7000, 64)
+    data = Dataset.from_dict(
+        {"sentence": [r["sentence"] for r in rows], "label": [int(r["label"]) for r in rows], "idx": list(range(64))}
+    ).map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=64), batched=True)
+    ready = [
+        tokenizer(
+            [r["sentence"] for r in rows[i : i + 16]], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
+        | {"labels": torch.tensor([int(r["label"]) for r in rows[i : i + 16]])}
+        for i in range(0, 64, 16)
+    ]
+    from hf_prune.calibration import calibration_set
+    from hf_prune.criteria import mask_gradient_scores
+
+    collated = calibration_set(data, model, batch_size=16, collate_fn=tf.DataCollatorWithPadding(tokenizer))
+    assert collated.num_examples == 64
+    a = mask_gradient_scores(model, collated, "fisher", progress=False)
+    b = mask_gradient_scores(model, calibration_set(ready, model), "fisher", progress=False)
+    for x, y in zip(a.heads + a.ffn, b.heads + b.ffn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-10)
