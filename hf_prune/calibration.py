@@ -158,15 +158,19 @@ def pad_collate(pad_token_id: int = 0) -> Callable[[list[dict[str, Any]]], dict[
 
 def _ready_batch(batch: Mapping[str, Any], keys: set[str] | None, pad_token_id: int) -> dict[str, torch.Tensor]:
     batch = _clean(batch, keys)
+    if "input_ids" not in batch:
+        raise ValueError(f"calibration batches must hold 'input_ids'; got keys {sorted(batch)}")
+    if _as_tensor(batch["input_ids"]) is None:  # ragged rows (lists of lists): pad them like examples, with a mask
+        rows = len(batch["input_ids"])
+        examples = [{k: v[i] for k, v in batch.items() if len(v) == rows} for i in range(rows)]
+        return pad_collate(pad_token_id)(examples)
     out = {}
     for key, value in batch.items():
         tensor = _as_tensor(value)
-        if tensor is None and isinstance(value, (list, tuple)):  # a ragged list of rows: pad it like examples
+        if tensor is None and isinstance(value, (list, tuple)):  # another ragged field: pad it
             tensor = pad_collate(pad_token_id)([{key: row} for row in value])[key]
         if tensor is not None:
             out[key] = tensor
-    if "input_ids" not in out:
-        raise ValueError(f"calibration batches must hold 'input_ids'; got keys {sorted(batch)}")
     return out
 
 
@@ -223,7 +227,12 @@ def calibration_set(
     elif isinstance(data, Mapping):
         if "input_ids" not in data:
             raise _bad(data, f" (a single batch must hold 'input_ids'; got keys {sorted(data)})")
-        data = [data]
+        if not _is_batch(data):
+            data = [data]  # one example
+        else:  # a whole tokenized set in one mapping (a dict of lists): cut into batch_size rows, not one huge batch
+            whole = _ready_batch(data, keys, pad_id)
+            n = int(whole["input_ids"].shape[0])
+            data = [{k: v[i : i + batch_size] for k, v in whole.items()} for i in range(0, n, batch_size)]
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise _bad(data)
     first, items = _first(data)

@@ -173,3 +173,29 @@ def test_stock_tokenizer_batches_work_end_to_end():
     batches = [tf.BatchEncoding(b) for b in ready_batches(examples)]
     report = prune(model, PruningConfig(heads=0.5, criterion="taylor"), calibration_data=batches)
     assert report.layers_after[0]["heads"] == 2
+
+
+def test_a_whole_tokenized_set_in_one_mapping_is_cut_into_batches():
+    """``tokenizer(all_texts)`` without tensors: a dict of ragged lists, padded, then split by batch_size."""
+    model, examples = model_and_examples()
+    whole = {"input_ids": [e["input_ids"] for e in examples], "labels": [e["label"] for e in examples]}
+    sample = calibration_set(whole, model, batch_size=8, max_samples=20)
+    assert [b["input_ids"].shape[0] for b in sample] == [8, 8, 4]
+    lengths = [len(e["input_ids"]) for e in examples[:8]]
+    width = sample.batches[0]["input_ids"].shape[1]
+    assert width == max(len(e["input_ids"]) for e in examples)  # padded once, over the whole set
+    assert sample.batches[0]["attention_mask"].sum(1).tolist() == lengths  # padding masked
+    scores = mask_gradient_scores(model, sample, "fisher", progress=False)
+    reference = mask_gradient_scores(
+        model, calibration_set(examples[:20], model, batch_size=1), "fisher", progress=False
+    )
+    for got, want in zip(scores.heads, reference.heads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_streaming_iterable_dataset_of_examples():
+    model, examples = model_and_examples()
+    stream = Dataset.from_list(examples).to_iterable_dataset()
+    sample = calibration_set(stream, model, batch_size=8, max_samples=16)
+    assert sample.num_examples == 16 and len(sample) == 2
+    assert set(sample.batches[0]) == {"input_ids", "attention_mask", "labels"}
