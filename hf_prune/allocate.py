@@ -15,15 +15,13 @@ Targets:
 * ``target_latency`` (fraction of the measured latency to keep): costs come from a
   :class:`~hf_prune.latency_model.LatencyTable`, which is not linear in width, so taylor/fisher global scores go
   through a Lagrangian search (:meth:`_Allocator.latency_search`) and other criteria cut heads and FFN by the same
-  fraction, bisected to the budget. The chosen shapes are then timed on a copy and the budget corrected (up to
-  ``LATENCY_CORRECTIONS`` times) until the measured ratio is within ``LATENCY_TOLERANCE`` of the target.
+  fraction, bisected to the budget. Timing the chosen shapes and correcting the budget is orchestrated outside, by
+  :func:`hf_prune.step.plan_structure`: allocation itself never runs the model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,13 +30,11 @@ from transformers.utils import logging
 from .architectures import LayerShape, get_adapter
 from .config import PruningConfig
 from .criteria import Scores
-from .latency_model import LatencyTable, measure_keep, profile_latency
+from .latency_model import LatencyTable
 from .measure import layer_flops, layer_params
 from .plan import PruningPlan
 
 TOLERANCE = 0.005
-LATENCY_TOLERANCE = 0.02  # timing noise on a shared CPU is about this large
-LATENCY_CORRECTIONS = 2
 
 logger = logging.get_logger(__name__)
 
@@ -323,58 +319,25 @@ class _Allocator:
         return PruningPlan(heads=heads, ffn=neurons)
 
 
-def _verified_latency_search(
-    model: nn.Module,
-    alloc: _Allocator,
-    search: Callable[[float], tuple[list[int], list[int]]],
-    keep: float,
-    budget: float,
-) -> tuple[list[int], list[int], dict[str, Any]]:
-    """Search with the table, time the result on a copy, and rescale the budget until the measurement meets it.
-
-    The table predicts from uniform-shape sweeps, and mixed per-layer shapes run somewhat slower than predicted
-    on CPU (1.85x measured for a plan predicted at 2.0x on the benchmark machine), so the measured ratio, not the
-    prediction, decides.
-    """
-    config = alloc.config
-    tried = []
-    for _ in range(1 + LATENCY_CORRECTIONS):
-        units, ffn = search(budget)
-        shapes = [LayerShape(u * g, u, f) for u, f, g in zip(units, ffn, alloc.groups, strict=True)]
-        measured = measure_keep(model, shapes, config.latency_batch_size, config.seq_len)
-        tried.append((units, ffn, measured, budget))
-        if abs(measured - keep) <= LATENCY_TOLERANCE * keep:
-            break
-        budget *= keep / measured
-    meeting = [t for t in tried if t[2] <= keep * (1 + LATENCY_TOLERANCE)]
-    units, ffn, measured, _ = max(meeting, key=lambda t: t[3]) if meeting else min(tried, key=lambda t: t[2])
-    if not meeting:
-        logger.warning(
-            "hf_prune: target_latency=%s not reached in %d searches; best measured %.3f",
-            keep,
-            len(tried),
-            measured,
-        )
-    return units, ffn, {"measured_keep": measured, "latency_searches": len(tried)}
-
-
 def allocate(
     model: nn.Module,
     scores: Scores,
     config: PruningConfig,
     latency: LatencyTable | None = None,
-    verify_latency: bool = True,
 ) -> PruningPlan:
     """Turn per-layer scores into a plan meeting ``config``'s targets (see module docstring).
 
-    ``latency`` is the measured table used by ``config.target_latency``; when omitted it is profiled on ``model``
-    (:func:`~hf_prune.latency_model.profile_latency` at ``latency_batch_size`` x ``seq_len``, cached). With
-    ``verify_latency`` the chosen shapes are timed on a copy of ``model`` against ``model`` itself and the budget
-    is corrected up to twice; pass ``False`` where every process must reach the same plan without timing (DDP).
+    A pure function of the scores, the costs and the budget: ``model`` is only read for its current shapes.
+    ``latency`` is the measured table ``config.target_latency`` is priced with (profile one with
+    :func:`~hf_prune.latency_model.profile_latency`); :func:`hf_prune.step.plan_structure` profiles it and checks
+    the plan against the clock.
     """
     target = config.keep_target
     if target == "latency" and latency is None:
-        latency = profile_latency(model, config.latency_batch_size, config.seq_len, multiple=config.ffn_multiple)
+        raise ValueError(
+            "target_latency needs a LatencyTable: pass latency=profile_latency(model, ...) or use "
+            "hf_prune.step.plan_structure, which profiles and verifies"
+        )
     alloc = _Allocator(model, scores, config, latency)
     shapes = alloc.shapes
     full_units = [s.kv_heads for s in shapes]
@@ -383,13 +346,8 @@ def allocate(
         keep = getattr(config, f"target_{target}")
         budget = keep * alloc.total_cost(full_units, full_ffn, target)
         loss_scores = config.scope == "global" and scores.criterion in ("taylor", "fisher")
-        extra: dict[str, Any] = {}
         if target == "latency":
-            search = alloc.latency_search if loss_scores else (lambda b: alloc.fraction_search(b, "latency"))
-            if verify_latency:
-                units, ffn, extra = _verified_latency_search(model, alloc, search, keep, budget)
-            else:
-                units, ffn = search(budget)
+            units, ffn = alloc.latency_search(budget) if loss_scores else alloc.fraction_search(budget, "latency")
         elif loss_scores:
             units, ffn = alloc.joint_search(budget, target)
         else:
@@ -400,7 +358,7 @@ def allocate(
         if target != "latency":
             ffn = alloc.adjust_ffn(units, ffn, budget, target)
         achieved = alloc.total_cost(units, ffn, target) / alloc.total_cost(full_units, full_ffn, target)
-        meta = {"target": target, "requested_keep": keep, "achieved_keep": achieved, **extra}
+        meta = {"target": target, "requested_keep": keep, "achieved_keep": achieved}
         if latency is not None and target == "latency":
             meta["latency_table"] = latency.summary()
     else:

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
+from .architectures.base import out_in
 from .calibration import model_device, to_device
 
 
@@ -28,9 +29,7 @@ class Scores:
 
 def feature_sq_norms(module: nn.Module, side: str) -> torch.Tensor:
     """Sum of squared weights per output (``side="out"``) or input feature of a Linear / Conv1D."""
-    w = module.weight.detach().float()
-    if not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
-        w = w.t()
+    w = out_in(module.weight.detach().float(), module)
     return w.pow(2).sum(dim=1 if side == "out" else 0)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .architectures import get_adapter
+from .architectures.base import out_in
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -29,11 +30,6 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """View a weight-shaped tensor as (out, in) whatever the module's layout (Conv1D stores (in, out))."""
-    return t if isinstance(module, nn.Linear) else t.t()
-
-
 def weight_scores(
     modules: Mapping[str, nn.Module], criterion: str = "magnitude", norms: Mapping[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -41,7 +37,7 @@ def weight_scores(
     device."""
     scores = {}
     for name, module in modules.items():
-        w = _rows(module.weight.detach(), module).abs().float().contiguous()
+        w = out_in(module.weight.detach(), module).abs().float().contiguous()
         if criterion == "activation":
             if norms is None or name not in norms:
                 raise ValueError(f"activation-aware scores need input norms for {name}")
@@ -119,7 +115,7 @@ def compute_masks(
 def to_module_layout(masks: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Convert (out, in) masks to each module's weight layout and device."""
     return {
-        name: _rows(mask, modules[name]).contiguous().to(modules[name].weight.device) for name, mask in masks.items()
+        name: out_in(mask, modules[name]).contiguous().to(modules[name].weight.device) for name, mask in masks.items()
     }
 
 

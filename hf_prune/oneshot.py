@@ -12,15 +12,14 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .allocate import allocate
 from .architectures import get_adapter
 from .calibration import calibration_set
 from .config import PruningConfig
-from .criteria import input_norms, structured_scores
-from .masks import apply_masks, compute_masks, prunable_linears, sparsity_report, to_module_layout, weight_scores
+from .masks import sparsity_report
 from .measure import count_parameters, encoder_flops
 from .plan import PruningPlan
-from .reconstruct import apply_plan_with_compensation, sequential_prune
+from .reconstruct import sequential_prune
+from .step import mask_step, structural_step
 
 logger = logging.get_logger(__name__)
 
@@ -112,35 +111,14 @@ def prune(
     layers_before = [s.to_dict() for s in adapter.layer_shapes(model)]
     plan = PruningPlan()
     if config.structured:
-        start = time.perf_counter()
-        needs = config.criterion in ("taylor", "fisher")
-        scores = structured_scores(
-            model, config.criterion, calibration if needs else None, config.max_samples, config.seed
-        )
-        timings["scoring"] = time.perf_counter() - start
-        start = time.perf_counter()
-        plan = allocate(model, scores, config)
-        timings["allocation"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if config.reconstruct:
-            apply_plan_with_compensation(model, plan, calibration)
-        else:
-            plan.apply(model)
-        timings["surgery"] = time.perf_counter() - start
+        plan = structural_step(model, config, calibration, timings=timings)
     sparsity = config.effective_sparsity
-    if sparsity > 0 and config.reconstruct:
+    if sparsity > 0:
         start = time.perf_counter()
-        sequential_prune(model, calibration, sparsity, config.sparsity_scope, config.sparsity_criterion, config.nm)
-        timings["unstructured"] = time.perf_counter() - start
-    elif sparsity > 0:
-        start = time.perf_counter()
-        modules = prunable_linears(model)
-        norms = None
-        if config.sparsity_criterion == "activation":
-            norms = input_norms(model, modules, calibration, config.max_samples)
-        scores_w = weight_scores(modules, config.sparsity_criterion, norms)
-        masks = compute_masks(scores_w, sparsity, config.sparsity_scope, config.nm)
-        apply_masks(model, to_module_layout(masks, modules))
+        if config.reconstruct:  # masks chosen block by block with the OBS update of the kept weights
+            sequential_prune(model, calibration, sparsity, config.sparsity_scope, config.sparsity_criterion, config.nm)
+        else:
+            mask_step(model, config, sparsity, config.nm, calibration)
         timings["unstructured"] = time.perf_counter() - start
     report = sparsity_report(model)
     result = PruningReport(

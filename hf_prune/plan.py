@@ -6,12 +6,14 @@ Indices refer to the model the plan is applied to (its current numbering).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
+from .architectures import LayerShape, get_adapter
 from .jsonable import JsonMixin
 from .surgery import prune_structure
 
@@ -49,9 +51,34 @@ class PruningPlan(JsonMixin):
     def is_empty(self) -> bool:
         return self.num_heads_removed == 0 and self.num_neurons_removed == 0
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Apply the plan in place (both parts validated before any weight changes)."""
-        return prune_structure(model, self.heads, self.ffn)
+    def apply(
+        self,
+        model: nn.Module,
+        calibration: Iterable[dict[str, Any]] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> nn.Module:
+        """Apply the plan in place (both parts validated before any weight changes).
+
+        With ``calibration`` (batches of model inputs), the kept columns and the bias of every shrunk output
+        projection are refitted by least squares to reproduce their dense output
+        (:func:`hf_prune.reconstruct.apply_plan_with_compensation`); ``reduce`` sums its statistics over processes.
+        """
+        if calibration is None:
+            return prune_structure(model, self.heads, self.ffn)
+        from .reconstruct import apply_plan_with_compensation  # reconstruct builds on surgery, as this module does
+
+        apply_plan_with_compensation(model, self, calibration, reduce=reduce)
+        return model
+
+    def shapes_after(self, model: nn.Module) -> list[LayerShape]:
+        """The per-layer shapes ``model`` will have once the plan is applied (the model is not changed)."""
+        shapes = get_adapter(model).layer_shapes(model)
+        out = []
+        for i, s in enumerate(shapes):
+            heads = s.heads - len(self.heads.get(i, []))
+            kv = heads // (s.heads // s.kv_heads) if s.kv_heads else 0
+            out.append(LayerShape(heads, kv, s.ffn - len(self.ffn.get(i, []))))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         # JSON object keys are strings; from_dict converts them back.

@@ -22,9 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
+from .architectures.base import out_in
 from .calibration import model_device, no_cache, to_device
 from .masks import compute_masks
-from .surgery import _plan_ffn, _plan_heads, head_feature_index
+from .surgery import head_feature_index, validate_plan
 
 if TYPE_CHECKING:
     from .plan import PruningPlan
@@ -100,10 +101,6 @@ def _attach_hessian_hooks(
     return hessians, counts, handles
 
 
-def _rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    return t if isinstance(module, nn.Linear) else t.t()
-
-
 @torch.no_grad()
 def sequential_prune(
     model: nn.Module,
@@ -158,13 +155,13 @@ def sequential_prune(
             if name not in hessians:
                 continue
             hessian = hessians[name] / counts[name]
-            w_rows = _rows(module.weight.detach(), module).float()
+            w_rows = out_in(module.weight.detach(), module).float()
             scores = w_rows.abs()
             if criterion == "activation":
                 scores = scores * torch.sqrt(torch.diag(hessian) * counts[name]).unsqueeze(0)
             keep = compute_masks({name: scores}, sparsity, scope, nm)[name]
             updated = obs_update(w_rows, hessian, keep)
-            module.weight.copy_(_rows(updated, module).to(module.weight.dtype))
+            module.weight.copy_(out_in(updated, module).to(module.weight.dtype))
         # the pruned block's outputs feed the next block
         outputs = []
         for args, kwargs in captured:
@@ -221,14 +218,13 @@ def apply_plan_with_compensation(
     """
     adapter = get_adapter(model)
     # validate before the calibration pass, so a bad plan fails fast with the surgery's own message
-    _plan_heads(model, plan.heads)
-    _plan_ffn(model, plan.ffn)
+    validate_plan(model, plan.heads, plan.ffn)
     layers = adapter.layers(model)
     head_dim = adapter.head_dim(model.config)
     targets = []
     for layer, path, (kind, removed) in _output_projections(adapter, plan):
         module = layers[layer].get_submodule(path)
-        w = _rows(module.weight.detach(), module).float().clone()
+        w = out_in(module.weight.detach(), module).float().clone()
         columns = removed if kind == "ffn" else head_feature_index(removed, head_dim).tolist()
         gone = set(columns)
         keep = [i for i in range(w.shape[1]) if i not in gone]
@@ -283,6 +279,6 @@ def apply_plan_with_compensation(
         # solve (G_KK + reg) X = G_K: X^T = full @ G[:, K] (G_KK + reg)^-1, as G is symmetric
         fitted = torch.linalg.solve(sub + reg, gram[cols] @ full.t()).t()
         new_w, new_b = (fitted, None) if b is None else (fitted[:, :-1], fitted[:, -1])
-        module.weight.copy_(_rows(new_w, module).to(module.weight))
+        module.weight.copy_(out_in(new_w, module).to(module.weight))
         if new_b is not None:
             module.bias.copy_(new_b.to(module.bias))

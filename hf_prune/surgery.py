@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .architectures import ArchAdapter, LayerShape, Proj, get_adapter
-from .architectures.base import _features
+from .architectures.base import num_features
 
 logger = logging.get_logger(__name__)
 
@@ -79,7 +80,7 @@ def slice_projection(module: nn.Module, index: torch.Tensor, side: str) -> None:
     holding the old tensors must be told (the PruningTrainer slices their state, see :func:`record_slices`).
     """
     is_linear = isinstance(module, nn.Linear)
-    if not is_linear and not (hasattr(module, "nf") and hasattr(module, "nx")):
+    if not is_linear and not isinstance(module, Conv1D):
         raise TypeError(f"hf_prune cannot slice {type(module).__name__}; expected nn.Linear or Conv1D")
     weight = module.weight
     index = index.to(device=weight.device, dtype=torch.long)
@@ -130,7 +131,7 @@ def _branch_output(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
         # The model applies the output projection outside this module (BERT): hand it zero features.
         return hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
     out = module.get_submodule(out_path)
-    result = hidden_states.new_zeros(*hidden_states.shape[:-1], _features(out, "out"))
+    result = hidden_states.new_zeros(*hidden_states.shape[:-1], num_features(out, "out"))
     if getattr(out, "bias", None) is not None:
         result = result + out.bias
     return result
@@ -445,6 +446,17 @@ def prune_ffn(model: nn.Module, neurons: Mapping[int, Iterable[int]]) -> nn.Modu
         ValueError: unsupported model type, or a layer/neuron index out of range. Nothing is modified then.
     """
     return _apply(model, {}, _plan_ffn(model, neurons))
+
+
+def validate_plan(
+    model: nn.Module,
+    heads: Mapping[int, Iterable[int]] | None = None,
+    neurons: Mapping[int, Iterable[int]] | None = None,
+) -> None:
+    """Check a head/neuron removal request against ``model`` without changing it (the errors of
+    :func:`prune_structure`), so callers that need a calibration pass first can fail before it."""
+    _plan_heads(model, heads or {})
+    _plan_ffn(model, neurons or {})
 
 
 def prune_structure(

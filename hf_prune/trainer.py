@@ -30,11 +30,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from .allocate import allocate
 from .architectures import get_adapter
 from .calibration import CalibrationSet, calibration_set, model_device
 from .config import KEEP_TARGETS, PruningConfig
-from .criteria import Scores, input_norms, structured_scores
 from .distill import (
     count_positions,
     cross_entropy_sum,
@@ -44,20 +42,16 @@ from .distill import (
     logit_positions,
     token_positions,
 )
-from .distributed import all_reduce_sum, all_reduce_sum_many, is_distributed, world_size
+from .distributed import all_reduce_sum, is_distributed, world_size
 from .latency_model import LatencyTable, profile_latency
 from .masks import (
     MaskApplier,
-    compute_masks,
-    prunable_linears,
     sparsity_report,
-    to_module_layout,
-    weight_scores,
 )
 from .measure import count_parameters, encoder_flops, prunable_parameters
 from .optim import remap_optimizer
-from .reconstruct import apply_plan_with_compensation
 from .schedules import Event, build_events, resolve_window
+from .step import mask_step, structural_step
 from .surgery import STATE_KEY, apply_layer_shapes, pruning_state, record_slices
 
 logger = logging.get_logger(__name__)
@@ -332,25 +326,11 @@ class PruningCallback(TrainerCallback):
         )
 
     def _cut_structure(self, model: nn.Module, step_config: PruningConfig) -> None:
-        config = self.config
-        needs = config.criterion in ("taylor", "fisher")
-        scores = structured_scores(
-            model,
-            config.criterion,
-            self._calibration(model) if needs else None,
-            config.max_samples,
-            config.seed,
-            progress=False,
-        )
-        scores = _sum_scores(scores)
-        # timing differs per process, so under DDP the table alone decides (it is averaged over ranks)
-        plan = allocate(model, scores, step_config, latency=self.latency, verify_latency=not is_distributed())
+        needs = self.config.criterion in ("taylor", "fisher") or self.config.reconstruct
+        calibration = self._calibration(model) if needs else None
         with record_slices() as slices:
-            if config.reconstruct:
-                reduce = all_reduce_sum if is_distributed() else None
-                apply_plan_with_compensation(model, plan, self._calibration(model), reduce=reduce)
-            else:
-                plan.apply(model)
+            # timing differs per process, so under DDP the (rank-averaged) table alone decides
+            structural_step(model, step_config, calibration, self.latency, is_distributed(), progress=False)
         self._applier = None  # surgery replaced the parameters the applier points at
         optimizer = self.trainer.optimizer if self.trainer is not None else self._optimizer
         if optimizer is not None:
@@ -360,20 +340,17 @@ class PruningCallback(TrainerCallback):
 
     def _update_masks(self, model: nn.Module, progress: float) -> None:
         config = self.config
-        nm = config.nm if progress >= 1.0 else None
-        sparsity = config.effective_sparsity * progress
-        modules = prunable_linears(model)
-        norms = None
-        if config.sparsity_criterion == "activation":
-            norms = input_norms(model, modules, self._calibration(model), config.max_samples, progress=False)
-            names = list(norms)
-            summed = all_reduce_sum_many([norms[n].pow(2) for n in names])
-            norms = {n: t.sqrt() for n, t in zip(names, summed, strict=True)}
-        scores = weight_scores(modules, config.sparsity_criterion, norms)
-        scope = config.sparsity_scope if nm is None else "row"
-        self.masks = to_module_layout(compute_masks(scores, sparsity, scope, nm), modules)
+        needs = config.sparsity_criterion == "activation"
+        self.masks = mask_step(
+            model,
+            config,
+            config.effective_sparsity * progress,
+            config.nm if progress >= 1.0 else None,
+            self._calibration(model) if needs else None,
+            is_distributed(),
+            progress=False,
+        )
         self._applier = MaskApplier(model, self.masks)
-        self._applier()
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -381,16 +358,6 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-def _sum_scores(scores: Scores) -> Scores:
-    """Sum scores over processes so every rank allocates the same plan (data-parallel calibration shards)."""
-    if not is_distributed():
-        return scores
-    tensors = [*scores.heads, *scores.ffn]
-    summed = all_reduce_sum_many(tensors)
-    n = len(scores.heads)
-    return Scores(heads=summed[:n], ffn=summed[n:], criterion=scores.criterion)
 
 
 def _average_table(table: LatencyTable, device: torch.device) -> LatencyTable:

@@ -13,10 +13,11 @@ import hf_prune
 from hf_prune import LayerShape, PruningConfig, allocate
 from hf_prune.criteria import Scores
 from hf_prune.latency_model import LatencyTable, measure_keep, profile_latency
+from hf_prune.step import plan_structure
 
 from .families import FAMILIES, make_model
 
-ALLOCATE = importlib.import_module("hf_prune.allocate")  # the module (hf_prune.allocate is the function)
+STEP_MODULE = importlib.import_module("hf_prune.step")  # the module, for monkeypatching its timing
 
 
 def tiny(name: str = "bert"):
@@ -115,10 +116,7 @@ def test_latency_search_spends_the_budget_and_avoids_a_slow_width():
     scores = scores_for(model)
     config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
     linear, step = table(LINEAR), table(STEP)
-    plans = {
-        name: allocate(model, scores, config, latency=t, verify_latency=False)
-        for name, t in (("linear", linear), ("step", step))
-    }
+    plans = {name: allocate(model, scores, config, latency=t) for name, t in (("linear", linear), ("step", step))}
     for name, t in (("linear", linear), ("step", step)):
         shapes = _plan_shapes(model, plans[name])
         spent = t.model_ms(shapes)
@@ -140,7 +138,7 @@ def test_latency_target_with_a_non_loss_criterion_cuts_uniformly():
     model = tiny()
     config = PruningConfig(target_latency=0.6, criterion="magnitude", scope="layer")
     t = table(LINEAR)
-    plan = allocate(model, hf_prune.magnitude_scores(model), config, latency=t, verify_latency=False)
+    plan = allocate(model, hf_prune.magnitude_scores(model), config, latency=t)
     shapes = _plan_shapes(model, plan)
     assert len({s.heads for s in shapes}) == 1 and max(s.ffn for s in shapes) - min(s.ffn for s in shapes) <= 8
     assert t.model_ms(shapes) <= 0.6 * t.full_ms * 1.005 and plan.meta["target"] == "latency"
@@ -224,7 +222,7 @@ def _stub_timing(monkeypatch, t: LatencyTable, measured_of):
         calls.append(predicted)
         return measured_of(predicted)
 
-    monkeypatch.setattr(ALLOCATE, "measure_keep", fake_measure_keep)
+    monkeypatch.setattr(STEP_MODULE, "measure_keep", fake_measure_keep)
     return calls
 
 
@@ -233,7 +231,7 @@ def test_correction_loop_rescales_the_budget_until_the_measurement_meets_the_tar
     model, t = tiny(), table(LINEAR)
     calls = _stub_timing(monkeypatch, t, lambda predicted: 1.15 * predicted)
     config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
-    plan = allocate(model, scores_for(model), config, latency=t, verify_latency=True)
+    plan = plan_structure(model, scores_for(model), config, latency=t)
     meta = plan.meta
     assert len(calls) == meta["latency_searches"] == 2
     assert calls[0] == pytest.approx(0.6, abs=0.02) and calls[1] < calls[0]  # the first search trusted the table
@@ -245,9 +243,9 @@ def test_correction_loop_stops_and_warns_when_the_target_cannot_be_met(monkeypat
     model, t = tiny(), table(LINEAR)
     calls = _stub_timing(monkeypatch, t, lambda predicted: 0.9 + 0.01 * predicted)  # nothing gets below 0.9
     warnings = []
-    monkeypatch.setattr(ALLOCATE.logger, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(STEP_MODULE.logger, "warning", lambda msg, *a: warnings.append(msg % a))
     config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
-    plan = allocate(model, scores_for(model), config, latency=t, verify_latency=True)
-    assert len(calls) == plan.meta["latency_searches"] == 1 + ALLOCATE.LATENCY_CORRECTIONS
+    plan = plan_structure(model, scores_for(model), config, latency=t)
+    assert len(calls) == plan.meta["latency_searches"] == 1 + STEP_MODULE.LATENCY_CORRECTIONS
     assert plan.meta["measured_keep"] == pytest.approx(min(0.9 + 0.01 * c for c in calls))
     assert len(warnings) == 1 and "not reached in 3 searches" in warnings[0]

@@ -362,16 +362,17 @@ def test_copy_of_trainer_model_is_not_pruned_teacher(tmp_path):
 
 
 def test_structured_reconstruct_runs_at_every_event(tmp_path, monkeypatch):
-    import hf_prune.trainer as trainer_module
+    import hf_prune.reconstruct as reconstruct_module
 
     calls = []
-    real = trainer_module.apply_plan_with_compensation
+    real = reconstruct_module.apply_plan_with_compensation
 
     def spy(model, plan, batches, **kw):
         calls.append(plan.num_heads_removed + plan.num_neurons_removed)
         return real(model, plan, batches, **kw)
 
-    monkeypatch.setattr(trainer_module, "apply_plan_with_compensation", spy)
+    # PruningPlan.apply(model, calibration=...) refits through this function
+    monkeypatch.setattr(reconstruct_module, "apply_plan_with_compensation", spy)
     model = toy_model()
     config = PruningConfig(
         heads=0.5, ffn=0.5, ffn_multiple=1, schedule="iterative", frequency=3, end_step=9, reconstruct=True

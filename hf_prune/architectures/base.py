@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 Side = Literal["out", "in"]
 
@@ -128,10 +129,10 @@ class ArchAdapter:
         head_dim = self.head_dim(config)
         q = next(p for p in self.attention_projs if p.heads == "q")
         kv = next((p for p in self.attention_projs if p.heads == "kv"), q)
-        heads = _features(block.get_submodule(q.path), q.side) // (q.parts * head_dim)
-        kv_heads = _features(block.get_submodule(kv.path), kv.side) // (kv.parts * head_dim)
+        heads = num_features(block.get_submodule(q.path), q.side) // (q.parts * head_dim)
+        kv_heads = num_features(block.get_submodule(kv.path), kv.side) // (kv.parts * head_dim)
         ffn_proj = self.ffn_projs[0]
-        ffn = _features(block.get_submodule(ffn_proj.path), ffn_proj.side)
+        ffn = num_features(block.get_submodule(ffn_proj.path), ffn_proj.side)
         return LayerShape(heads=heads, kv_heads=kv_heads, ffn=ffn)
 
     def layer_shapes(self, model: nn.Module) -> list[LayerShape]:
@@ -151,14 +152,19 @@ def _out_bias(block: nn.Module, module_path: str, out_path: str | None) -> torch
     return getattr(block.get_submodule(module_path).get_submodule(out_path), "bias", None)
 
 
-def _features(module: nn.Module, side: Side) -> int:
+def num_features(module: nn.Module, side: Side) -> int:
     """Number of output/input features of a Linear or GPT-2 Conv1D."""
     if isinstance(module, nn.Linear):
         return module.out_features if side == "out" else module.in_features
-    # transformers' Conv1D stores weight as (in, out) and exposes nf (out) / nx (in).
-    if hasattr(module, "nf") and hasattr(module, "nx"):
+    if isinstance(module, Conv1D):  # stores weight as (in, out); nf = out, nx = in
         return module.nf if side == "out" else module.nx
     raise TypeError(f"hf_prune cannot slice {type(module).__name__}; expected nn.Linear or Conv1D")
+
+
+def out_in(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """View a weight-shaped tensor of ``module`` as (out, in), whatever its layout (Conv1D stores (in, out)); the
+    view maps back the same way."""
+    return tensor.t() if isinstance(module, Conv1D) else tensor
 
 
 _REGISTRY: dict[str, ArchAdapter] = {}
