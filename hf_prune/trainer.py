@@ -2,13 +2,11 @@
 
 Three pieces, so users can pick what fits their own trainer:
 
-* :class:`PruningCallback` holds the schedule and the masks. At each scheduled event it scores, allocates and cuts
-  structure (swapping the pruned parameters inside the optimizer, their Adam moments sliced with the same indices,
-  see :mod:`hf_prune.optim`) and recomputes unstructured masks; after every optimizer step it re-applies the masks so
-  pruned weights stay exactly zero.
-* :class:`PruningMixin` adds it to any ``Trainer`` subclass (``class T(PruningMixin, Seq2SeqTrainer)``), plus
-  distillation from the dense model in ``compute_loss``, pruning statistics in the logs, and
-  ``resume_from_checkpoint`` that replays the pruned structure before the checkpoint's weights load.
+* :class:`~hf_prune.callback.PruningCallback` holds the schedule and the masks and runs the pruning step at each
+  event (works on its own on a stock ``Trainer`` in one process).
+* :class:`PruningMixin` adds it to any ``Trainer`` subclass (``class T(PruningMixin, Seq2SeqTrainer)``), plus the DDP
+  re-wrap after structural events, distillation from the dense model in ``compute_loss``, pruning statistics in the
+  logs, and ``resume_from_checkpoint`` that replays the pruned structure before the checkpoint's weights load.
 * :class:`PruningTrainer` = ``PruningMixin`` + ``Trainer``.
 
 Why a callback *and* a mixin instead of callbacks only (transformers' usual extension point): callbacks cannot
@@ -19,20 +17,19 @@ structural pruning under the Trainer needs.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer
 from transformers.utils import logging
 
 from .architectures import get_adapter
-from .calibration import CalibrationSet, calibration_set, model_device
-from .config import KEEP_TARGETS, PruningConfig
+from .calibration import model_device
+from .callback import MASKS_FILE, STATE_FILE, PruningCallback, check_backend
+from .config import PruningConfig
 from .distill import (
     count_positions,
     cross_entropy_sum,
@@ -43,358 +40,11 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
-from .latency_model import LatencyTable, profile_latency
-from .masks import (
-    MaskApplier,
-    sparsity_report,
-)
-from .measure import count_parameters, encoder_flops, prunable_parameters
-from .optim import remap_optimizer
-from .schedules import Event, build_events, resolve_window
-from .step import mask_step, structural_step
-from .surgery import STATE_KEY, apply_layer_shapes, pruning_state, record_slices
+from .surgery import STATE_KEY, apply_layer_shapes, pruning_state
 
 logger = logging.get_logger(__name__)
 
-STATE_FILE = "hf_prune_state.json"
-MASKS_FILE = "hf_prune_masks.safetensors"
-
-
-def _unsupported_backend(args: TrainingArguments, trainer: Trainer | None = None) -> str | None:
-    """FSDP and DeepSpeed flatten and shard parameters: surgery and per-module masks cannot reach them."""
-    if getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False):
-        return "DeepSpeed"
-    if getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP"
-    return None
-
-
-def _check_backend(args: TrainingArguments, config: PruningConfig, trainer: Trainer | None = None) -> None:
-    backend = _unsupported_backend(args, trainer)
-    if backend and (config.structured or config.effective_sparsity > 0):
-        raise ValueError(
-            f"hf_prune cannot prune under {backend}: it flattens and shards parameters, so heads, neurons and weight "
-            "masks cannot be addressed per module. Train with DDP (plain `accelerate launch`/`torchrun`) or on one "
-            "device."
-        )
-
-
-class PruningCallback(TrainerCallback):
-    """Runs the pruning schedule of ``config`` for a ``transformers.Trainer`` (see module docstring).
-
-    Bound to a trainer (as :class:`PruningMixin` does), it also re-wraps DDP after structural events. Added on its own
-    to any ``Trainer`` (``trainer.add_callback(PruningCallback(config, calibration_dataset=...))``), it works in a
-    single process: it swaps the pruned parameters inside the trainer's optimizer (their Adam moments sliced along),
-    and needs ``calibration_dataset`` for data-driven criteria. Under DDP it needs the trainer (use the mixin) and
-    says so before training starts.
-
-    Why its state is saved in its own files next to each checkpoint rather than through the Trainer's stateful
-    callbacks: masks are tensors (``trainer_state.json`` holds JSON only) and the structure must be replayed before
-    the checkpoint's weights load, which happens regardless of ``restore_callback_states_from_checkpoint``.
-    """
-
-    def __init__(self, config: PruningConfig, trainer: Trainer | None = None, calibration_dataset: Any = None):
-        self.config = config
-        self.trainer = trainer
-        self.calibration_dataset = calibration_dataset
-        self.events: list[Event] = []
-        self.done_steps: list[int] = []
-        self.masks: dict[str, torch.Tensor] = {}
-        self._applier: MaskApplier | None = None
-        self._calibration_set: CalibrationSet | None = None
-        self._optimizer: Any = None
-        self._state: TrainerState | None = None
-        self.progress = 0.0
-        self.original: dict[str, float] = {}
-        self.latency: LatencyTable | None = None
-
-    # ---- lifecycle ----------------------------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        model = self._model(kwargs)
-        get_adapter(model)  # unknown architecture: fail before training starts
-        _check_backend(args, self.config, self.trainer)
-        self._remember(state, kwargs)
-        if self.trainer is None:
-            self._check_standalone()
-        steps_per_epoch = max(1, math.ceil(state.max_steps / max(1, state.num_train_epochs or 1)))
-        start, end = resolve_window(
-            self.config.schedule,
-            state.max_steps,
-            steps_per_epoch,
-            self.config.start_step,
-            self.config.end_step,
-            self.config.start_epoch,
-            self.config.end_epoch,
-        )
-        self.events = build_events(self.config.schedule, start, end, self.config.frequency, steps_per_epoch)
-        if state.global_step > 0 and not self.done_steps:
-            self._resumed_state(args, state, model)
-        if not self.original:
-            self.original = self._counts(model)
-        if state.global_step == 0:
-            self._run_due_events(model, state.global_step)
-        return control
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.masks:
-            if self._applier is None:
-                self._applier = MaskApplier(self._model(kwargs), self.masks)
-            self._applier()
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._remember(state, kwargs)
-        self._run_due_events(self._model(kwargs), state.global_step)
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if args.should_save and folder.is_dir():
-            self.save_state(folder)
-        return control
-
-    def _remember(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
-        self._state = state
-        if kwargs.get("optimizer") is not None:
-            self._optimizer = kwargs["optimizer"]
-
-    def _check_standalone(self) -> None:
-        """Without a bound trainer the callback cannot re-wrap DDP nor reach the trainer's eval dataloader."""
-        if self.config.structured and is_distributed():
-            raise ValueError(
-                "PruningCallback without a trainer cannot prune structure under DDP (the DDP wrapper must be rebuilt "
-                "around the resized model); use PruningTrainer or `class MyTrainer(PruningMixin, Trainer)`"
-            )
-        if self.config.needs_data and self.calibration_dataset is None:
-            raise ValueError(
-                f"PruningCallback without a trainer needs calibration_dataset for criterion={self.config.criterion!r}"
-                f" / sparsity_criterion={self.config.sparsity_criterion!r} / reconstruct={self.config.reconstruct}"
-            )
-
-    def _resumed_state(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
-        """A resumed run whose trainer did not restore the callback (a stock Trainer): read the checkpoint's state."""
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if (folder / STATE_FILE).exists():
-            self.load_state(folder, model_device(model))
-        elif any(e.step < state.global_step for e in self.events):
-            raise ValueError(
-                f"training resumes at step {state.global_step}, after pruning events, but {folder} holds no "
-                f"{STATE_FILE}; resume pruning runs with PruningTrainer or PruningMixin"
-            )
-
-    # ---- state --------------------------------------------------------------------------------------------
-    def save_state(self, folder: str | os.PathLike) -> None:
-        """Write the schedule position, masks and latency table into a checkpoint folder (atomically)."""
-        folder = Path(folder)
-        state = {"done_steps": self.done_steps, "progress": self.progress, "original": self.original}
-        if self.latency is not None:  # a resumed run allocates with the same measured table, not a new one
-            state["latency_table"] = self.latency.to_dict()
-        _atomic_write(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2)))
-        if self.masks:
-            masks = {k: v.to(torch.uint8).cpu().contiguous() for k, v in self.masks.items()}
-            _atomic_write(folder / MASKS_FILE, lambda p: save_file(masks, p))
-
-    def load_state(self, folder: str | os.PathLike, device: torch.device | None = None) -> None:
-        folder = Path(folder)
-        if not (folder / STATE_FILE).exists():
-            return
-        state = json.loads((folder / STATE_FILE).read_text())
-        self.done_steps = list(state["done_steps"])
-        self.progress = float(state["progress"])
-        self.original = dict(state["original"])
-        if "latency_table" in state:
-            self.latency = LatencyTable.from_dict(state["latency_table"])
-        if (folder / MASKS_FILE).exists():
-            self.masks = {k: v.bool().to(device or "cpu") for k, v in load_file(folder / MASKS_FILE).items()}
-            self._applier = None
-
-    def stats(self, model: nn.Module) -> dict[str, Any]:
-        """Numbers logged at every logging step."""
-        adapter = get_adapter(model)
-        shapes = adapter.layer_shapes(model)
-        return {
-            "pruning/progress": self.progress,
-            "pruning/sparsity": sparsity_report(model)["overall"],
-            "pruning/params": count_parameters(model),
-            "pruning/flops_ratio": self.original.get("flops", 0)
-            / max(1, encoder_flops(model, self.config.seq_len).total),
-            "pruning/kept_heads": str([s.heads for s in shapes]),
-            "pruning/kept_ffn": str([s.ffn for s in shapes]),
-        }
-
-    # ---- events -------------------------------------------------------------------------------------------
-    def _model(self, kwargs: dict[str, Any]) -> nn.Module:
-        if self.trainer is not None:
-            return self.trainer.model
-        return kwargs["model"]
-
-    def _latency_table(self, model: nn.Module) -> LatencyTable:
-        """Measured once, on the model as training starts; every later event allocates with the same table."""
-        if self.latency is None:
-            c = self.config
-            table = profile_latency(model, c.latency_batch_size, c.seq_len, multiple=c.ffn_multiple)
-            self.latency = _average_table(table, model_device(model))
-        return self.latency
-
-    def _counts(self, model: nn.Module) -> dict[str, float]:
-        shapes = get_adapter(model).layer_shapes(model)
-        counts = {
-            "units": sum(s.kv_heads for s in shapes),
-            "ffn": sum(s.ffn for s in shapes),
-            "flops": encoder_flops(model, self.config.seq_len).total,
-            "params": prunable_parameters(model),
-        }
-        if self.config.keep_target == "latency":
-            counts["latency"] = self._latency_table(model).model_ms(shapes)
-        return counts
-
-    def _run_due_events(self, model: nn.Module, step: int) -> None:
-        for event in self.events:
-            if event.step == step and step not in self.done_steps:
-                self._prune(model, event)
-                self.done_steps.append(step)
-                self._restart_best_tracking()
-
-    def _restart_best_tracking(self) -> None:
-        """Checkpoints from before an event hold another model (other shapes or fewer zeros): ``load_best_model_at_end``
-        must choose among checkpoints of the final pruned model only, so the running best restarts here."""
-        if self._state is not None and self._state.best_model_checkpoint is not None:
-            logger.info(
-                "hf_prune: best-checkpoint tracking restarts after the pruning event (previous best %s was a "
-                "different model)",
-                self._state.best_model_checkpoint,
-            )
-        if self._state is not None:
-            self._state.best_metric = None
-            self._state.best_model_checkpoint = None
-            self._state.best_global_step = None
-
-    def _calibration(self, model: nn.Module) -> CalibrationSet:
-        """The calibration sample, drawn once (a generator is read once) and reused at every event and pass."""
-        if self._calibration_set is None:
-            data = self.calibration_dataset
-            if data is None and self.trainer is not None:
-                data = self.trainer.train_dataset
-            if data is None:
-                raise ValueError("data-driven pruning during training needs a calibration_dataset or a train_dataset")
-            c = self.config
-            if self.trainer is not None and (
-                isinstance(data, torch.utils.data.Dataset) or hasattr(data, "column_names")
-            ):
-                # the trainer's own collator and column handling (sharded per process); a sequential loader consumes
-                # no training RNG
-                data = self.trainer.get_eval_dataloader(data)
-            self._calibration_set = calibration_set(data, model, c.batch_size, c.max_samples)
-        return self._calibration_set.to(model_device(model))
-
-    def _step_config(self, model: nn.Module, progress: float) -> PruningConfig | None:
-        """The one-event config that brings the model from where it is to ``progress`` of the final target."""
-        final, now = self.config, self._counts(model)
-        changes: dict[str, Any] = {}
-        key = final.keep_target
-        if key is not None:
-            final_keep = getattr(final, f"target_{key}")
-            keep_now = (1 - progress * (1 - final_keep)) * self.original[key] / now[key]
-            if keep_now >= 0.999:
-                return None
-            changes[f"target_{key}"] = max(1e-6, min(1.0, keep_now))
-        else:
-            for field, unit in (("heads", "units"), ("ffn", "ffn")):
-                want_kept = (1 - progress * getattr(final, field)) * self.original[unit]
-                frac = 1 - want_kept / now[unit] if now[unit] else 0.0
-                changes[field] = min(max(0.0, frac), 0.999) if frac > 1e-9 else 0.0
-            if not changes["heads"] and not changes["ffn"]:
-                return None
-        base = {k: v for k, v in final.to_dict().items() if k not in ("heads", "ffn", *KEEP_TARGETS)}
-        return PruningConfig(**{**base, **changes, "sparsity": 0.0, "pattern": "unstructured"})
-
-    def _prune(self, model: nn.Module, event: Event) -> None:
-        self.progress = event.progress
-        config = self.config
-        structural = config.structured and (step_config := self._step_config(model, event.progress)) is not None
-        was_training = model.training
-        with torch.random.fork_rng(devices=[]):
-            if structural:
-                self._cut_structure(model, step_config)
-            if config.effective_sparsity > 0:
-                self._update_masks(model, event.progress)
-        model.train(was_training)
-        logger.info(
-            "hf_prune: pruning event at progress %.2f: %s",
-            event.progress,
-            {k: v for k, v in self.stats(model).items() if k != "pruning/progress"},
-        )
-
-    def _cut_structure(self, model: nn.Module, step_config: PruningConfig) -> None:
-        needs = self.config.criterion in ("taylor", "fisher") or self.config.reconstruct
-        calibration = self._calibration(model) if needs else None
-        with record_slices() as slices:
-            # timing differs per process, so under DDP the (rank-averaged) table alone decides
-            structural_step(model, step_config, calibration, self.latency, is_distributed(), progress=False)
-        self._applier = None  # surgery replaced the parameters the applier points at
-        optimizer = self.trainer.optimizer if self.trainer is not None else self._optimizer
-        if optimizer is not None:
-            remap_optimizer(optimizer, slices)
-        if self.trainer is not None:
-            _rewrap_ddp(self.trainer)
-
-    def _update_masks(self, model: nn.Module, progress: float) -> None:
-        config = self.config
-        needs = config.sparsity_criterion == "activation"
-        self.masks = mask_step(
-            model,
-            config,
-            config.effective_sparsity * progress,
-            config.nm if progress >= 1.0 else None,
-            self._calibration(model) if needs else None,
-            is_distributed(),
-            progress=False,
-        )
-        self._applier = MaskApplier(model, self.masks)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _average_table(table: LatencyTable, device: torch.device) -> LatencyTable:
-    """Average a latency table over processes: each rank timed its own device, all must allocate alike."""
-    if not is_distributed():
-        return table
-    values = torch.tensor(table.unit_ms + table.ffn_ms, dtype=torch.float64, device=device)
-    values = (all_reduce_sum(values) / world_size()).cpu()
-    n = len(table.unit_ms)
-    return LatencyTable.from_dict({**table.to_dict(), "unit_ms": values[:n].tolist(), "ffn_ms": values[n:].tolist()})
-
-
-def _rewrap_ddp(trainer: Trainer) -> None:
-    """Wrap the resized model in a new DDP (the old one's buckets and hooks refer to the replaced parameters).
-
-    The wrapper is built with the accelerator's own DDP kwargs. ``accelerator.prepare_model`` is not called again:
-    under native AMP it would wrap the model's forward in a second autocast.
-    """
-    old = trainer.model_wrapped
-    if not is_distributed() or old is trainer.model or not isinstance(old, nn.parallel.DistributedDataParallel):
-        return
-    accelerator = trainer.accelerator
-    handler = getattr(accelerator, "ddp_handler", None)
-    kwargs = handler.to_kwargs() if handler is not None else {}
-    device = model_device(trainer.model)
-    ids = [device.index] if device.type != "cpu" and device.index is not None else None
-    new = nn.parallel.DistributedDataParallel(
-        trainer.model, device_ids=ids, output_device=ids[0] if ids else None, **kwargs
-    )
-    # accelerate lists prepared models (for save_state/free_memory) and has no public call to swap one; replacing
-    # the entry drops its reference to the old wrapper and its gradient buckets
-    models = getattr(accelerator, "_models", [])
-    for i, m in enumerate(models):
-        if m is old:
-            models[i] = new
-    trainer.model_wrapped = new
-    trainer.callback_handler.model = trainer.model
+__all__ = ["MASKS_FILE", "STATE_FILE", "PruningCallback", "PruningMixin", "PruningTrainer"]
 
 
 def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
@@ -439,7 +89,7 @@ class PruningMixin:
             pruning_config = PruningConfig.from_dict(pruning_config)
         self.pruning_config = pruning_config or PruningConfig()
         get_adapter(self.model)  # unknown architecture: a clear error before anything runs
-        _check_backend(self.args, self.pruning_config, self)
+        check_backend(self.args, self.pruning_config, self)
         if self.pruning_config.needs_data and calibration_dataset is None and self.train_dataset is None:
             raise ValueError(
                 f"criterion={self.pruning_config.criterion!r} needs calibration data: pass calibration_dataset or "

@@ -177,18 +177,18 @@ def test_latency_config_errors(kwargs, message):
 
 
 def test_trainer_measures_the_table_once_and_checkpoints_it(tmp_path, monkeypatch):
-    import hf_prune.trainer as trainer_module
+    import hf_prune.callback as callback_module
 
     from .test_trainer import args, toy_data, toy_model
 
     calls = []
-    real = trainer_module.profile_latency
+    real = callback_module.profile_latency
 
     def counted(*a, **kw):
         calls.append(a[1:])
         return real(*a, **kw, use_cache=False, progress=False)
 
-    monkeypatch.setattr(trainer_module, "profile_latency", counted)
+    monkeypatch.setattr(callback_module, "profile_latency", counted)
     model = toy_model()
     config = PruningConfig(
         target_latency=0.6,

@@ -10,7 +10,7 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningCallback, PruningConfig, PruningTrainer
-from hf_prune.trainer import _check_backend
+from hf_prune.callback import check_backend
 
 from .test_trainer import args, toy_data, toy_model
 
@@ -88,11 +88,11 @@ def test_bare_callback_needing_data_says_so_before_training(tmp_path):
 def test_fsdp_and_deepspeed_are_refused_before_training(backend):
     fake_args = SimpleNamespace(**{"deepspeed": None, "fsdp": None, **backend})
     with pytest.raises(ValueError, match=r"cannot prune under (DeepSpeed|FSDP)"):
-        _check_backend(fake_args, PruningConfig(heads=0.5))
-    _check_backend(fake_args, PruningConfig())  # nothing to prune: allowed
+        check_backend(fake_args, PruningConfig(heads=0.5))
+    check_backend(fake_args, PruningConfig())  # nothing to prune: allowed
     trainer_like = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
     with pytest.raises(ValueError, match="FSDP"):
-        _check_backend(SimpleNamespace(deepspeed=None, fsdp=None), PruningConfig(sparsity=0.5), trainer_like)
+        check_backend(SimpleNamespace(deepspeed=None, fsdp=None), PruningConfig(sparsity=0.5), trainer_like)
 
 
 def test_callback_state_is_written_by_the_saving_process_only(tmp_path):
