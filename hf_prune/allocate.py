@@ -46,7 +46,8 @@ def _round_multiple(n: float, multiple: int, size: int) -> int:
     return max(0, min(size, multiple * math.floor(n / multiple + 0.5)))
 
 
-def _normalise(t: torch.Tensor) -> torch.Tensor:
+def _unit_norm(t: torch.Tensor) -> torch.Tensor:
+    """``t`` divided by its L2 norm (per-layer normalisation before scores compete across layers)."""
     norm = t.float().norm()
     return t.float() / norm if norm > 0 else t.float()
 
@@ -110,7 +111,7 @@ class _Allocator:
         kept = list(self.min_units)
         candidates = []
         for i, s in enumerate(self.unit_scores):
-            norm = _normalise(s)
+            norm = _unit_norm(s)
             order = torch.argsort(norm, descending=True).tolist()
             candidates += [(float(norm[j]), i) for j in order[self.min_units[i] :]]
         candidates.sort(key=lambda c: -c[0])
@@ -126,7 +127,7 @@ class _Allocator:
         multiple = self.config.ffn_multiple
         if self.config.scope == "layer" or total == 0:
             return [_round_multiple(n_keep * size / total if total else 0, multiple, size) for size in sizes]
-        normed = [_normalise(s) for s in self.ffn_scores]
+        normed = [_unit_norm(s) for s in self.ffn_scores]
         flat = torch.cat(normed) if normed else torch.zeros(0)
         if n_keep == 0:
             return [0] * len(sizes)
@@ -139,7 +140,7 @@ class _Allocator:
         ffn = list(ffn)
         step = max(1, self.config.ffn_multiple)
         sizes = [s.ffn for s in self.shapes]
-        normed = [torch.sort(_normalise(s), descending=True).values for s in self.ffn_scores]
+        normed = [torch.sort(_unit_norm(s), descending=True).values for s in self.ffn_scores]
 
         def marginal(i: int, keep: int) -> float:
             # importance of the next block of neurons to drop (keep > 0) or add
@@ -194,11 +195,13 @@ class _Allocator:
         neuron_sorted = torch.sort(neuron_flat, descending=True).values
         neuron_cum = torch.cat([torch.zeros(1), torch.cumsum(neuron_sorted.double(), 0)])
         best = None
-        head_score, head_cost = 0.0, 0.0
+        # running prefix sums (same additions in the same order as summing each prefix afresh, in O(H))
+        head_score = sum(r[0] for r in ranked[: len(mandatory)])
+        head_cost = sum(unit_cost[r[1]] for r in ranked[: len(mandatory)])
         for h in range(len(mandatory), len(ranked) + 1):
-            if h > 0:
-                head_score = sum(r[0] for r in ranked[:h])
-                head_cost = sum(unit_cost[r[1]] for r in ranked[:h])
+            if h > len(mandatory):
+                head_score += ranked[h - 1][0]
+                head_cost += unit_cost[ranked[h - 1][1]]
             remaining = budget - head_cost
             if remaining < 0:
                 break

@@ -22,6 +22,12 @@ SCHEDULES = ("oneshot", "iterative", "cubic")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
+def check_int(where: str, value: Any, minimum: int, extra: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (not a bool) >= ``minimum``; ``where`` names the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}={value!r} is invalid; allowed: an integer >= {minimum}{extra}")
+
+
 def closest(name: str, allowed: list[str] | tuple[str, ...]) -> str:
     """`` (did you mean 'x'?)`` for the closest allowed name, or an empty string."""
     match = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.5)
@@ -141,10 +147,8 @@ class PruningConfig(JsonMixin):
             raise ValueError(f"PruningConfig.{name}={value!r} is invalid{hint}; allowed: {', '.join(choices)}")
 
     def _check_int(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            extra = " or 'epoch'" if name == "frequency" else ""
-            self._fail(name, f"an integer >= {minimum}{extra}")
+        extra = " or 'epoch'" if name == "frequency" else ""
+        check_int(f"PruningConfig.{name}", getattr(self, name), minimum, extra)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""

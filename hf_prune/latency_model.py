@@ -33,6 +33,7 @@ from transformers.utils import logging
 
 from .architectures import LayerShape, get_adapter
 from .calibration import no_cache
+from .config import check_int
 from .jsonable import JsonMixin
 from .measure import compare_latency, measure_latency
 from .surgery import apply_layer_shapes
@@ -167,11 +168,6 @@ def _monotone(values: list[float]) -> list[float]:
     return out
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"profile_latency: {name}={value!r} is invalid; allowed: an integer >= {low}")
-
-
 def profile_latency(
     model: nn.Module,
     batch_size: int = 8,
@@ -203,7 +199,7 @@ def profile_latency(
         ("warmup", warmup, 0),
         ("multiple", multiple, 1),
     ):
-        _check_int(name, value, low)
+        check_int(f"profile_latency: {name}", value, low)
     adapter = get_adapter(model)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -289,7 +285,7 @@ def profile_latency(
 
 def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, seq_len: int, repeats: int = 12) -> float:
     """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own, timed interleaved on a copy."""
-    _check_int("repeats", repeats, 1)
+    check_int("measure_keep: repeats", repeats, 1)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -208,7 +208,7 @@ def _resize_ffn(adapter: ArchAdapter, block: nn.Module, keep: list[int]) -> None
 # ---------------------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------------------
-def _normalise(request: Mapping[Any, Iterable[int]], what: str, num_layers: int) -> dict[int, list[int]]:
+def _parse_request(request: Mapping[Any, Iterable[int]], what: str, num_layers: int) -> dict[int, list[int]]:
     if not isinstance(request, Mapping):
         raise TypeError(f"{what} must be a mapping {{layer_index: [indices]}}, got {type(request).__name__}")
     out: dict[int, list[int]] = {}
@@ -354,7 +354,7 @@ def _plan_heads(
 ) -> dict[int, tuple[LayerShape, list[int], list[int]]]:
     """Validate a head-removal request against the current model; return per-layer (shape, keep_q, keep_kv)."""
     adapter = get_adapter(model)
-    request = _normalise(heads, "heads", len(adapter.layers(model)))
+    request = _parse_request(heads, "heads", len(adapter.layers(model)))
     plans: dict[int, tuple[LayerShape, list[int], list[int]]] = {}
     for layer, remove in request.items():
         if not remove:
@@ -378,7 +378,7 @@ def _plan_heads(
 def _plan_ffn(model: nn.Module, neurons: Mapping[int, Iterable[int]]) -> dict[int, list[int]]:
     """Validate a neuron-removal request against the current model; return per-layer kept neurons."""
     adapter = get_adapter(model)
-    request = _normalise(neurons, "neurons", len(adapter.layers(model)))
+    request = _parse_request(neurons, "neurons", len(adapter.layers(model)))
     plans: dict[int, list[int]] = {}
     for layer, remove in request.items():
         if not remove:
