@@ -71,15 +71,20 @@ def count_positions(inputs: Mapping[str, torch.Tensor], causal: bool) -> tuple[i
     return n_logits, int(token_positions(inputs).sum())
 
 
+def _check_aligned(logits: torch.Tensor, valid: torch.Tensor | None) -> None:
+    """Distillation and its cross-entropy weigh one distribution per valid position: the mask must match."""
+    if valid is not None and tuple(valid.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"distillation cannot align logits of shape {tuple(logits.shape)} with labels/attention mask of shape "
+            f"{tuple(valid.shape)}; it needs logits per example or per token"
+        )
+
+
 def kl_sum(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
     """``T^2 * sum over valid positions of KL(teacher || student)`` at temperature ``T``."""
-    if valid is not None and tuple(valid.shape) != tuple(student_logits.shape[:-1]):
-        raise ValueError(
-            f"distillation cannot align logits of shape {tuple(student_logits.shape)} with labels/attention mask of "
-            f"shape {tuple(valid.shape)}; it needs logits per example or per token"
-        )
+    _check_aligned(student_logits, valid)
     t = temperature
     per_position = F.kl_div(
         F.log_softmax(student_logits.float() / t, dim=-1),
@@ -105,10 +110,7 @@ def cross_entropy_sum(
     Trainer's ``label_smoothing_factor`` when ``args`` has one."""
     if causal:
         labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    if valid is not None and tuple(valid.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"cannot align logits of shape {tuple(logits.shape)} with labels of shape {tuple(labels.shape)}"
-        )
+    _check_aligned(logits, valid)
     smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
     flat = labels.reshape(-1).to(logits.device)
     per_position = F.cross_entropy(

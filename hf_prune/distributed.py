@@ -58,8 +58,3 @@ def all_reduce_sum_many(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[offset : offset + n].reshape(t.shape).to(device=t.device, dtype=t.dtype))
         offset += n
     return out
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over processes."""
-    return all_reduce_sum(tensor) / world_size()

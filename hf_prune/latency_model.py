@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .architectures import LayerShape, get_adapter
-from .calibration import no_cache
+from .calibration import model_device, no_cache
 from .config import check_int
 from .jsonable import JsonMixin
 from .measure import compare_latency, measure_latency
@@ -201,8 +201,7 @@ def profile_latency(
     ):
         check_int(f"profile_latency: {name}", value, low)
     adapter = get_adapter(model)
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device, dtype = model_device(model), next(model.parameters()).dtype
     shapes = adapter.layer_shapes(model)
     key = (
         model.config.model_type,
@@ -286,7 +285,7 @@ def profile_latency(
 def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, seq_len: int, repeats: int = 12) -> float:
     """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own, timed interleaved on a copy."""
     check_int("measure_keep: repeats", repeats, 1)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

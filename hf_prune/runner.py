@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from . import __version__
 from .architectures import get_adapter
+from .calibration import model_device
 from .config import closest
 from .hub import save_pretrained, write_atomic_dir
 from .masks import sparsity_report
@@ -165,7 +166,7 @@ def load_model_and_tokenizer(recipe: Recipe):
 def evaluate_model(recipe: Recipe, model, data, tokenizer, batch_size: int = 64) -> dict[str, float]:
     model.eval()
     collator = tf.DataCollatorWithPadding(tokenizer)
-    device = next(model.parameters()).device
+    device = model_device(model)
     if recipe.model.task == "causal-lm":
         losses, counts = [], []
         with torch.inference_mode():
