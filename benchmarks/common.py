@@ -16,6 +16,7 @@ from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_prune
+from hf_prune.evaluation import predict_logits
 from hf_prune.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
@@ -53,14 +54,9 @@ def tokenize_sst2(ds, tokenizer, max_length: int = 64):
 
 
 def accuracy(model: torch.nn.Module, dataset, batch_size: int = 64) -> float:
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(dataset), batch_size):
-            batch = dataset[i : i + batch_size]
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-            correct += int((model(**inputs).logits.argmax(-1) == batch["labels"]).sum())
-    return correct / len(dataset)
+    """Accuracy through the Trainer's evaluation loop (hf_prune.evaluation), like the recipes report it."""
+    logits, labels = predict_logits(model, dataset, batch_size=batch_size)
+    return float((logits.argmax(-1) == labels).mean())
 
 
 def bench_args(output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -105,7 +101,11 @@ def wikitext_ids(tokenizer, data_dir: Path, split: str = "test", max_tokens: int
 
 
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512) -> float:
-    """Perplexity over non-overlapping ``window``-token windows (the protocol of the issue's reference numbers)."""
+    """Perplexity over non-overlapping ``window``-token windows (the protocol of the issue's reference numbers).
+
+    Not ``Trainer.evaluate``: the last window is shorter, and its ``eval_loss`` averages per batch, while this protocol
+    weights every token the same.
+    """
     model.eval()
     nll, count = 0.0, 0
     with torch.inference_mode():

@@ -10,7 +10,7 @@ Public API (everything users need is re-exported here)::
 """
 
 from .allocate import allocate
-from .architectures import ArchAdapter, LayerShape, Proj, get_adapter, register, supported_model_types
+from .architectures import ArchAdapter, LayerShape, Param, Proj, get_adapter, register, supported_model_types
 from .calibration import CalibrationSet, calibration_set
 from .config import PruningConfig
 from .criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
@@ -19,7 +19,8 @@ from .latency_model import LatencyTable, profile_latency
 from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, prunable_parameters
 from .oneshot import PruningReport, prune
 from .plan import PruningPlan
-from .surgery import apply_layer_shapes, prune_ffn, prune_heads, pruning_state
+from .state import pruning_state
+from .surgery import apply_layer_shapes, prune_ffn, prune_heads, remove_layers
 from .trainer import PruningCallback, PruningMixin, PruningTrainer
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "CalibrationSet",
     "LatencyTable",
     "LayerShape",
+    "Param",
     "Proj",
     "PruningCallback",
     "PruningConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "pruning_state",
     "random_scores",
     "register",
+    "remove_layers",
     "save_pretrained",
     "structured_scores",
     "supported_model_types",

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
-from .architectures.base import out_in
+from .architectures.base import out_in, unit_sums
 from .calibration import model_device, to_device
 
 
@@ -33,12 +33,6 @@ def feature_sq_norms(module: nn.Module, side: str) -> torch.Tensor:
     return w.pow(2).sum(dim=1 if side == "out" else 0)
 
 
-def _per_head(values: torch.Tensor, n_heads: int, parts: int) -> torch.Tensor:
-    """Sum feature values into heads; fused projections (``parts`` blocks) add their blocks together."""
-    values = values.reshape(parts, n_heads, -1) if parts > 1 else values.reshape(1, n_heads, -1)
-    return values.sum(dim=(0, 2))
-
-
 def magnitude_scores(model: nn.Module) -> Scores:
     """L2 norm of every weight a head / neuron owns (q, k, v rows and o columns; FFN rows and columns).
 
@@ -46,24 +40,29 @@ def magnitude_scores(model: nn.Module) -> Scores:
     its query heads, so heads of one group compare fairly with heads of another.
     """
     adapter = get_adapter(model)
+    head_dim = adapter.head_dim(model.config)
     heads, ffn = [], []
     for i, block in enumerate(adapter.layers(model)):
         shape = adapter.layer_shape(model, i)
+        counts = {"q": shape.heads, "kv": shape.kv_heads, "ffn": shape.ffn}
+        width = {"q": head_dim, "kv": head_dim, "ffn": 1}
         device = block.get_submodule(adapter.attention_projs[0].path).weight.device
         head_score = torch.zeros(shape.heads, device=device)
         if shape.heads:
             group = shape.heads // shape.kv_heads
             for proj in adapter.attention_projs:
                 sq = feature_sq_norms(block.get_submodule(proj.path), proj.side)
-                if proj.heads == "kv":
-                    head_score += _per_head(sq, shape.kv_heads, proj.parts).repeat_interleave(group)
-                else:
-                    head_score += _per_head(sq, shape.heads, proj.parts)
+                sums = unit_sums(sq, proj.units(), counts, width)
+                if "q" in sums:
+                    head_score += sums["q"]
+                if "kv" in sums:  # a group's key/value weights count towards each of its query heads
+                    head_score += sums["kv"].repeat_interleave(group)
         heads.append(head_score.sqrt())
         ffn_device = block.get_submodule(adapter.ffn_projs[0].path).weight.device
         neuron_score = torch.zeros(shape.ffn, device=ffn_device)
         for proj in adapter.ffn_projs:
-            neuron_score += feature_sq_norms(block.get_submodule(proj.path), proj.side)
+            sq = feature_sq_norms(block.get_submodule(proj.path), proj.side)
+            neuron_score += unit_sums(sq, proj.units(), counts, width)["ffn"]
         ffn.append(neuron_score.sqrt())
     return Scores(heads=heads, ffn=ffn, criterion="magnitude")
 

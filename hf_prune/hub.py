@@ -15,12 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
-from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 from transformers.utils import logging
 
-from .surgery import STATE_KEY, apply_layer_shapes
+from .state import STATE_KEY
+from .surgery import apply_layer_shapes
 
 logger = logging.get_logger(__name__)
 
@@ -37,9 +38,16 @@ _HUB_KWARGS = (
 )
 
 
-def _resolve_class(model_class: type, config: Any) -> type[PreTrainedModel]:
-    if isinstance(model_class, type) and issubclass(model_class, _BaseAutoModelClass):
-        return _get_model_class(config, model_class._model_mapping)
+def _resolve_class(model_class: type, config: Any, trust_remote_code: bool = False) -> type[PreTrainedModel]:
+    if (
+        isinstance(model_class, type)
+        and hasattr(model_class, "from_config")
+        and not issubclass(model_class, PreTrainedModel)
+    ):
+        # An Auto class: let it pick the concrete class through its public from_config, on the meta device so
+        # nothing is allocated (transformers' own resolver is private API).
+        with torch.device("meta"):
+            return type(model_class.from_config(config, trust_remote_code=trust_remote_code))
     if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
         return model_class
     raise TypeError(f"model_class must be a transformers Auto class or a PreTrainedModel subclass, got {model_class!r}")
@@ -73,7 +81,7 @@ def from_pretrained(
     config = kwargs.get("config")
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-    cls = _resolve_class(model_class, config)
+    cls = _resolve_class(model_class, config, bool(kwargs.get("trust_remote_code", False)))
     if not getattr(config, STATE_KEY, None):
         return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
     model = _shaped_subclass(cls).from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -133,21 +132,8 @@ def _dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **no_cache(model)}
 
 
-def _synced(model: nn.Module, device: torch.device) -> Callable[..., Any]:
-    """``model`` as a callable that waits for the GPU, so wall-clock timing covers the kernels it queued."""
-    if device.type != "cuda":
-        return model
-
-    def run(**kwargs: Any) -> Any:
-        out = model(**kwargs)
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
-
-
-def _median_ms(model: nn.Module, inputs: dict[str, Any], repeats: int, warmup: int, device: torch.device) -> float:
-    return measure_latency(_synced(model, device), inputs, repeats=repeats, warmup=warmup).median_ms
+def _median_ms(model: nn.Module, inputs: dict[str, Any], repeats: int, warmup: int) -> float:
+    return measure_latency(model, inputs, repeats=repeats, warmup=warmup).median_ms
 
 
 def _grid(full: int, points: int, multiple: int) -> list[int]:
@@ -238,16 +224,16 @@ def profile_latency(
     reference: list[float] = []  # the model as given, timed before, between and after the sweeps
     try:
         with torch.inference_mode():
-            reference.append(_median_ms(model, inputs, repeats, warmup + 3, device))
+            reference.append(_median_ms(model, inputs, repeats, warmup + 3))
             for sweep in sweeps:
                 work = copy.deepcopy(model)
                 measured = []
                 for shape_of in sweep[1:]:  # widest first, as a copy can only shrink; full width is the reference
                     apply_layer_shapes(work, [shape_of(s) for s in shapes])
-                    measured.append(_median_ms(work, inputs, repeats, warmup, device))
+                    measured.append(_median_ms(work, inputs, repeats, warmup))
                     bar.update()
                 del work
-                reference.append(_median_ms(model, inputs, repeats, warmup, device))
+                reference.append(_median_ms(model, inputs, repeats, warmup))
                 timings.append(measured[::-1])
     finally:
         model.train(was_training)
@@ -291,7 +277,7 @@ def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, se
     try:
         work = apply_layer_shapes(copy.deepcopy(model), shapes)
         inputs = _dummy_inputs(model, batch_size, seq_len, device)
-        result = compare_latency(_synced(model, device), _synced(work, device), inputs, repeats=repeats)
+        result = compare_latency(model, work, inputs, repeats=repeats)
     finally:
         model.train(was_training)
     return 1.0 / result["speedup"]

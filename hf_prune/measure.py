@@ -12,19 +12,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .architectures import ArchAdapter, LayerShape, get_adapter
+from .calibration import model_device, to_device
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    """Number of distinct parameters (tied weights counted once): ``PreTrainedModel.num_parameters()`` for
+    transformers models, the same sum over ``model.parameters()`` (which yields a shared tensor once) otherwise."""
+    if isinstance(model, PreTrainedModel):
+        return model.num_parameters()
+    return sum(p.numel() for p in model.parameters())
 
 
 def layer_flops(shape: LayerShape, hidden: int, head_dim: int, ffn_in_mats: int, seq_len: int, tokens: int = 1) -> int:
@@ -108,22 +107,42 @@ class LatencyResult:
         }
 
 
+def _timing_device(model: nn.Module | Callable[..., Any], inputs: Mapping[str, Any]) -> torch.device | None:
+    if isinstance(model, nn.Module):
+        return model_device(model)
+    return next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _sync(device: torch.device | None) -> None:
+    # CUDA kernels run asynchronously: without waiting, the clock would time the kernel launches only.
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_latency(
     model: nn.Module | Callable[..., Any],
     inputs: Mapping[str, torch.Tensor],
     repeats: int = 20,
     warmup: int = 3,
 ) -> LatencyResult:
-    """Median latency of ``model(**inputs)`` under ``torch.inference_mode`` (eval mode is the caller's job)."""
+    """Median latency of ``model(**inputs)`` under ``torch.inference_mode`` (eval mode is the caller's job).
+
+    Tensors in ``inputs`` are moved to the model's device first, and on a GPU each sample waits for the queued
+    kernels, so the numbers are wall-clock forward times on whatever device the model lives on.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = _timing_device(model, inputs)
+    inputs = to_device(inputs, device)
     samples = []
     with torch.inference_mode():
         for _ in range(warmup):
             model(**inputs)
         for _ in range(repeats):
+            _sync(device)
             start = time.perf_counter()
             model(**inputs)
+            _sync(device)
             samples.append((time.perf_counter() - start) * 1000.0)
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -142,8 +161,12 @@ def compare_latency(
 ) -> dict[str, Any]:
     """Dense vs pruned latency measured in interleaved rounds, so drift (thermal, other load) hits both.
 
-    Returns medians over all samples and ``speedup = dense_median / pruned_median``.
+    Returns medians over all samples and ``speedup = dense_median / pruned_median``. Both models must live on
+    the same device: a ratio across devices says nothing about pruning.
     """
+    devices = {str(model_device(m)) for m in (dense, pruned) if isinstance(m, nn.Module)}
+    if len(devices) > 1:
+        raise ValueError(f"compare_latency: the dense and pruned models are on different devices {sorted(devices)}")
     dense_samples: list[float] = []
     pruned_samples: list[float] = []
     per_round = max(1, repeats // rounds)

@@ -61,6 +61,11 @@ def _metrics_rows(report: dict[str, Any]) -> list[str]:
     return rows
 
 
+def latency_device(latency: dict[str, Any]) -> str:
+    """``"CPU"``, ``"CUDA"``, ...: where the run timed its models (reports before the field existed ran on CPU)."""
+    return str(latency.get("device", "cpu")).split(":")[0].upper()
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     p, f, s, lat = report["params"], report["encoder_flops"], report["size_bytes"], report["latency"]
     plan, orig = report["plan"], report["plan"].get("original") or {}
@@ -74,7 +79,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"| parameters | {p['dense']:,} | {p['pruned']:,} |",
         f"| encoder FLOPs (seq {f['seq_len']}) | {f['dense']:,} | {f['pruned']:,} ({f['ratio']:.2f}x fewer) |",
         f"| size on disk | {s['dense'] / 2**20:.1f} MiB | {s['pruned'] / 2**20:.1f} MiB |",
-        f"| CPU latency, batch {lat['batch']} x {lat['seq_len']} | {lat['dense_ms']:.1f} ms "
+        f"| {latency_device(lat)} latency, batch {lat['batch']} x {lat['seq_len']} | {lat['dense_ms']:.1f} ms "
         f"| {lat['pruned_ms']:.1f} ms ({lat['speedup']:.2f}x) |",
         f"| weight sparsity (blocks) | 0% | {report['sparsity']:.1%} |",
         "",
@@ -131,8 +136,8 @@ model = hf_prune.from_pretrained("<this repo>", AutoModelForSequenceClassificati
 |---|---|---|
 | parameters | {report["params"]["dense"]:,} | {report["params"]["pruned"]:,} |
 | encoder FLOPs ratio | 1.00x | {report["encoder_flops"]["ratio"]:.2f}x fewer |
-| CPU latency (batch {report["latency"]["batch"]}) | {report["latency"]["dense_ms"]:.1f} ms | \
-{report["latency"]["pruned_ms"]:.1f} ms |
+| {latency_device(report["latency"])} latency (batch {report["latency"]["batch"]}) | \
+{report["latency"]["dense_ms"]:.1f} ms | {report["latency"]["pruned_ms"]:.1f} ms |
 
 ![kept structure](kept_structure.svg)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,14 @@ from . import __version__
 from .architectures import get_adapter
 from .calibration import model_device
 from .config import closest
+from .evaluation import mean_loss, predict_logits
 from .hub import save_pretrained, write_atomic_dir
 from .masks import sparsity_report
 from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
 from .recipes import Recipe, RecipeError
-from .report import write_report
+from .report import latency_device, write_report
 from .trainer import PruningTrainer
 
 logger = logging.get_logger(__name__)
@@ -163,28 +166,24 @@ def load_model_and_tokenizer(recipe: Recipe):
 # ---------------------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------------------
-def evaluate_model(recipe: Recipe, model, data, tokenizer, batch_size: int = 64) -> dict[str, float]:
-    model.eval()
-    collator = tf.DataCollatorWithPadding(tokenizer)
-    device = model_device(model)
+def evaluate_model(
+    recipe: Recipe, model, data, tokenizer, batch_size: int = 64, trainer: tf.Trainer | None = None
+) -> dict[str, float]:
+    """The recipe's metrics on ``data``, through the Trainer's evaluation loop (``trainer``: the running one)."""
     if recipe.model.task == "causal-lm":
-        losses, counts = [], []
-        with torch.inference_mode():
-            for i in range(len(data)):
-                ids = torch.tensor(data[i]["input_ids"], device=device).unsqueeze(0)
-                losses.append(float(model(input_ids=ids, labels=ids).loss))
-                counts.append(ids.shape[1] - 1)
-        return {"perplexity": perplexity(losses, counts)} if "perplexity" in recipe.evaluation.metrics else {}
-    predictions, references = [], []
-    with torch.inference_mode():
-        for i in range(0, len(data), batch_size):
-            rows = [data[j] for j in range(i, min(i + batch_size, len(data)))]
-            batch = collator([{k: v for k, v in r.items() if k != "labels"} for r in rows])
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-            predictions += logits.argmax(-1).tolist()
-            references += [int(r["labels"]) for r in rows]
+        if "perplexity" not in recipe.evaluation.metrics:
+            return {}
+        # the blocks all hold max_length tokens, so the mean loss is the token-weighted NLL
+        loss = mean_loss(model, data, batch_size=max(1, batch_size // 8), trainer=trainer)
+        tokens = len(data) * (recipe.data.max_length - 1)
+        return {"perplexity": perplexity([loss], [tokens])}
+    logits, labels = predict_logits(
+        model, data, tf.DataCollatorWithPadding(tokenizer), batch_size=batch_size, trainer=trainer
+    )
     names = [m for m in recipe.evaluation.metrics if m != "perplexity"]
-    return classification_metrics(names, predictions, references, num_labels=model.config.num_labels)
+    return classification_metrics(
+        names, logits.argmax(-1).tolist(), labels.astype(int).tolist(), num_labels=model.config.num_labels
+    )
 
 
 def _training_args(recipe: Recipe, output_dir: str, overrides: dict[str, Any]) -> tf.TrainingArguments:
@@ -207,126 +206,141 @@ def _latency_inputs(recipe: Recipe, tokenizer, model) -> dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------
 # the job
 # ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _timed(walls: dict[str, float], key: str) -> Iterator[None]:
+    start = time.time()
+    yield
+    walls[key] = time.time() - start
+
+
 def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None = None) -> dict[str, Any]:
     """Run ``recipe``; write the output folder atomically; return the report dict."""
     out_dir = Path(output_dir or recipe.output.dir)
     start = time.time()
     walls: dict[str, float] = {}
     torch.manual_seed(recipe.seed)
-
-    t = time.time()
-    raw = load_data(recipe)  # columns are checked here, before the model loads
-    model, tokenizer, resolved_path = load_model_and_tokenizer(recipe)
-    get_adapter(model)
-    train, evaluation = tokenize(recipe, raw, tokenizer)
-    walls["load"] = time.time() - t
-    seq_len = recipe.pruning.seq_len  # FLOPs are reported at the length the targets were set for
+    with _timed(walls, "load"):
+        raw = load_data(recipe)  # columns are checked here, before the model loads
+        model, tokenizer, resolved_path = load_model_and_tokenizer(recipe)
+        get_adapter(model)
+        train, evaluation = tokenize(recipe, raw, tokenizer)
 
     with tempfile.TemporaryDirectory() as work:
         collator = tf.DataCollatorWithPadding(tokenizer) if recipe.model.task != "causal-lm" else None
         if recipe.dense_training is not None:
-            t = time.time()
-            args = _training_args(recipe, f"{work}/dense", {"disable_tqdm": False, **recipe.dense_training})
-            tf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
-            walls["dense_training"] = time.time() - t
-        t = time.time()
-        metrics_dense = evaluate_model(recipe, model, evaluation, tokenizer)
-        walls["evaluate_dense"] = time.time() - t
-        dense = copy.deepcopy(model).eval()
-        dense_params, dense_flops = count_parameters(dense), encoder_flops(dense, seq_len).total
+            with _timed(walls, "dense_training"):
+                args = _training_args(recipe, f"{work}/dense", {"disable_tqdm": False, **recipe.dense_training})
+                tf.Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
+        with _timed(walls, "evaluate_dense"):
+            metrics_dense = evaluate_model(recipe, model, evaluation, tokenizer)
         logger.warning("dense: %s", metrics_dense)
-
-        after_pruning: dict[str, Any] = {}
-
-        class EvaluateAfterPruning(tf.TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                self._check(state)
-
-            def on_train_begin(self, args, state, control, **kwargs):
-                self._check(state)
-
-            def _check(self, state):
-                events = trainer.pruning_callback.events
-                if events and state.global_step == events[-1].step and not after_pruning:
-                    after_pruning.update(evaluate_model(recipe, trainer.model, evaluation, tokenizer))
-                    trainer.model.train()
-
-        t = time.time()
-        args = _training_args(recipe, f"{work}/recovery", recipe.training)
-        trainer = PruningTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            data_collator=collator,
-            pruning_config=recipe.pruning,
-            calibration_dataset=train.select(range(min(len(train), recipe.data.calibration_samples))),
-        )
-        trainer.add_callback(EvaluateAfterPruning())
-        trainer.train()
-        walls["prune_and_recover"] = time.time() - t
-        t = time.time()
-        metrics_final = evaluate_model(recipe, model, evaluation, tokenizer)
-        walls["evaluate_pruned"] = time.time() - t
+        dense = copy.deepcopy(model).eval()
+        with _timed(walls, "prune_and_recover"):
+            trainer, after_pruning = _prune_and_recover(recipe, model, train, evaluation, tokenizer, collator, work)
+        with _timed(walls, "evaluate_pruned"):
+            metrics_final = evaluate_model(recipe, model, evaluation, tokenizer)
         model.eval()
-        t = time.time()
-        latency = compare_latency(
-            dense, model, _latency_inputs(recipe, tokenizer, model), repeats=recipe.evaluation.latency_repeats
-        )
-        walls["latency"] = time.time() - t
-        adapter = get_adapter(model)
-        report = {
-            "hf_prune_version": __version__,
-            "recipe": recipe.raw,
-            "recipe_file": recipe.source,
-            "base_model": OFFLINE_MODELS.get(recipe.model.name_or_path, recipe.model.name_or_path),
-            "base_model_path": resolved_path,
-            "seed": recipe.seed,
-            "plan": {
-                "kept_heads": [s.heads for s in adapter.layer_shapes(model)],
-                "kept_kv_heads": [s.kv_heads for s in adapter.layer_shapes(model)],
-                "kept_ffn": [s.ffn for s in adapter.layer_shapes(model)],
-                "original": (getattr(model.config, "hf_prune", None) or {}).get("original"),
-                "kept_original_head_ids": (getattr(model.config, "hf_prune", None) or {}).get("kept_heads"),
-            },
-            "pruning_config": recipe.pruning.to_dict(),
-            "params": {"dense": dense_params, "pruned": count_parameters(model)},
-            "encoder_flops": {"seq_len": seq_len, "dense": dense_flops, "pruned": encoder_flops(model, seq_len).total},
-            "size_bytes": {"dense": saved_size_bytes(dense), "pruned": saved_size_bytes(model)},
-            "sparsity": sparsity_report(model)["overall"],
-            "metrics": {"dense": metrics_dense, "after_pruning": after_pruning, "after_recovery": metrics_final},
-            "latency": {
-                "batch": recipe.evaluation.latency_batch,
-                "seq_len": recipe.evaluation.latency_seq_len or recipe.data.max_length,
-                **latency,
-            },
-            "wall_time_s": {**walls, "total": time.time() - start},
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": tf.__version__,
-                "python": platform.python_version(),
-            },
-            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-            "train_log": [h for h in trainer.state.log_history if "loss" in h][-5:],
-        }
-        report["encoder_flops"]["ratio"] = report["encoder_flops"]["dense"] / max(1, report["encoder_flops"]["pruned"])
-
-        # Build the whole output folder in a temporary sibling, then move it into place in one rename.
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer)
-            for item in (tmp / "model-staging").iterdir():
-                shutil.move(str(item), tmp / item.name)
-            (tmp / "model-staging").rmdir()
-            write_report(tmp, report, recipe)
-            write_atomic_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        # The Trainer moved the model to its device (a GPU where there is one); time both models there.
+        dense.to(model_device(model))
+        with _timed(walls, "latency"):
+            latency = compare_latency(
+                dense, model, _latency_inputs(recipe, tokenizer, model), repeats=recipe.evaluation.latency_repeats
+            )
+        report = _report(recipe, dense, model, resolved_path, trainer, latency)
+        report["metrics"] = {"dense": metrics_dense, "after_pruning": after_pruning, "after_recovery": metrics_final}
+        report["wall_time_s"] = {**walls, "total": time.time() - start}
+        _write_output(recipe, model, tokenizer, report, out_dir)
     if push if push is not None else recipe.output.push_to_hub:
         push_folder(out_dir, recipe.output.repo_id, recipe.output.private)
     report["output_dir"] = str(out_dir)
     return report
+
+
+def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, collator, work: str):
+    """Run the PruningTrainer; return it and the metrics measured right after the last pruning event."""
+    after_pruning: dict[str, Any] = {}
+
+    class EvaluateAfterPruning(tf.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            self._check(state)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._check(state)
+
+        def _check(self, state):
+            events = trainer.pruning_callback.events
+            if events and state.global_step == events[-1].step and not after_pruning:
+                after_pruning.update(evaluate_model(recipe, trainer.model, evaluation, tokenizer, trainer=trainer))
+
+    trainer = PruningTrainer(
+        model=model,
+        args=_training_args(recipe, f"{work}/recovery", recipe.training),
+        train_dataset=train,
+        data_collator=collator,
+        pruning_config=recipe.pruning,
+        calibration_dataset=train.select(range(min(len(train), recipe.data.calibration_samples))),
+    )
+    trainer.add_callback(EvaluateAfterPruning())
+    trainer.train()
+    return trainer, after_pruning
+
+
+def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: dict[str, Any]) -> dict[str, Any]:
+    """The report's description of what was pruned and measured (metrics and wall times are added by the caller)."""
+    seq_len = recipe.pruning.seq_len  # FLOPs are reported at the length the targets were set for
+    shapes = get_adapter(model).layer_shapes(model)
+    state = getattr(model.config, "hf_prune", None) or {}
+    flops = {
+        "seq_len": seq_len,
+        "dense": encoder_flops(dense, seq_len).total,
+        "pruned": encoder_flops(model, seq_len).total,
+    }
+    flops["ratio"] = flops["dense"] / max(1, flops["pruned"])
+    return {
+        "hf_prune_version": __version__,
+        "recipe": recipe.raw,
+        "recipe_file": recipe.source,
+        "base_model": OFFLINE_MODELS.get(recipe.model.name_or_path, recipe.model.name_or_path),
+        "base_model_path": resolved_path,
+        "seed": recipe.seed,
+        "plan": {
+            "kept_heads": [s.heads for s in shapes],
+            "kept_kv_heads": [s.kv_heads for s in shapes],
+            "kept_ffn": [s.ffn for s in shapes],
+            "original": state.get("original"),
+            "kept_original_head_ids": state.get("kept_heads"),
+        },
+        "pruning_config": recipe.pruning.to_dict(),
+        "params": {"dense": count_parameters(dense), "pruned": count_parameters(model)},
+        "encoder_flops": flops,
+        "size_bytes": {"dense": saved_size_bytes(dense), "pruned": saved_size_bytes(model)},
+        "sparsity": sparsity_report(model)["overall"],
+        "latency": {
+            "batch": recipe.evaluation.latency_batch,
+            "seq_len": recipe.evaluation.latency_seq_len or recipe.data.max_length,
+            "device": str(model_device(model)),
+            **latency,
+        },
+        "versions": {"torch": torch.__version__, "transformers": tf.__version__, "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "train_log": [h for h in trainer.state.log_history if "loss" in h][-5:],
+    }
+
+
+def _write_output(recipe: Recipe, model, tokenizer, report: dict[str, Any], out_dir: Path) -> None:
+    """Build the whole output folder in a temporary sibling, then move it into place in one rename."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer)
+        for item in (tmp / "model-staging").iterdir():
+            shutil.move(str(item), tmp / item.name)
+        (tmp / "model-staging").rmdir()
+        write_report(tmp, report, recipe)
+        write_atomic_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def push_folder(folder: Path, repo_id: str | None, private: bool = True) -> str:
@@ -355,7 +369,11 @@ def summary_table(report: dict[str, Any]) -> str:
         ("parameters", f"{p['dense'] / 1e6:.2f}M", f"{p['pruned'] / 1e6:.2f}M"),
         (f"encoder GFLOPs (seq {f['seq_len']})", f"{f['dense'] / 1e9:.2f}", f"{f['pruned'] / 1e9:.2f}"),
         ("size on disk", f"{s['dense'] / 2**20:.1f} MiB", f"{s['pruned'] / 2**20:.1f} MiB"),
-        (f"CPU latency (batch {lat['batch']})", f"{lat['dense_ms']:.1f} ms", f"{lat['pruned_ms']:.1f} ms"),
+        (
+            f"{latency_device(lat)} latency (batch {lat['batch']})",
+            f"{lat['dense_ms']:.1f} ms",
+            f"{lat['pruned_ms']:.1f} ms",
+        ),
         ("sparsity", "0%", f"{report['sparsity']:.0%}"),
     ]
     width = max(len(r[0]) for r in rows) + 2

@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .architectures import ArchAdapter, LayerShape, Proj, get_adapter
-from .architectures.base import num_features
+from .architectures import ArchAdapter, LayerShape, get_adapter
+from .architectures.base import Param, unit_feature_index
+from .branches import make_empty
+from .state import check_state, current_state, own_config, pruning_state, record_state
 
 logger = logging.get_logger(__name__)
-
-STATE_KEY = "hf_prune"
-FORMAT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,67 +112,26 @@ def head_feature_index(heads: Iterable[int], head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-def proj_feature_index(proj: Proj, heads: Iterable[int], head_dim: int, part_size: int) -> torch.Tensor:
-    """Feature indices of ``proj`` for the given heads, repeated over fused parts (GPT-2 ``c_attn``)."""
-    base = head_feature_index(heads, head_dim)
-    if proj.parts == 1:
-        return base
-    return torch.cat([base + p * part_size for p in range(proj.parts)])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# empty branches (a layer with no heads / no neurons left)
-# ---------------------------------------------------------------------------------------------------------
-def _branch_output(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    out_path = module._hf_prune_out
-    if out_path is None:
-        # The model applies the output projection outside this module (BERT): hand it zero features.
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-    out = module.get_submodule(out_path)
-    result = hidden_states.new_zeros(*hidden_states.shape[:-1], num_features(out, "out"))
-    if getattr(out, "bias", None) is not None:
-        result = result + out.bias
-    return result
-
-
-def _empty_attention_forward(self: nn.Module, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
-    if hidden_states is None:
-        hidden_states = kwargs["hidden_states"]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    layer_idx = getattr(self, "layer_idx", None)
-    if cache is not None and layer_idx is not None and kwargs.get("encoder_hidden_states") is None:
-        # generate() reads the sequence length from the cache; store zero heads of the right length.
-        cache = getattr(cache, "self_attention_cache", cache)
-        batch, seq = hidden_states.shape[0], hidden_states.shape[1]
-        empty = hidden_states.new_zeros(batch, 0, seq, self._hf_prune_head_dim)
-        cache.update(empty, empty, layer_idx)
-    return _branch_output(self, hidden_states), None
-
-
-def _empty_ffn_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return _branch_output(self, hidden_states)
-
-
-_EMPTY_CLASSES: dict[tuple[type, str], type] = {}
-
-
-def _make_empty(module: nn.Module, kind: str, out_path: str | None, head_dim: int = 0) -> None:
-    """Swap ``module``'s class for a subclass whose forward returns the branch's output bias.
-
-    A subclass (not a monkey-patched bound method) keeps ``isinstance`` checks, ``deepcopy`` and
-    ``state_dict`` keys exactly as before.
-    """
-    cls = type(module)
-    if getattr(cls, "_hf_prune_empty", None) is None:
-        key = (cls, kind)
-        if key not in _EMPTY_CLASSES:
-            forward = _empty_attention_forward if kind == "attention" else _empty_ffn_forward
-            _EMPTY_CLASSES[key] = type(
-                f"Empty{cls.__name__}", (cls,), {"forward": forward, "_hf_prune_empty": kind, "__module__": __name__}
-            )
-        module.__class__ = _EMPTY_CLASSES[key]
-    module._hf_prune_out = out_path
-    module._hf_prune_head_dim = head_dim
+def _slice_params(
+    block: nn.Module,
+    params: Sequence[Param],
+    keep: Mapping[str, Sequence[int]],
+    counts: Mapping[str, int],
+    width: Mapping[str, int],
+) -> None:
+    for param in params:
+        owner_path, _, name = param.path.rpartition(".")
+        try:
+            owner = block.get_submodule(owner_path)
+            getattr(owner, name)
+        except AttributeError:
+            if param.optional:
+                continue
+            raise
+        w = {**width, param.unit: param.width} if param.width is not None else width
+        index = unit_feature_index((param.unit,), keep, counts, w)
+        with torch.no_grad():
+            _replace(owner, name, param.dim, index.to(getattr(owner, name).device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,26 +140,29 @@ def _make_empty(module: nn.Module, kind: str, out_path: str | None, head_dim: in
 def _resize_attention(
     adapter: ArchAdapter, block: nn.Module, shape: LayerShape, keep_q: list[int], keep_kv: list[int], head_dim: int
 ) -> None:
+    keep = {"q": keep_q, "kv": keep_kv}
+    counts = {"q": shape.heads, "kv": shape.kv_heads}
+    width = {"q": head_dim, "kv": head_dim}
     for proj in adapter.attention_projs:
-        module = block.get_submodule(proj.path)
-        keep = keep_q if proj.heads == "q" else keep_kv
-        current_heads = shape.heads if proj.heads == "q" else shape.kv_heads
-        index = proj_feature_index(proj, keep, head_dim, part_size=current_heads * head_dim)
-        slice_projection(module, index, proj.side)
+        index = unit_feature_index(proj.units(), keep, counts, width)
+        slice_projection(block.get_submodule(proj.path), index, proj.side)
+    _slice_params(block, adapter.attention_params, keep, counts, width)
     attention = block.get_submodule(adapter.attention_module)
     adapter.set_attention_attrs(attention, len(keep_q), len(keep_kv), head_dim)
     if not keep_q:
-        _make_empty(attention, "attention", adapter.attention_out, head_dim)
+        make_empty(attention, "attention", adapter.attention_out, head_dim)
 
 
-def _resize_ffn(adapter: ArchAdapter, block: nn.Module, keep: list[int]) -> None:
-    index = torch.as_tensor(keep, dtype=torch.long)
+def _resize_ffn(adapter: ArchAdapter, block: nn.Module, size: int, keep: list[int]) -> None:
+    keep_units, counts, width = {"ffn": keep}, {"ffn": size}, {"ffn": 1}
     for proj in adapter.ffn_projs:
+        index = unit_feature_index(proj.units(), keep_units, counts, width)
         slice_projection(block.get_submodule(proj.path), index, proj.side)
+    _slice_params(block, adapter.ffn_params, keep_units, counts, width)
     ffn = block.get_submodule(adapter.ffn_module)
     adapter.set_ffn_attrs(ffn, len(keep))
     if not keep:
-        _make_empty(ffn, "ffn", adapter.ffn_out)
+        make_empty(ffn, "ffn", adapter.ffn_out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,15 +181,19 @@ def _parse_request(request: Mapping[Any, Iterable[int]], what: str, num_layers: 
             raise ValueError(f"{what}: layer key {key!r} is not an integer layer index") from None
         if not 0 <= layer < num_layers:
             raise ValueError(f"{what}: layer index {key!r} is out of range; allowed 0..{num_layers - 1}")
-        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise TypeError(f"{what}[{layer}] must be a list of integer indices, got {values!r}")
-        indices = []
-        for v in values:
-            if isinstance(v, bool) or (not isinstance(v, (int, torch.Tensor)) and not hasattr(v, "__index__")):
-                raise TypeError(f"{what}[{layer}] contains {v!r}; indices must be integers")
-            indices.append(int(v))
-        out[layer] = sorted(set(out.get(layer, []) + indices))
+        out[layer] = sorted(set(out.get(layer, []) + _parse_indices(values, f"{what}[{layer}]")))
     return out
+
+
+def _parse_indices(values: Iterable[int], what: str) -> list[int]:
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(f"{what} must be a list of integer indices, got {values!r}")
+    indices = []
+    for v in values:
+        if isinstance(v, bool) or (not isinstance(v, (int, torch.Tensor)) and not hasattr(v, "__index__")):
+            raise TypeError(f"{what} contains {v!r}; indices must be integers")
+        indices.append(int(v))
+    return indices
 
 
 def _check_range(what: str, layer: int, indices: list[int], size: int, unit: str) -> None:
@@ -238,112 +202,6 @@ def _check_range(what: str, layer: int, indices: list[int], size: int, unit: str
         raise ValueError(
             f"{what}: layer {layer} has {size} {unit} (valid indices 0..{size - 1}); got out-of-range {bad}"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# state recorded in the config
-# ---------------------------------------------------------------------------------------------------------
-def pruning_state(model: nn.Module) -> dict[str, Any] | None:
-    """The hf_prune state stored in ``model.config`` (``None`` for an unpruned model)."""
-    return getattr(model.config, STATE_KEY, None)
-
-
-def own_config(model: nn.Module) -> PretrainedConfig:
-    """Give ``model`` a config object of its own (once) and return it.
-
-    Surgery writes the pruned shapes into the config. Two models built from one config object (a ``model_init``, a
-    sweep, ``Model(cfg)`` twice) share it, and pruning one would then rewrite the other's recorded shapes. The first
-    structural change therefore deep-copies the config and points every submodule that held the shared object at the
-    copy; later changes find the model already owning it.
-    """
-    config = model.config
-    if getattr(model, "_hf_prune_own_config", None) is config:
-        return config
-    mine = copy.deepcopy(config)
-    for module in model.modules():
-        if getattr(module, "config", None) is config:
-            module.config = mine
-    model._hf_prune_own_config = mine
-    return mine
-
-
-def _fresh_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
-    config = model.config
-    n = adapter.num_layers(config)
-    return {
-        "format_version": FORMAT_VERSION,
-        "model_type": config.model_type,
-        "original": {
-            "heads": adapter.num_heads(config),
-            "kv_heads": adapter.num_kv_heads(config),
-            "head_dim": adapter.head_dim(config),
-            "ffn": adapter.ffn_size(config),
-        },
-        "kept_heads": [list(range(adapter.num_heads(config))) for _ in range(n)],
-        "layers": None,
-    }
-
-
-def check_state(model: nn.Module, state: Mapping[str, Any], shapes: list[LayerShape] | None = None) -> None:
-    """Raise a clear ``ValueError`` when a recorded pruning ``state`` does not describe ``model``'s modules.
-
-    ``shapes`` are the shapes the state must describe (default: the modules' current shapes).
-    """
-    adapter = get_adapter(model)
-    shapes = adapter.layer_shapes(model) if shapes is None else shapes
-    recorded = state.get("layers")
-    kept = state.get("kept_heads")
-    problem = None
-    if not isinstance(kept, list) or len(kept) != len(shapes):
-        problem = (
-            f"kept_heads covers {len(kept) if isinstance(kept, list) else kept!r} layers, the model has {len(shapes)}"
-        )
-    elif recorded is not None and [LayerShape(**r) for r in recorded] != list(shapes):
-        problem = f"it records layer shapes {[tuple(r.values()) for r in recorded]}"
-    else:
-        bad = [i for i, (k, sh) in enumerate(zip(kept, shapes, strict=True)) if len(k) != sh.heads]
-        if bad:
-            problem = f"kept_heads of layers {bad} do not match their head counts"
-    if problem:
-        raise ValueError(
-            f"model.config.{STATE_KEY} does not describe this model ({problem}; the modules have "
-            f"{[(s.heads, s.kv_heads, s.ffn) for s in shapes]} as (heads, kv_heads, ffn)). The config probably "
-            "belongs to another model: a config object shared by two models, or a pruned model's config used to "
-            "build a new one. Build each model from its own config (copy.deepcopy(config)), or load a pruned "
-            "model with hf_prune.from_pretrained."
-        )
-
-
-def _current_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
-    """The model's recorded state, checked against its modules, or a fresh one for an unpruned model."""
-    state = pruning_state(model)
-    if state is None:
-        return _fresh_state(model, adapter)
-    check_state(model, state)
-    return copy.deepcopy(state)
-
-
-def _record(model: nn.Module, adapter: ArchAdapter, state: dict[str, Any]) -> None:
-    """Write per-layer shapes to ``config.hf_prune`` and mirror uniform sizes into stock config fields.
-
-    Mirroring matters for interoperability: a model whose FFNs were pruned uniformly (and whose heads were
-    not) then loads with plain ``AutoModel...from_pretrained``; so does a Llama-family model with uniformly
-    pruned heads, because its config stores ``head_dim`` explicitly.
-    """
-    config = model.config
-    shapes = adapter.layer_shapes(model)
-    state["layers"] = [s.to_dict() for s in shapes]
-    ffn_sizes = {s.ffn for s in shapes}
-    if len(ffn_sizes) == 1:
-        setattr(config, adapter.ffn_config_field, ffn_sizes.pop())
-    head_counts = {(s.heads, s.kv_heads) for s in shapes}
-    if adapter.head_dim_in_config and len(head_counts) == 1:
-        heads, kv_heads = head_counts.pop()
-        if heads > 0:
-            config.head_dim = state["original"]["head_dim"]
-            config.num_attention_heads = heads
-            config.num_key_value_heads = kv_heads
-    setattr(config, STATE_KEY, state)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,14 +258,14 @@ def _apply(
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     head_dim = adapter.head_dim(model.config)
-    state = _current_state(model, adapter)
+    state = current_state(model, adapter)
     own_config(model)
     for layer, (shape, keep_q, keep_kv) in head_plans.items():
         _resize_attention(adapter, layers[layer], shape, keep_q, keep_kv, head_dim)
         state["kept_heads"][layer] = [state["kept_heads"][layer][h] for h in keep_q]
     for layer, keep in ffn_plans.items():
-        _resize_ffn(adapter, layers[layer], keep)
-    _record(model, adapter, state)
+        _resize_ffn(adapter, layers[layer], adapter.layer_shape(model, layer).ffn, keep)
+    record_state(model, adapter, state)
     removed_heads = sum(shape.heads - len(keep_q) for shape, keep_q, _ in head_plans.values())
     logger.info("hf_prune: removed %d attention heads in %d layers", removed_heads, len(head_plans))
     if ffn_plans:
@@ -470,6 +328,54 @@ def prune_structure(
     return _apply(model, head_plans, ffn_plans)
 
 
+def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
+    """Remove whole transformer blocks in place (depth pruning) and return ``model``.
+
+    Args:
+        model: any model of a supported family.
+        layers: indices of the blocks to remove, referring to the current model.
+
+    The remaining blocks are renumbered (their ``layer_idx``, which KV caches are keyed by), and the config's block
+    count and per-layer lists (``layer_types``) are cut to match, so a model whose widths are uniform loads with
+    stock ``from_pretrained``. ``config.hf_prune["kept_layers"]`` records which original blocks remain.
+
+    Raises:
+        ValueError: an index out of range or not an integer, or a request that would remove every block. Nothing
+            is modified when an error is raised.
+    """
+    adapter = get_adapter(model)
+    blocks = adapter.layers(model)
+    n = len(blocks)
+    remove = sorted(set(_parse_indices(layers, "layers")))
+    bad = [i for i in remove if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers: the model has {n} blocks (valid indices 0..{n - 1}); got out-of-range {bad}")
+    if len(remove) == n:
+        raise ValueError(f"layers: removing all {n} blocks would leave no model; keep at least one")
+    if not remove:
+        return model
+    state = current_state(model, adapter)
+    config = own_config(model)
+    keep = [i for i in range(n) if i not in set(remove)]
+    for i in reversed(remove):
+        del blocks[i]
+    for new_index, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, adapter.layer_index_attr, None), int):
+                setattr(module, adapter.layer_index_attr, new_index)
+    setattr(config, adapter.layer_count_field, len(blocks))
+    for field in adapter.per_layer_config_fields:
+        values = getattr(config, field, None)
+        if isinstance(values, (list, tuple)) and len(values) == n:
+            setattr(config, field, [values[i] for i in keep])
+    kept_layers = state.get("kept_layers") or list(range(n))
+    state["kept_layers"] = [kept_layers[i] for i in keep]
+    state["kept_heads"] = [state["kept_heads"][i] for i in keep]
+    record_state(model, adapter, state)
+    logger.info("hf_prune: removed %d of %d blocks (%s)", len(remove), n, remove)
+    return model
+
+
 def apply_layer_shapes(
     model: nn.Module,
     shapes: list[LayerShape] | list[dict[str, int]],
@@ -504,7 +410,7 @@ def apply_layer_shapes(
         state = copy.deepcopy(dict(state))
     else:
         # the modules are cut further: derive from their own state (raises if the config describes another model)
-        state = _current_state(model, adapter)
+        state = current_state(model, adapter)
         state["kept_heads"] = [k[: t.heads] for k, t in zip(state["kept_heads"], shapes, strict=True)]
     own_config(model)
     head_dim = adapter.head_dim(model.config)
@@ -514,6 +420,6 @@ def apply_layer_shapes(
                 adapter, block, current, list(range(target.heads)), list(range(target.kv_heads)), head_dim
             )
         if target.ffn != current.ffn:
-            _resize_ffn(adapter, block, list(range(target.ffn)))
-    _record(model, adapter, state)
+            _resize_ffn(adapter, block, current.ffn, list(range(target.ffn)))
+    record_state(model, adapter, state)
     return model

@@ -40,7 +40,8 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
-from .surgery import STATE_KEY, apply_layer_shapes, pruning_state
+from .state import STATE_KEY, pruning_state
+from .surgery import apply_layer_shapes
 
 logger = logging.get_logger(__name__)
 

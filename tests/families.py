@@ -9,8 +9,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from hf_prune import get_adapter
-from hf_prune.surgery import head_feature_index
+from hf_prune.testing import zero_heads_and_neurons  # noqa: F401  (re-exported for the tests)
 
 VOCAB = 97
 
@@ -74,6 +73,9 @@ FAMILIES: dict[str, Family] = {
     "xlm-roberta": Family(
         "xlm-roberta", _bert_like(tf.XLMRobertaConfig, pad_token_id=1), (tf.XLMRobertaForSequenceClassification,)
     ),
+    "camembert": Family(
+        "camembert", _bert_like(tf.CamembertConfig, pad_token_id=1), (tf.CamembertForSequenceClassification,)
+    ),
     "electra": Family(
         "electra", _bert_like(tf.ElectraConfig, embedding_size=16), (tf.ElectraForSequenceClassification,)
     ),
@@ -121,6 +123,58 @@ FAMILIES: dict[str, Family] = {
     # head_dim deliberately != hidden / heads: the adapter must read it from the config
     "qwen3": Family("qwen3", _llama_like(tf.Qwen3Config, head_dim=12), (tf.Qwen3ForCausalLM,), causal=True),
     "gemma": Family("gemma", _llama_like(tf.GemmaConfig, head_dim=8), (tf.GemmaForCausalLM,), causal=True),
+    "granite": Family(
+        "granite", _llama_like(tf.GraniteConfig, attention_multiplier=0.3), (tf.GraniteForCausalLM,), causal=True
+    ),
+    # a per-head parameter that is not a projection: GraniteSWA's attention-sink logits (made non-zero in make_model)
+    "granite_swa": Family(
+        "granite_swa",
+        _llama_like(
+            tf.GraniteSWAConfig,
+            bos_token_id=1,
+            eos_token_id=2,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        (tf.GraniteSWAModel, tf.GraniteSWAForCausalLM),
+        causal=True,
+    ),
+    # fused families: Phi-3 (qkv parts of different sizes under GQA, fused gate_up) and ModernBERT (fused Wqkv, GLU Wi)
+    "phi3": Family(
+        "phi3",
+        _llama_like(
+            tf.Phi3Config, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2
+        ),
+        (tf.Phi3Model, tf.Phi3ForCausalLM, tf.Phi3ForSequenceClassification),
+        causal=True,
+    ),
+    "modernbert": Family(
+        "modernbert",
+        lambda: tf.ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=80,
+            global_attn_every_n_layers=2,
+            local_attention=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+            attention_bias=True,
+            mlp_bias=True,
+            norm_bias=True,
+        ),
+        (
+            tf.ModernBertModel,
+            tf.ModernBertForSequenceClassification,
+            tf.ModernBertForMaskedLM,
+            tf.ModernBertForTokenClassification,
+        ),
+    ),
 }
 
 
@@ -130,8 +184,8 @@ def make_model(family: Family, cls: type | None = None, seed: int = 0) -> nn.Mod
     # Random init leaves biases at zero; non-zero biases make the exactness checks meaningful.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
+            if name.endswith(("bias", "sinks")):
+                p.normal_(0, 0.1 if name.endswith("bias") else 1.0)
     return model.eval()
 
 
@@ -158,33 +212,3 @@ def output_tensor(out) -> torch.Tensor:
         if getattr(out, key, None) is not None:
             return getattr(out, key)
     raise AssertionError(f"no tensor output in {type(out)}")
-
-
-def zero_heads_and_neurons(model: nn.Module, heads: dict[int, list[int]], neurons: dict[int, list[int]]) -> None:
-    """Reference for exactness: silence heads by zeroing their value rows (and bias), neurons by zeroing the
-    rows (and bias) that feed the activation. Indices refer to the current model."""
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    with torch.no_grad():
-        for layer, hs in heads.items():
-            shape = adapter.layer_shape(model, layer)
-            group = shape.heads // shape.kv_heads
-            head_dim = adapter.head_dim(model.config)
-            for proj in adapter.value_projs:
-                ids = sorted({h // group for h in hs}) if proj.heads == "kv" else hs
-                idx = head_feature_index(ids, head_dim)
-                if proj.parts > 1:
-                    idx = idx + proj.value_part * shape.heads * head_dim
-                _zero_out_features(layers[layer].get_submodule(proj.path), idx)
-        for layer, ns in neurons.items():
-            for proj in adapter.ffn_input_projs:
-                _zero_out_features(layers[layer].get_submodule(proj.path), torch.tensor(ns, dtype=torch.long))
-
-
-def _zero_out_features(module: nn.Module, idx: torch.Tensor) -> None:
-    if isinstance(module, nn.Linear):
-        module.weight[idx, :] = 0
-    else:  # Conv1D: (in, out)
-        module.weight[:, idx] = 0
-    if getattr(module, "bias", None) is not None:
-        module.bias[idx] = 0

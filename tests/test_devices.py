@@ -77,6 +77,23 @@ def test_guard_catches_a_cpu_accumulator():
     assert guard.offenders
 
 
+def test_latency_helpers_time_the_model_where_it_lives():
+    """CPU inputs are moved to the model's device before timing (the recipe runner's pruned model sits on the GPU
+    after training), and a dense/pruned pair on different devices is refused rather than compared."""
+    from hf_prune.measure import compare_latency, measure_latency
+
+    model, _ = meta_model_and_data("bert")
+    cpu_inputs = {"input_ids": make_inputs(FAMILIES["bert"], batch=2, padded=False)["input_ids"]}
+    guard = CpuTensorGuard()
+    with guard:
+        result = measure_latency(model, cpu_inputs, repeats=2, warmup=1)
+    # the one CPU read is the copy of the inputs onto the model's device; every forward ran there
+    assert result.repeats == 2 and guard.offenders == ["aten._to_copy.default"]
+    cpu_model = make_model(FAMILIES["bert"], tf.BertForSequenceClassification)
+    with pytest.raises(ValueError, match="different devices"):
+        compare_latency(cpu_model, model, cpu_inputs, repeats=2)
+
+
 # ---- shared configs -------------------------------------------------------------------------------------
 def test_pruning_one_model_leaves_a_model_built_from_the_same_config_alone():
     family = FAMILIES["llama"]

@@ -267,7 +267,8 @@ def test_obs_update_reconstructs_better_than_masking():
     best = torch.zeros_like(w)  # per-row least squares on the kept support: the floor no update can beat
     for i in range(w.shape[0]):
         best[i, keep[i]] = torch.linalg.lstsq(x[:, keep[i]], (x @ w[i]).unsqueeze(1)).solution.squeeze(1)
-    assert error(best) <= error(updated) < 0.9 * error(w * keep)
+    # the OBS update and lstsq reach the same optimum by two float32 routes: compare with a rounding tolerance
+    assert error(best) <= error(updated) * (1 + 1e-4) and error(updated) < 0.9 * error(w * keep)
     torch.testing.assert_close(obs_update(w, hessian, torch.ones_like(keep)), w, atol=1e-4, rtol=0)
 
 

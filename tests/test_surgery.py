@@ -42,19 +42,33 @@ def removed_weight_count(model, heads, neurons) -> int:
     for layer, hs in heads.items():
         shape = adapter.layer_shape(model, layer)
         group = shape.heads // shape.kv_heads
+        gone = {"q": len(hs), "kv": len({h // group for h in hs})}
         for proj in adapter.attention_projs:
             module = adapter.layers(model)[layer].get_submodule(proj.path)
-            n_heads = len(hs) if proj.heads == "q" else len({h // group for h in hs})
-            features = n_heads * head_dim * proj.parts
+            features = sum(gone[u] for u in proj.units()) * head_dim
             total += features * _other_dim(module, proj.side)
             if proj.side == "out" and getattr(module, "bias", None) is not None:
                 total += features
+        total += _param_count(model, layer, adapter.attention_params, gone, head_dim)
     for layer, ns in neurons.items():
         for proj in adapter.ffn_projs:
             module = adapter.layers(model)[layer].get_submodule(proj.path)
-            total += len(ns) * _other_dim(module, proj.side)
+            features = len(ns) * len(proj.units())
+            total += features * _other_dim(module, proj.side)
             if proj.side == "out" and getattr(module, "bias", None) is not None:
-                total += len(ns)
+                total += features
+        total += _param_count(model, layer, adapter.ffn_params, {"ffn": len(ns)}, 1)
+    return total
+
+
+def _param_count(model, layer, params, gone: dict[str, int], head_dim: int) -> int:
+    """Entries of non-projection per-unit parameters that go with the removed units."""
+    adapter = hf_prune.get_adapter(model)
+    total = 0
+    for param in params:
+        tensor = adapter.layers(model)[layer].get_parameter(param.path)
+        width = param.width or (head_dim if param.unit != "ffn" else 1)
+        total += gone[param.unit] * width * (tensor.numel() // tensor.shape[param.dim])
     return total
 
 
@@ -308,6 +322,18 @@ class TestGemma(DecoderInvariants):
     family = FAMILIES["gemma"]
 
 
+class TestPhi3(DecoderInvariants):
+    family = FAMILIES["phi3"]
+
+
+class TestModernBert(FamilyInvariants):
+    family = FAMILIES["modernbert"]
+
+
+class TestGraniteSWA(DecoderInvariants):
+    family = FAMILIES["granite_swa"]
+
+
 # ---- family-specific behaviour --------------------------------------------------------------------------
 def test_gqa_partial_group_names_missing_heads():
     model = make_model(FAMILIES["llama"])
@@ -355,3 +381,33 @@ def test_plan_round_trips_through_json():
     assert again == plan and again.heads == {0: [1, 3]}
     with pytest.raises(ValueError, match="unknown PruningPlan keys"):
         hf_prune.PruningPlan.from_dict({"head": {}})
+
+
+# ---- depth --------------------------------------------------------------------------------------------
+def test_remove_layers_errors_leave_the_model_untouched():
+    model = make_model(FAMILIES["llama"])
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    for bad, message in (([3], r"out-of-range \[3\]"), ([0, 1, 2], "keep at least one"), (["1"], "integers")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            hf_prune.remove_layers(model, bad)
+    with pytest.raises(TypeError, match="list of integer indices"):
+        hf_prune.remove_layers(model, {0: [1]})
+    assert set(snapshot) == set(model.state_dict()) and getattr(model.config, "hf_prune", None) is None
+
+
+def test_depth_and_width_pruning_combine_and_reload(tmp_path):
+    family = FAMILIES["qwen3"]
+    model = make_model(family, tf.Qwen3ForCausalLM)
+    hf_prune.prune_heads(model, {2: [0, 1]})  # original block 2 loses a KV group
+    hf_prune.remove_layers(model, [0])
+    hf_prune.prune_ffn(model, {0: [1, 2, 3]})  # now block 0 is original block 1
+    state = model.config.hf_prune
+    assert state["kept_layers"] == [1, 2] and model.config.num_hidden_layers == 2
+    assert [(s["heads"], s["ffn"]) for s in state["layers"]] == [(4, 37), (2, 40)]
+    assert state["kept_heads"] == [[0, 1, 2, 3], [2, 3]]
+    model.save_pretrained(tmp_path)
+    loaded = hf_prune.from_pretrained(tmp_path, tf.AutoModelForCausalLM).eval()
+    inputs = make_inputs(family)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    assert loaded.config.hf_prune == state

@@ -12,7 +12,8 @@ shape restoration on reload, so every consumer stays consistent with the surgery
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -21,6 +22,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 Side = Literal["out", "in"]
+Unit = Literal["q", "kv", "ffn"]
+UNITS: tuple[str, ...] = ("q", "kv", "ffn")
 
 
 @dataclass(frozen=True)
@@ -31,18 +34,46 @@ class Proj:
         path: dotted path of the ``nn.Linear`` / ``Conv1D`` relative to a transformer block.
         side: ``"out"`` slices output features (rows of ``nn.Linear.weight``, and the bias);
             ``"in"`` slices input features (columns of ``nn.Linear.weight``).
-        heads: which head set indexes this projection's features: ``"q"`` (query heads, also used by
-            models without grouped-query attention) or ``"kv"`` (key/value heads).
-        parts: fused projections (GPT-2 ``c_attn`` holds q, k, v side by side) have ``parts`` equal
-            blocks along the sliced side, each indexed the same way.
-        value_part: for fused projections, which block holds the value features (for zeroing heads).
+        parts: the unit set indexing each block of features along the sliced side, in order: ``"q"`` (query
+            heads, also used by models without grouped-query attention), ``"kv"`` (key/value heads) or ``"ffn"``
+            (FFN neurons). A plain projection has one part; fused ones list theirs, each sized by its own set:
+            Phi-3's ``qkv_proj`` is ``("q", "kv", "kv")`` (H, KV and KV heads), its ``gate_up_proj`` and
+            ModernBERT's ``Wi`` are ``("ffn", "ffn")``. Shorthands: an int repeats ``heads`` (GPT-2's ``c_attn``:
+            ``parts=3``); omitted, one part of ``heads`` (attention) or ``"ffn"`` (FFN). :func:`register` expands
+            them, so code reading an adapter always sees a tuple.
+        heads: the unit set of the shorthand forms (``"q"`` or ``"kv"``).
     """
 
     path: str
     side: Side
-    heads: Literal["q", "kv"] = "q"
-    parts: int = 1
-    value_part: int | None = None
+    heads: Literal["q", "kv"] | None = None
+    parts: tuple[Unit, ...] | int | None = None
+
+    def units(self) -> tuple[Unit, ...]:
+        """The expanded ``parts`` (valid after :func:`register`)."""
+        assert isinstance(self.parts, tuple), "Proj.parts is expanded by register()"
+        return self.parts
+
+
+@dataclass(frozen=True)
+class Param:
+    """A per-unit parameter that is not a projection (e.g. per-head attention-sink logits or gates, a relative
+    position bias table with one column per head), sliced along ``dim`` when units are removed.
+
+    Attributes:
+        path: dotted path of the ``nn.Parameter`` relative to a transformer block.
+        dim: the dimension indexed by units.
+        unit: ``"q"``, ``"kv"`` or ``"ffn"``.
+        width: entries per unit along ``dim``: ``None`` means the head dimension for heads and 1 for neurons.
+        optional: the parameter exists in some blocks only (T5's relative bias lives in the first); skip it where
+            it is missing instead of raising.
+    """
+
+    path: str
+    dim: int
+    unit: Unit = "q"
+    width: int | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,14 +98,21 @@ class ArchAdapter:
             replaced by a cheap one when every head of the layer is removed.
         attention_out: path, relative to ``attention_module``, of the output projection when it lives inside
             that module (``None`` when the model applies it outside, as BERT's ``attention.output.dense``).
-        attention_projs: projections sliced when heads are removed.
-        value_projs: paths (relative to a block) of the value projections, used to zero heads.
-        ffn_module, ffn_out, ffn_projs: the same for the feed-forward network, indexed by neuron.
-        ffn_input_projs: projections whose output rows feed the activation (zeroed to silence neurons).
+        attention_projs: projections sliced when heads are removed (parts of ``"q"`` / ``"kv"``).
+        attention_params: non-projection parameters indexed by heads (:class:`Param`).
+        ffn_module, ffn_out, ffn_projs, ffn_params: the same for the feed-forward network, indexed by neuron.
         ffn_config_field: config field holding the intermediate size (set when all layers agree).
-        ffn_in_mats: how many hidden->intermediate matrices the FFN has (2 for gated SwiGLU), for FLOPs.
         head_dim_in_config: the head dimension is stored explicitly in the config, so uniformly pruned heads
             can be written as plain ``num_attention_heads``/``num_key_value_heads`` (stock-loadable).
+        layer_count_field: config field holding the number of blocks (rewritten when blocks are removed).
+        per_layer_config_fields: config lists with one entry per block (``layer_types``), cut with the blocks.
+        layer_index_attr: attribute name holding a block's index on the block and its submodules (KV caches are
+            keyed by it); renumbered when blocks are removed.
+
+    Which projections are "in" (the branch's output projection) and which are "out" is all the rest of hf_prune
+    needs: a head or neuron is silenced exactly by zeroing its "in" columns (the conformance kit in
+    :mod:`hf_prune.testing` checks surgery against that), importance hooks sit on those inputs, and the FLOPs of
+    a block follow from the parts (``ffn_in_mats`` counts the hidden->intermediate matrices).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -82,18 +120,21 @@ class ArchAdapter:
     attention_module: ClassVar[str]
     attention_out: ClassVar[str | None]
     attention_projs: ClassVar[tuple[Proj, ...]]
-    value_projs: ClassVar[tuple[Proj, ...]]
+    attention_params: ClassVar[tuple[Param, ...]] = ()
     ffn_module: ClassVar[str]
     ffn_out: ClassVar[str | None]
     ffn_projs: ClassVar[tuple[Proj, ...]]
-    ffn_input_projs: ClassVar[tuple[Proj, ...]]
+    ffn_params: ClassVar[tuple[Param, ...]] = ()
     ffn_config_field: ClassVar[str]
-    ffn_in_mats: ClassVar[int] = 1
+    ffn_in_mats: ClassVar[int] = 1  # derived by register() from the FFN parts
     head_dim_in_config: ClassVar[bool] = False
+    layer_count_field: ClassVar[str] = "num_hidden_layers"
+    per_layer_config_fields: ClassVar[tuple[str, ...]] = ("layer_types",)
+    layer_index_attr: ClassVar[str] = "layer_idx"
 
     # ---- config readers (overridden where a family names fields differently) -------------------------
     def num_layers(self, config: PretrainedConfig) -> int:
-        return int(config.num_hidden_layers)
+        return int(getattr(config, self.layer_count_field))
 
     def hidden_size(self, config: PretrainedConfig) -> int:
         return int(config.hidden_size)
@@ -125,31 +166,68 @@ class ArchAdapter:
     # ---- current per-layer shapes, read from the modules themselves ---------------------------------
     def layer_shape(self, model: nn.Module, index: int) -> LayerShape:
         block = self.layers(model)[index]
-        config = model.config
-        head_dim = self.head_dim(config)
-        q = next(p for p in self.attention_projs if p.heads == "q")
-        kv = next((p for p in self.attention_projs if p.heads == "kv"), q)
-        heads = num_features(block.get_submodule(q.path), q.side) // (q.parts * head_dim)
-        kv_heads = num_features(block.get_submodule(kv.path), kv.side) // (kv.parts * head_dim)
-        ffn_proj = self.ffn_projs[0]
-        ffn = num_features(block.get_submodule(ffn_proj.path), ffn_proj.side)
-        return LayerShape(heads=heads, kv_heads=kv_heads, ffn=ffn)
+        head_dim = self.head_dim(model.config)
+        return LayerShape(
+            heads=self._unit_count(block, "q", head_dim),
+            kv_heads=self._unit_count(block, "kv", head_dim),
+            ffn=self._unit_count(block, "ffn", 1),
+        )
+
+    def _unit_count(self, block: nn.Module, unit: str, width: int) -> int:
+        """How many units of ``unit`` the block has now, read off its projections' sizes: from a projection whose
+        parts are all of that set if there is one, else from a fused one minus its other parts (Phi-3's ``kv``
+        heads: ``qkv_proj`` less the query heads ``o_proj`` counts). Without any ``kv`` part, ``kv`` = ``q``."""
+        projs = self.ffn_projs if unit == "ffn" else self.attention_projs
+        for proj in sorted((p for p in projs if unit in p.units()), key=lambda p: len(set(p.units()))):
+            units = proj.units()
+            total = num_features(block.get_submodule(proj.path), proj.side)
+            others = sum(self._unit_count(block, u, width) for u in units if u != unit)  # pure sets: no recursion
+            return (total - others * width) // (units.count(unit) * width)
+        if unit == "kv":
+            return self._unit_count(block, "q", width)
+        raise ValueError(f"{type(self).__name__} has no projection with a {unit!r} part")
 
     def layer_shapes(self, model: nn.Module) -> list[LayerShape]:
         return [self.layer_shape(model, i) for i in range(len(self.layers(model)))]
-
-    def attention_output_bias(self, block: nn.Module) -> torch.Tensor | None:
-        """Bias of the attention output projection (what a layer with no heads left contributes)."""
-        return _out_bias(block, self.attention_module, self.attention_out)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_types={self.model_types})"
 
 
-def _out_bias(block: nn.Module, module_path: str, out_path: str | None) -> torch.Tensor | None:
-    if out_path is None:
-        return None
-    return getattr(block.get_submodule(module_path).get_submodule(out_path), "bias", None)
+class LayerConfig:
+    """One block's view of the model config with a few fields overridden, for families whose forward reads a
+    per-layer size from the shared config (Phi-3's attention slices its fused ``qkv`` output at
+    ``config.num_attention_heads * head_dim``). Every other attribute is read live from the model's config, so later
+    changes there (``_attn_implementation``) still reach the block."""
+
+    def __init__(self, base: PretrainedConfig, **overrides: object) -> None:
+        if isinstance(base, LayerConfig):
+            overrides = {**base._overrides, **overrides}
+            base = base._base
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            overrides = object.__getattribute__(self, "_overrides")
+        except AttributeError:  # half-built (copy/pickle): no fallback yet
+            raise AttributeError(name) from None
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self._overrides:
+            self._overrides[name] = value
+        else:
+            setattr(self._base, name, value)
+
+    def rebased(self, base: PretrainedConfig) -> LayerConfig:
+        """The same overrides over another config (when the model gets a config of its own)."""
+        return LayerConfig(base, **self._overrides)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({type(self._base).__name__}, overrides={self._overrides})"
 
 
 def num_features(module: nn.Module, side: Side) -> int:
@@ -167,11 +245,77 @@ def out_in(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return tensor.t() if isinstance(module, Conv1D) else tensor
 
 
+def unit_feature_index(
+    units: Sequence[str], keep: Mapping[str, Sequence[int]], counts: Mapping[str, int], width: Mapping[str, int]
+) -> torch.Tensor:
+    """Feature indices of the ``keep`` units along a side made of ``units`` parts laid end to end.
+
+    Part ``i`` holds ``counts[units[i]]`` units of ``width[units[i]]`` features each (Phi-3's ``qkv_proj``: H query
+    heads, then KV key heads, then KV value heads, each ``head_dim`` wide).
+    """
+    pieces, offset = [], 0
+    for unit in units:
+        w = width[unit]
+        ids = torch.as_tensor(list(keep[unit]), dtype=torch.long)
+        pieces.append(offset + (ids[:, None] * w + torch.arange(w)[None, :]).reshape(-1))
+        offset += counts[unit] * w
+    return torch.cat(pieces)
+
+
+def unit_sums(
+    values: torch.Tensor, units: Sequence[str], counts: Mapping[str, int], width: Mapping[str, int]
+) -> dict[str, torch.Tensor]:
+    """Per-feature ``values`` along a side made of ``units`` parts, summed into one value per unit of each set
+    (parts of the same set add up: GPT-2's q, k and v blocks all count towards a head)."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for unit in units:
+        n = counts[unit] * width[unit]
+        part = values[offset : offset + n].reshape(counts[unit], width[unit]).sum(dim=1)
+        out[unit] = out[unit] + part if unit in out else part
+        offset += n
+    return out
+
+
 _REGISTRY: dict[str, ArchAdapter] = {}
 
 
+def _expand(proj: Proj, default: Unit, allowed: tuple[str, ...], where: str) -> Proj:
+    if proj.heads is not None and proj.heads not in ("q", "kv"):
+        raise ValueError(f"{where}: Proj({proj.path!r}).heads must be 'q' or 'kv', got {proj.heads!r}")
+    unit = proj.heads or default
+    if proj.parts is None:
+        parts: tuple[str, ...] = (unit,)
+    elif isinstance(proj.parts, int) and not isinstance(proj.parts, bool):
+        if proj.parts < 1:
+            raise ValueError(f"{where}: Proj({proj.path!r}).parts must be >= 1, got {proj.parts}")
+        parts = (unit,) * proj.parts
+    else:
+        parts = tuple(proj.parts)
+    bad = [u for u in parts if u not in allowed]
+    if not parts or bad:
+        raise ValueError(f"{where}: Proj({proj.path!r}).parts {parts!r} may only hold {allowed}")
+    if proj.side not in ("out", "in"):
+        raise ValueError(f"{where}: Proj({proj.path!r}).side must be 'out' or 'in', got {proj.side!r}")
+    return replace(proj, parts=parts, heads=None)
+
+
 def register(adapter_cls: type[ArchAdapter]) -> type[ArchAdapter]:
-    """Class decorator: register an adapter for each of its ``model_types``."""
+    """Class decorator: check an adapter's description, expand its shorthands, and register it for each of its
+    ``model_types``. A malformed description fails here, at import, not halfway through a surgery."""
+    name = adapter_cls.__name__
+    attention = tuple(_expand(p, "q", ("q", "kv"), name) for p in adapter_cls.attention_projs)
+    ffn = tuple(_expand(p, "ffn", ("ffn",), name) for p in adapter_cls.ffn_projs)
+    for kind, projs, unit in (("attention_projs", attention, "q"), ("ffn_projs", ffn, "ffn")):
+        if not any(p.side == "in" and set(p.units()) == {unit} for p in projs):
+            raise ValueError(f"{name}.{kind} needs the branch's output projection: side 'in' with only {unit!r} parts")
+    for p in (*adapter_cls.attention_params, *adapter_cls.ffn_params):
+        if p.unit not in UNITS:
+            raise ValueError(f"{name}: Param({p.path!r}).unit must be one of {UNITS}, got {p.unit!r}")
+    adapter_cls.attention_projs = attention
+    adapter_cls.ffn_projs = ffn
+    # FLOPs and parameter counts need the number of hidden->intermediate matrices (2 for gated FFNs)
+    adapter_cls.ffn_in_mats = sum(p.units().count("ffn") for p in ffn if p.side == "out")
     instance = adapter_cls()
     for model_type in adapter_cls.model_types:
         _REGISTRY[model_type] = instance

@@ -19,11 +19,9 @@ class BertAdapter(ArchAdapter):
         Proj("attention.self.value", "out"),
         Proj("attention.output.dense", "in"),
     )
-    value_projs = (Proj("attention.self.value", "out"),)
     ffn_module = "intermediate"
     ffn_out = None
     ffn_projs = (Proj("intermediate.dense", "out"), Proj("output.dense", "in"))
-    ffn_input_projs = (Proj("intermediate.dense", "out"),)
     ffn_config_field = "intermediate_size"
 
     def set_attention_attrs(self, module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:

@@ -20,15 +20,11 @@ class DistilBertAdapter(ArchAdapter):
         Proj("attention.v_lin", "out"),
         Proj("attention.out_lin", "in"),
     )
-    value_projs = (Proj("attention.v_lin", "out"),)
     ffn_module = "ffn"
     ffn_out = "lin2"
     ffn_projs = (Proj("ffn.lin1", "out"), Proj("ffn.lin2", "in"))
-    ffn_input_projs = (Proj("ffn.lin1", "out"),)
+    layer_count_field = "n_layers"
     ffn_config_field = "hidden_dim"
-
-    def num_layers(self, config: PretrainedConfig) -> int:
-        return int(config.n_layers)
 
     def hidden_size(self, config: PretrainedConfig) -> int:
         return int(config.dim)

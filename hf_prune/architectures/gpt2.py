@@ -15,18 +15,14 @@ class GPT2Adapter(ArchAdapter):
     attention_module = "attn"
     attention_out = "c_proj"
     attention_projs = (
-        Proj("attn.c_attn", "out", parts=3, value_part=2),
+        Proj("attn.c_attn", "out", parts=3),
         Proj("attn.c_proj", "in"),
     )
-    value_projs = (Proj("attn.c_attn", "out", parts=3, value_part=2),)
     ffn_module = "mlp"
     ffn_out = "c_proj"
     ffn_projs = (Proj("mlp.c_fc", "out"), Proj("mlp.c_proj", "in"))
-    ffn_input_projs = (Proj("mlp.c_fc", "out"),)
+    layer_count_field = "n_layer"
     ffn_config_field = "n_inner"
-
-    def num_layers(self, config: PretrainedConfig) -> int:
-        return int(config.n_layer)
 
     def hidden_size(self, config: PretrainedConfig) -> int:
         return int(config.n_embd)

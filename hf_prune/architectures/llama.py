@@ -24,14 +24,10 @@ class LlamaAdapter(ArchAdapter):
         Proj("self_attn.v_proj", "out", heads="kv"),
         Proj("self_attn.o_proj", "in", heads="q"),
     )
-    value_projs = (Proj("self_attn.v_proj", "out", heads="kv"),)
     ffn_module = "mlp"
     ffn_out = "down_proj"
     ffn_projs = (Proj("mlp.gate_proj", "out"), Proj("mlp.up_proj", "out"), Proj("mlp.down_proj", "in"))
-    # act(gate) * up: a zero up row silences the neuron whatever the gate does.
-    ffn_input_projs = (Proj("mlp.up_proj", "out"),)
     ffn_config_field = "intermediate_size"
-    ffn_in_mats = 2
     head_dim_in_config = True
 
     def num_kv_heads(self, config: PretrainedConfig) -> int:
