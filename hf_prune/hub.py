@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import logging
@@ -44,9 +44,10 @@ def _resolve_class(model_class: type, config: Any, trust_remote_code: bool = Fal
         and hasattr(model_class, "from_config")
         and not issubclass(model_class, PreTrainedModel)
     ):
-        # An Auto class: let it pick the concrete class through its public from_config, on the meta device so
-        # nothing is allocated (transformers' own resolver is private API).
-        with torch.device("meta"):
+        # An Auto class: let it pick the concrete class through its public from_config, as an empty skeleton
+        # (accelerate's init_empty_weights: weights on the meta device, nothing allocated); transformers' own
+        # resolver is private API.
+        with init_empty_weights():
             return type(model_class.from_config(config, trust_remote_code=trust_remote_code))
     if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
         return model_class

@@ -181,7 +181,8 @@ class ArchAdapter:
         for proj in sorted((p for p in projs if unit in p.units()), key=lambda p: len(set(p.units()))):
             units = proj.units()
             total = num_features(block.get_submodule(proj.path), proj.side)
-            others = sum(self._unit_count(block, u, width) for u in units if u != unit)  # pure sets: no recursion
+            # the other sets of a fused projection are read off pure ones (register() requires a pure 'q' / 'ffn')
+            others = sum(self._unit_count(block, u, width) for u in units if u != unit)
             return (total - others * width) // (units.count(unit) * width)
         if unit == "kv":
             return self._unit_count(block, "q", width)
