@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import lzma
 import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import accelerate
+import datasets
 import torch
 import transformers as tf
 from datasets import load_dataset
@@ -21,25 +26,93 @@ from hf_prune.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_DATA_DIR = Path(os.environ.get("HF_PRUNE_DATA", REPO.parent / "shared" / "data"))
+# The data ship with the repository (data/, xz-compressed where large); HF_PRUNE_DATA or --data-dir points elsewhere
+# (a folder of the same layout, compressed or not).
+DEFAULT_DATA_DIR = Path(os.environ.get("HF_PRUNE_DATA", REPO / "data"))
 CACHE_DIR = Path(os.environ.get("HF_PRUNE_BENCH_CACHE", REPO / ".cache" / "benchmarks"))
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
-    return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    """What ran the benchmark: CPU model, cores, torch threads, GPU (if one was used), OS."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "transformers": tf.__version__, "hf_prune": hf_prune.__version__}
+    """The code that measured: hf_prune's git commit (``+dirty`` when the tree had uncommitted changes), the run's
+    UTC date, and the versions of Python and the libraries."""
+    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "hf_prune": hf_prune.__version__,
+        "commit": commit + ("+dirty" if dirty else ""),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def data_file(data_dir: Path, name: str) -> Path:
+    """``data_dir/name``, or its ``.xz`` / ``.gz`` compressed copy (datasets and :func:`read_text` read both)."""
+    for candidate in (data_dir / name, data_dir / f"{name}.xz", data_dir / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{name} not found in {data_dir} (nor .xz/.gz); the repository ships it in data/, or pass --data-dir / set "
+        "HF_PRUNE_DATA to a folder with the same layout"
+    )
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents, decompressing ``.xz`` and ``.gz``."""
+    if path.suffix == ".xz":
+        with lzma.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
+def glue_tsv(data_dir: Path, task: str):
+    """A GLUE task's ``train`` and ``dev`` TSVs from ``data_dir/task`` as a DatasetDict (train, validation)."""
+    files = {
+        "train": str(data_file(data_dir, f"{task}/train.tsv")),
+        "validation": str(data_file(data_dir, f"{task}/dev.tsv")),
+    }
+    return load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
 
 
 def sst2(data_dir: Path, n_train: int | None = None, seed: int = 0):
     """GLUE SST-2 from ``data_dir/sst2`` (train subset shuffled with ``seed``) as a DatasetDict."""
-    files = {"train": str(data_dir / "sst2" / "train.tsv"), "validation": str(data_dir / "sst2" / "dev.tsv")}
-    missing = [f for f in files.values() if not Path(f).exists()]
-    if missing:
-        raise FileNotFoundError(f"SST-2 files not found: {missing}; pass --data-dir (default ../shared/data)")
-    ds = load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
+    ds = glue_tsv(data_dir, "sst2")
     if n_train is not None:
         ds["train"] = ds["train"].shuffle(seed=seed).select(range(min(n_train, len(ds["train"]))))
     return ds
@@ -95,7 +168,7 @@ def finetuned_minilm_sst2(data_dir: Path, n_train: int = 8000, epochs: float = 1
 
 
 def wikitext_ids(tokenizer, data_dir: Path, split: str = "test", max_tokens: int | None = None) -> torch.Tensor:
-    text = (data_dir / "wikitext2" / f"{split}.txt").read_text()
+    text = read_text(data_file(data_dir, f"wikitext2/{split}.txt"))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[:max_tokens] if max_tokens else ids
 

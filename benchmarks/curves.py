@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import sys
 import tempfile
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import torch
 import transformers as tf
-from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_prune
@@ -38,6 +36,7 @@ from common import (  # noqa: E402
     accuracy,
     bench_args,
     finetuned_minilm_sst2,
+    glue_tsv,
     machine_info,
     perplexity,
     versions,
@@ -53,8 +52,7 @@ def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
     """MiniLM fine-tuned on GLUE RTE (cached); returns (model, tokenizer, tokenized data)."""
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    files = {"train": str(data_dir / "rte" / "train.tsv"), "validation": str(data_dir / "rte" / "dev.tsv")}
-    ds = load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
+    ds = glue_tsv(data_dir, "rte")
     names = {"entailment": 0, "not_entailment": 1}
 
     def tok(batch):

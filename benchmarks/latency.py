@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from hf_prune.measure import compare_latency, count_parameters, encoder_flops, s
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import machine_info, versions  # noqa: E402
 from results import render_results, write_result  # noqa: E402
 
 CONFIGS = {
@@ -121,12 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "latency",
         "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-        },
-        "versions": {"torch": torch.__version__, "transformers": tf.__version__, "hf_prune": hf_prune.__version__},
+        "machine": machine_info(),
+        "versions": versions(),
         "wall_time_s": time.time() - start,
         "rows": rows,
         "sizes": [sizes(m) for m in args.models],

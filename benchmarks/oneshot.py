@@ -5,7 +5,7 @@ Part 1 (MiniLM, SST-2): fine-tune all-MiniLM-L6-v2 on an SST-2 subset (cached), 
 Part 2 (SmolLM2-135M, WikiText-2): 50% unstructured sparsity (magnitude per layer / per row, activation-aware) and
 2:4, perplexity on the first 16,384 test tokens in 512-token windows. Calibration: 32 x 512 train tokens.
 
-    python benchmarks/oneshot.py [--data-dir ../shared/data] [--skip-llm] [--skip-minilm]
+    python benchmarks/oneshot.py [--data-dir data] [--skip-llm] [--skip-minilm]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from a fresh copy of the fine-tuned model:
 Latency: one fixed random batch of 32 x 64 tokens on CPU, dense and pruned interleaved in the same process
 (``hf_prune.compare_latency``). A peer that raises is recorded with its error, not dropped.
 
-    python benchmarks/peers.py [--data-dir ../shared/data] [--repeats 24] [--output benchmarks/results/peers.json]
+    python benchmarks/peers.py [--data-dir data] [--repeats 24] [--output benchmarks/results/peers.json]
 """
 
 from __future__ import annotations

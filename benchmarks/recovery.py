@@ -10,7 +10,7 @@ Every run starts from MiniLM fine-tuned for 1 epoch on the same SST-2 subset (ca
 * unstructured 50 / 70 / 90% magnitude sparsity, gradual (cubic) over the first half of the epoch.
 Dev accuracy on the full SST-2 dev set (872), wall time of the recovery epoch, parameters and FLOPs ratio.
 
-    python benchmarks/recovery.py [--data-dir ../shared/data] [--n-train 8000] [--only dense 2x-distill ...]
+    python benchmarks/recovery.py [--data-dir data] [--n-train 8000] [--only dense 2x-distill ...]
     python benchmarks/recovery.py --seeds 1 2 --only dense 2x-distill   # add seeds to rows already measured
 """
 

@@ -28,8 +28,11 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
 def _header(result: dict[str, Any], run: bool = True) -> list[str]:
     """Machine and versions; with ``run`` also the command and wall time (parts may carry their own instead)."""
     m, v = result["machine"], result["versions"]
+    cpu = f"{m['cpu_model']}, " if m.get("cpu_model") else ""
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = [
-        f"Machine: {m['cpu_cores']} CPU cores ({m.get('torch_threads', '?')} torch threads), {m['platform']}  ",
+        f"Machine: {cpu}{m['cpu_cores']} CPU cores ({m.get('torch_threads', '?')} torch threads){gpu}, "
+        f"{m['platform']}  ",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
     ]
     if run:

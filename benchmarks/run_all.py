@@ -6,7 +6,7 @@ headline table.
                                             # leaving the committed results untouched
     hf-prune benchmark [--quick]            # the same, through the CLI
 
-Data come from ``--data-dir`` (default ``../shared/data``, or ``$HF_PRUNE_DATA``).
+Data come from the repository's ``data/`` (xz-compressed where large), or ``--data-dir`` / ``$HF_PRUNE_DATA``.
 """
 
 from __future__ import annotations

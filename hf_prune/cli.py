@@ -20,7 +20,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
-        print(f"{args.recipe}: valid recipe (model {recipe.model.name_or_path}, output {recipe.output.dir})")
+        from .runner import load_data
+
+        data = load_data(recipe)  # files found, splits and columns present: everything short of the model
+        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in data.items())
+        print(
+            f"{args.recipe}: valid recipe (model {recipe.model.name_or_path}, data {sizes}, output {recipe.output.dir})"
+        )
         return 0
     report = run_recipe(recipe, output_dir=args.output_dir, push=True if args.push else None)
     print()
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--output-dir", help="override output.dir")
     run.add_argument("--push", action="store_true", help="push the output folder to output.repo_id")
-    run.add_argument("--dry-run", action="store_true", help="validate the recipe and exit")
+    run.add_argument("--dry-run", action="store_true", help="validate the recipe and its data, then exit")
     run.set_defaults(func=_cmd_run)
 
     inspect = sub.add_parser("inspect", help="heads/FFN per layer, parameters, sparsity, FLOPs of a model")

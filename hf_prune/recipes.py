@@ -36,7 +36,7 @@ from .config import PruningConfig, closest
 from .metrics import SUPPORTED as SUPPORTED_METRICS
 
 TASKS = ("sequence-classification", "causal-lm")
-FORMATS = ("csv", "tsv", "json", "text")
+FORMATS = ("csv", "tsv", "json", "text", "parquet")
 
 
 class _Loader(yaml.SafeLoader):

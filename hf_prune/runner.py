@@ -28,7 +28,7 @@ from .masks import sparsity_report
 from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
-from .recipes import Recipe, RecipeError
+from .recipes import FORMATS, Recipe, RecipeError
 from .report import latency_device, write_report
 from .trainer import PruningTrainer
 
@@ -53,6 +53,21 @@ def resolve_path(recipe: Recipe, path: str) -> str:
     return str(beside if beside.exists() else p)
 
 
+COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")  # datasets decompresses these itself
+
+
+SUFFIX_FORMATS = {"tsv": "tsv", "csv": "csv", "json": "json", "jsonl": "json", "txt": "text", "parquet": "parquet"}
+
+
+def data_format(path: str) -> str:
+    """The recipe format of a data file from its name (``.jsonl`` is json, ``.txt`` text), compression aside."""
+    p = Path(path)
+    if p.suffix in COMPRESSION_SUFFIXES:
+        p = p.with_suffix("")
+    suffix = p.suffix.lstrip(".").lower()
+    return SUFFIX_FORMATS.get(suffix, suffix)
+
+
 def load_data(recipe: Recipe) -> DatasetDict:
     """Load the recipe's data and check its columns, before any model is loaded."""
     d = recipe.data
@@ -61,7 +76,12 @@ def load_data(recipe: Recipe) -> DatasetDict:
         missing = [f for f in files.values() if not Path(f).exists()]
         if missing:
             raise RecipeError(f"{recipe.where('data', 'files')}: data file(s) not found: {missing}")
-        fmt = d.format or Path(next(iter(files.values()))).suffix.lstrip(".")
+        fmt = d.format or data_format(next(iter(files.values())))
+        if fmt not in FORMATS:
+            raise RecipeError(
+                f"{recipe.where('data', 'files')}: cannot tell the format of {next(iter(files.values()))!r} from its "
+                f"name; set data.format to one of {', '.join(FORMATS)}"
+            )
         kwargs: dict[str, Any] = {}
         if fmt in ("tsv", "csv"):
             kwargs = {"delimiter": "\t" if fmt == "tsv" else ",", "quoting": csv.QUOTE_NONE if fmt == "tsv" else 0}
@@ -69,7 +89,7 @@ def load_data(recipe: Recipe) -> DatasetDict:
                 kwargs["column_names"] = d.column_names
             ds = load_dataset("csv", data_files=files, **kwargs)
         else:
-            ds = load_dataset("json" if fmt == "json" else "text", data_files=files)
+            ds = load_dataset(fmt, data_files=files)
     else:
         ds = load_dataset(d.dataset, d.config)
     for split in (d.train_split, d.eval_split):

@@ -82,12 +82,58 @@ def write(tmp_path: Path, data: dict | str, name: str = "r.yaml") -> Path:
 
 # ---- schema ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_shipped_recipes_are_valid(path):
+def test_shipped_recipes_are_valid_and_their_data_ship_with_the_repository(path, capsys):
     recipe = load_recipe(path)
     assert recipe.model.name_or_path and recipe.output.dir
-    if path.name == "demo.yaml":  # the demo must run from the repository alone
-        for f in recipe.data.files.values():
-            assert runner.resolve_path(recipe, f).startswith(str(REPO)) or Path(runner.resolve_path(recipe, f)).exists()
+    if not recipe.data.files:  # a Hub dataset id (online recipe)
+        assert recipe.data.dataset
+        return
+    for f in recipe.data.files.values():
+        resolved = Path(runner.resolve_path(recipe, f)).resolve()
+        assert resolved.is_relative_to(REPO) and resolved.exists(), f"{path.name}: {f} is not in the repository"
+    # the dry run loads the data (files, splits and columns), everything short of the model
+    assert cli.main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "valid recipe" in out and f"{recipe.data.train_split} " in out
+
+
+def test_data_format_is_read_from_the_name_compression_aside(tmp_path):
+    assert [runner.data_format(n) for n in ("a.tsv.xz", "a.jsonl", "a.JSON.gz", "b.txt", "c.parquet", "d.csv")] == [
+        "tsv",
+        "json",
+        "json",
+        "text",
+        "parquet",
+        "csv",
+    ]
+    (tmp_path / "rows.jsonl").write_text('{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0}\n')
+    (tmp_path / "odd.dat").write_text("x")
+    data = {
+        "model": {"name_or_path": "m", "task": "sequence-classification"},
+        "data": {"files": {"train": str(tmp_path / "rows.jsonl"), "validation": str(tmp_path / "rows.jsonl")}},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    loaded = runner.load_data(load_recipe(write(tmp_path, data)))
+    assert loaded["train"].column_names == ["sentence", "label"] and len(loaded["train"]) == 2
+    data["data"]["files"] = {"train": str(tmp_path / "odd.dat"), "validation": str(tmp_path / "odd.dat")}
+    with pytest.raises(RecipeError, match=r"set data\.format to one of csv, tsv, json, text, parquet"):
+        runner.load_data(load_recipe(write(tmp_path, data)))
+
+
+def test_shipped_data_match_their_published_checksums():
+    """data/README.md lists the sha256 of every shipped file (of the decompressed content for .xz files)."""
+    import hashlib
+    import lzma
+    import re
+
+    rows = re.findall(r"^\| `([^`]+)` \|.*\| ([0-9a-f]{64}) \|$", (REPO / "data" / "README.md").read_text(), re.M)
+    shipped = sorted(str(p.relative_to(REPO / "data")) for p in (REPO / "data").rglob("*") if p.is_file())
+    assert sorted(name for name, _ in rows) == [n for n in shipped if n != "README.md"]
+    for name, digest in rows:
+        raw = (REPO / "data" / name).read_bytes()
+        content = lzma.decompress(raw) if name.endswith(".xz") else raw
+        assert hashlib.sha256(content).hexdigest() == digest, name
+    assert sum((REPO / "data" / n).stat().st_size for n in shipped) < 8 * 2**20
 
 
 BAD = [
