@@ -20,13 +20,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
+        from huggingface_hub import constants
+
         from .runner import load_data
 
-        data = load_data(recipe)  # files found, splits and columns present: everything short of the model
-        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in data.items())
-        print(
-            f"{args.recipe}: valid recipe (model {recipe.model.name_or_path}, data {sizes}, output {recipe.output.dir})"
-        )
+        if recipe.data.files or not constants.HF_HUB_OFFLINE:
+            data = load_data(recipe)  # files found, splits and columns present: everything short of the model
+            sizes = "data " + ", ".join(f"{split} {len(ds)}" for split, ds in data.items())
+        else:  # a Hub dataset id while offline: the schema is checked, the data cannot be
+            sizes = f"Hub dataset {recipe.data.dataset} not loaded offline"
+        model = recipe.model.name_or_path
+        print(f"{args.recipe}: valid recipe (model {model}, {sizes}, output {recipe.output.dir})")
         return 0
     report = run_recipe(recipe, output_dir=args.output_dir, push=True if args.push else None)
     print()
