@@ -2,7 +2,8 @@
 
 One loop serves all of them: ``Trainer.evaluation_loop`` (batching, collation, device placement, gathering across
 processes). A running trainer is reused when there is one (mid-training evaluation); otherwise a plain ``Trainer``
-is built for the model where it already is.
+is built for the model where it already is. Inside a training run, always pass ``trainer=``: building a new
+``TrainingArguments`` there would reset accelerate's process state under the running trainer.
 """
 
 from __future__ import annotations
