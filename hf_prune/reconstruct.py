@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
-from .architectures.base import out_in
+from .architectures.base import head_feature_index, out_in
 from .calibration import model_device, no_cache, to_device
 from .masks import compute_masks
-from .surgery import head_feature_index, validate_plan
+from .surgery import validate_plan
 
 if TYPE_CHECKING:
     from .plan import PruningPlan

@@ -104,14 +104,6 @@ def slice_projection(module: nn.Module, index: torch.Tensor, side: str) -> None:
         module.nx = n
 
 
-def head_feature_index(heads: Iterable[int], head_dim: int) -> torch.Tensor:
-    """Feature indices covered by ``heads`` (each head owns ``head_dim`` consecutive features)."""
-    heads = torch.as_tensor(list(heads), dtype=torch.long)
-    if heads.numel() == 0:
-        return heads
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-
-
 def _slice_params(
     block: nn.Module,
     params: Sequence[Param],
@@ -123,7 +115,7 @@ def _slice_params(
         owner_path, _, name = param.path.rpartition(".")
         try:
             owner = block.get_submodule(owner_path)
-            getattr(owner, name)
+            tensor = getattr(owner, name)
         except AttributeError:
             if param.optional:
                 continue
@@ -131,7 +123,7 @@ def _slice_params(
         w = {**width, param.unit: param.width} if param.width is not None else width
         index = unit_feature_index((param.unit,), keep, counts, w)
         with torch.no_grad():
-            _replace(owner, name, param.dim, index.to(getattr(owner, name).device))
+            _replace(owner, name, param.dim, index.to(tensor.device))
 
 
 # ---------------------------------------------------------------------------------------------------------

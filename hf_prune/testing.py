@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .architectures import get_adapter
+from .architectures.base import head_feature_index, out_in
 from .hub import from_pretrained, save_pretrained
 from .measure import count_parameters
 from .surgery import prune_structure, remove_layers
@@ -50,12 +51,11 @@ def zero_heads_and_neurons(model: nn.Module, heads: Mapping[int, list[int]], neu
     with torch.no_grad():
         for projs, request, width in ((adapter.attention_projs, heads, head_dim), (adapter.ffn_projs, neurons, 1)):
             for layer, ids in request.items():
-                ids_ = torch.as_tensor(list(ids), dtype=torch.long)
-                index = (ids_[:, None] * width + torch.arange(width)).reshape(-1)
+                index = head_feature_index(ids, width)
                 for proj in projs:
                     if proj.side == "in":
                         module = layers[layer].get_submodule(proj.path)
-                        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+                        weight = out_in(module.weight, module)
                         weight[:, index.to(weight.device)] = 0
 
 

@@ -10,9 +10,9 @@ import torch
 import hf_prune
 from hf_prune import PruningConfig, prune
 from hf_prune.allocate import allocate
+from hf_prune.architectures.base import head_feature_index
 from hf_prune.criteria import magnitude_scores, mask_gradient_scores, random_scores
 from hf_prune.masks import compute_masks, prunable_linears, sparsity_report, weight_scores
-from hf_prune.surgery import head_feature_index
 
 from .families import FAMILIES, make_inputs, make_model, output_tensor
 

@@ -12,7 +12,7 @@ shape restoration on reload, so every consumer stays consistent with the surgery
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
@@ -246,6 +246,14 @@ def out_in(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return tensor.t() if isinstance(module, Conv1D) else tensor
 
 
+def head_feature_index(heads: Iterable[int], head_dim: int) -> torch.Tensor:
+    """Feature indices covered by ``heads`` (each head owns ``head_dim`` consecutive features; neurons: width 1)."""
+    heads = torch.as_tensor(list(heads), dtype=torch.long)
+    if heads.numel() == 0:
+        return heads
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
 def unit_feature_index(
     units: Sequence[str], keep: Mapping[str, Sequence[int]], counts: Mapping[str, int], width: Mapping[str, int]
 ) -> torch.Tensor:
@@ -256,10 +264,8 @@ def unit_feature_index(
     """
     pieces, offset = [], 0
     for unit in units:
-        w = width[unit]
-        ids = torch.as_tensor(list(keep[unit]), dtype=torch.long)
-        pieces.append(offset + (ids[:, None] * w + torch.arange(w)[None, :]).reshape(-1))
-        offset += counts[unit] * w
+        pieces.append(offset + head_feature_index(keep[unit], width[unit]))
+        offset += counts[unit] * width[unit]
     return torch.cat(pieces)
 
 
