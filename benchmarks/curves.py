@@ -33,16 +33,15 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     CACHE_DIR,
     DEFAULT_DATA_DIR,
+    Run,
     accuracy,
     bench_args,
     finetuned_minilm_sst2,
     glue_tsv,
-    machine_info,
     perplexity,
-    versions,
     wikitext_ids,
 )
-from results import render_results, write_result  # noqa: E402
+from results import add_run, publish  # noqa: E402
 
 CUTS = (1.5, 2.0, 3.0, 4.0)
 SPARSITIES = (0.5, 0.7, 0.9)
@@ -225,40 +224,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "curves.json")
     args = parser.parse_args(argv)
     cuts, sparsities = ((2.0,), (0.5,)) if args.quick else (CUTS, SPARSITIES)
-    command = "python benchmarks/curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    # each part (task, LLM sweep) records the command that produced it, so a partial re-run (--tasks rte,
-    # --skip-llm) keeps the other parts of the previous result with their own provenance
+    this_run = Run("curves.py", argv)
+    # a partial re-run (--tasks rte, --skip-llm) keeps the other parts of the previous result with their runs
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-
-    def kept(part: dict) -> dict:  # a part from before parts carried their own command: the file's command made it
-        return part if "command" in part else {**part, "command": previous.get("command", "unknown")}
-
     result = {
         "benchmark": "curves",
-        "command": command,
-        "machine": machine_info(),
-        "versions": versions(),
-        "tasks": {task: kept(part) for task, part in previous.get("tasks", {}).items()},
+        "runs": previous.get("runs", {}),
+        "tasks": dict(previous.get("tasks", {})),
     }
     if "llm" in previous:
-        result["llm"] = kept(previous["llm"])
-    start = time.time()
+        result["llm"] = previous["llm"]
+    parts = {}
     for task in args.tasks:
         part_start = time.time()
         part = task_rows(task, args.data_dir, args.recover, cuts, sparsities, args.n_train)
-        result["tasks"][task] = {**part, "command": command, "wall_time_s": time.time() - part_start}
+        parts[task] = {**part, "wall_time_s": time.time() - part_start}
     if not args.skip_llm:
         part_start = time.time()
         eval_tokens = 4096 if args.quick else 16384
         part = llm_rows(args.data_dir, (0.5,) if args.quick else (0.3, 0.5, 0.7), 32, eval_tokens)
-        result["llm"] = {**part, "command": command, "wall_time_s": time.time() - part_start}
-    result["wall_time_s"] = time.time() - start
+        parts["llm"] = {**part, "wall_time_s": time.time() - part_start}
+    run_id = add_run(result, this_run.record())
+    for name, part in parts.items():
+        part["run"] = run_id
+        for point in part["points"]:
+            point["run"] = run_id
+        if name == "llm":
+            result["llm"] = part
+        else:
+            result["tasks"][name] = part
     # the committed plots live next to RESULTS.md; a run written elsewhere (--quick) keeps its plots beside its JSON
     default_output = args.output.resolve() == (HERE / "results" / "curves.json").resolve()
     result["plots"] = plot(result, HERE if default_output else args.output.parent)
-    write_result(args.output, result)
-    render_results()
-    print(json.dumps({"plots": result["plots"], "wall_time_s": result["wall_time_s"]}))
+    publish(args.output, result)
+    print(json.dumps({"plots": result["plots"], "wall_time_s": this_run.elapsed()}))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,8 +23,8 @@ from hf_prune.measure import compare_latency, count_parameters, encoder_flops, s
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import machine_info, versions  # noqa: E402
-from results import render_results, write_result  # noqa: E402
+from common import Run  # noqa: E402
+from results import add_run, publish  # noqa: E402
 
 CONFIGS = {
     "bert-base": lambda: tf.BertConfig(),  # 12 layers, hidden 768, 12 heads, FFN 3072
@@ -115,19 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.time()
+    this_run = Run("latency.py", argv)
     rows = [run(m, b, s, args.repeats) for m in args.models for b in args.batch for s in args.seq_len]
-    result = {
-        "benchmark": "latency",
-        "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "wall_time_s": time.time() - start,
-        "rows": rows,
-        "sizes": [sizes(m) for m in args.models],
-    }
-    write_result(args.output, result)
-    render_results()
+    result = {"benchmark": "latency", "rows": rows, "sizes": [sizes(m) for m in args.models]}
+    run_id = add_run(result, this_run.record())
+    for row in rows:
+        row["run"] = run_id
+    publish(args.output, result)
     return result
 
 

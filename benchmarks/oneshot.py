@@ -27,14 +27,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     DEFAULT_DATA_DIR,
+    Run,
     accuracy,
     finetuned_minilm_sst2,
-    machine_info,
     perplexity,
-    versions,
     wikitext_ids,
 )
-from results import render_results, write_result  # noqa: E402
+from results import add_run, publish  # noqa: E402
 
 CRITERIA = ("magnitude", "taylor", "fisher", "random")
 
@@ -64,14 +63,14 @@ def _minilm_row(model, config: PruningConfig, calibration, validation) -> dict:
     return row
 
 
-def minilm_rows(data_dir: Path, n_train: int, calib: int) -> tuple[dict, list[dict]]:
+def minilm_rows(data_dir: Path, n_train: int, calib: int, criteria=CRITERIA) -> tuple[dict, list[dict]]:
     model, _, data = finetuned_minilm_sst2(data_dir, n_train)
     dense_acc = accuracy(model, data["validation"])
     print(f"dense MiniLM SST-2 dev accuracy {dense_acc:.4f}")
     calibration = data["train"].select(range(calib))
     rows = []
     for keep in (0.5, 1 / 3):
-        for criterion in CRITERIA:
+        for criterion in criteria:
             for scope in ("layer", "global"):
                 config = PruningConfig(target_flops=keep, criterion=criterion, scope=scope, max_samples=calib)
                 rows.append(_minilm_row(model, config, calibration, data["validation"]))
@@ -152,34 +151,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA, help="MiniLM criteria")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "oneshot.json")
     args = parser.parse_args(argv)
-    start = time.time()
-    result = {
-        "benchmark": "oneshot",
-        "command": "python benchmarks/oneshot.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(),
-        "versions": versions(),
-    }
-    if args.output.exists():  # keep the part that was skipped this time
+    this_run = Run("oneshot.py", argv)
+    result: dict = {"benchmark": "oneshot", "runs": {}}
+    if args.output.exists():  # keep the part that was skipped this time, with the run that measured it
         import json
 
         previous = json.loads(args.output.read_text())
+        result["runs"] = previous.get("runs", {})
         result.update({k: previous[k] for k in ("minilm", "llm") if k in previous})
-    # each part records its own command and wall time: a later run may refresh only one part
+    parts = {}
     if not args.skip_minilm:
         part = time.time()
-        meta, rows = minilm_rows(args.data_dir, args.n_train, args.calibration)
-        result["minilm"] = {**meta, "command": result["command"], "wall_time_s": time.time() - part, "rows": rows}
+        meta, rows = minilm_rows(args.data_dir, args.n_train, args.calibration, args.criteria)
+        parts["minilm"] = {**meta, "wall_time_s": time.time() - part, "rows": rows}
     if not args.skip_llm:
         part = time.time()
         meta, rows = llm_rows(args.data_dir, args.calib_seqs, args.eval_tokens)
-        result["llm"] = {**meta, "command": result["command"], "wall_time_s": time.time() - part, "rows": rows}
-    result["wall_time_s"] = time.time() - start
-    write_result(args.output, result)
-    render_results()
+        parts["llm"] = {**meta, "wall_time_s": time.time() - part, "rows": rows}
+    run_id = add_run(result, this_run.record())
+    for name, part in parts.items():
+        part["run"] = run_id
+        for row in part["rows"]:
+            row["run"] = run_id
+        result[name] = part
+    publish(args.output, result)
     print(f"hf_prune {hf_prune.__version__}: wrote {args.output}")
 
 

@@ -42,8 +42,8 @@ from hf_prune import PruningConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, accuracy, finetuned_minilm_sst2, machine_info, versions  # noqa: E402
-from results import _header, write_result  # noqa: E402
+from common import DEFAULT_DATA_DIR, Run, accuracy, finetuned_minilm_sst2  # noqa: E402
+from results import _header, add_run, publish  # noqa: E402
 
 N_TRAIN = 8000
 CALIBRATION = 512
@@ -320,9 +320,10 @@ def run_peer(peer: Peer, base: nn.Module, data: Any, inputs: dict[str, torch.Ten
     return row
 
 
-def peer_versions() -> dict[str, str]:
-    # Read from the installed distributions: torch_pruning.__version__ of 1.6.1 still says 1.6.0.
-    found = versions()
+def peer_versions(found: dict[str, str]) -> dict[str, str]:
+    """``found`` plus the peers' versions, read from the installed distributions: torch_pruning.__version__ of 1.6.1
+    still says 1.6.0."""
+    found = dict(found)
     for dist in ("torch-pruning", "textpruner"):
         try:
             found[dist.replace("-", "_")] = importlib.metadata.version(dist)
@@ -398,24 +399,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.time()
+    this_run = Run("peers.py", argv)
     model, _, data = finetuned_minilm_sst2(args.data_dir, n_train=N_TRAIN)
     inputs = latency_inputs(model.config.vocab_size)
     rows = [run_peer(peer, model, data, inputs, args.repeats) for peer in PEERS]
     result = {
         "benchmark": "peers",
-        "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(),
-        "versions": peer_versions(),
         "n_train": N_TRAIN,
         "dense_accuracy": rows[0]["accuracy"],
         "calibration_samples": CALIBRATION,
         "latency_batch": BATCH,
         "latency_seq_len": SEQ_LEN,
-        "wall_time_s": time.time() - start,
         "rows": rows,
     }
-    write_result(args.output, result)
+    record = this_run.record()
+    record["versions"] = peer_versions(record["versions"])
+    run_id = add_run(result, record)
+    for row in rows:
+        row["run"] = run_id
+    publish(args.output, result)
     print("\n".join(render_peers(result)))
     print(f"wrote {args.output}")
 

@@ -37,13 +37,12 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     CACHE_DIR,
     DEFAULT_DATA_DIR,
+    Run,
     accuracy,
     bench_args,
     finetuned_minilm_sst2,
-    machine_info,
-    versions,
 )
-from results import render_results, write_result  # noqa: E402
+from results import add_run, publish  # noqa: E402
 
 STRUCTURED = {"2x": 0.5, "3x": 1 / 3}
 TEACHER = "dense"  # distillation variants learn from the same-budget dense model (cached by the dense run)
@@ -133,6 +132,8 @@ def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int, s
         "recovery_wall_s": wall,
         "config": None if config is None else config.to_dict(),
     }
+    # the final training loss tells independent seeds apart even where two reach the same dev accuracy
+    row["train_loss"] = trainer.state.log_history[-1].get("train_loss")
     print(f"{name:18s} seed {seed} acc {acc:.4f} FLOPs {row['flops_ratio']:.2f}x ({wall:.0f} s)", flush=True)
     return row
 
@@ -148,16 +149,20 @@ def _config(row: dict) -> dict | str | None:
         return "outdated"
 
 
-def merge_run(old: dict | None, new: dict, seed: int, description: str, command: str) -> dict:
-    """Add one seed's run to a variant's row; accuracy and wall time become means over the seeds measured."""
+def merge_run(old: dict | None, new: dict, seed: int, description: str, run_id: str) -> dict:
+    """Add one seed's measurement to a variant's row; accuracy and wall time become means over the seeds measured.
+
+    Each seed keeps its own accuracy, FLOPs ratio, parameters, wall time, training loss and the run that measured
+    it, so seeds measured by different invocations stay apart and can be checked for independence.
+    """
     runs = dict((old or {}).get("runs", {}))
-    if old is not None and not runs:  # a row written before rows kept per-seed runs: it was seed 0
-        runs["0"] = {k: old[k] for k in ("accuracy", "recovery_wall_s")} | {"command": old.get("command", "")}
     runs[str(seed)] = {
         "accuracy": new["accuracy"],
         "recovery_wall_s": new["recovery_wall_s"],
         "flops_ratio": new["flops_ratio"],  # differs per seed under target_latency (timed plans)
-        "command": command,
+        "params": new["params"],
+        "train_loss": new.get("train_loss"),
+        "run": run_id,
     }
     accs = [r["accuracy"] for r in runs.values()]
     return {
@@ -167,7 +172,6 @@ def merge_run(old: dict | None, new: dict, seed: int, description: str, command:
         "recovery_wall_s": statistics.fmean(r["recovery_wall_s"] for r in runs.values()),
         "runs": dict(sorted(runs.items(), key=lambda kv: int(kv[0]))),
         "description": description,
-        "command": command,
     }
 
 
@@ -185,13 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "recovery.json")
     args = parser.parse_args(argv)
-    command = "python benchmarks/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    this_run = Run("recovery.py", argv, seeds=args.seeds)
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     current = {name: None if c is None else c.to_dict() for name, (c, _) in variants().items()}
     # a previous row is kept only if it was measured with the variant's current configuration and data
     same_data = previous.get("n_train", args.n_train) == args.n_train
     rows = {r["variant"]: r for r in previous["rows"] if same_data and current.get(r["variant"], "?") == _config(r)}
-    start = time.time()
+    runs = previous.get("runs", {})
+    run_id = None
     dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train)
     start_accuracy = accuracy(dense_model, data["validation"])
     for seed in args.seeds:
@@ -199,20 +204,17 @@ def main(argv: list[str] | None = None) -> None:
             if args.only and name not in args.only:
                 continue
             measured = run(name, config, args.data_dir, args.n_train, seed)
-            rows[name] = merge_run(rows.get(name), measured, seed, description, command)
-            # written after every run: a long benchmark that is interrupted keeps what it measured
-            result = {
-                "benchmark": "recovery",
-                "command": command,
-                "machine": machine_info(),
-                "versions": versions(),
-                "wall_time_s": time.time() - start,
-                "start_accuracy": start_accuracy,
-                "n_train": args.n_train,
-                "rows": [rows[n] for n in current if n in rows],
-            }
-            write_result(args.output, result)
-            render_results()  # RESULTS.md and the README always match the JSON on disk
+            result = {"benchmark": "recovery", "runs": runs, "start_accuracy": start_accuracy, "n_train": args.n_train}
+            # the run's header is rewritten after every measurement (its wall time grows): an interrupted run
+            # keeps what it measured, with a true header
+            if run_id is None:
+                run_id = add_run(result, this_run.record())
+            else:
+                runs[run_id] = this_run.record()
+            rows[name] = merge_run(rows.get(name), measured, seed, description, run_id)
+            result["rows"] = [rows[n] for n in current if n in rows]
+            publish(args.output, result)
+            runs = result["runs"]
 
 
 if __name__ == "__main__":

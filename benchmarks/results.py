@@ -3,10 +3,14 @@ from them (never edited by hand), so every figure in it can be traced to the com
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +29,110 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _header(result: dict[str, Any], run: bool = True) -> list[str]:
-    """Machine and versions; with ``run`` also the command and wall time (parts may carry their own instead)."""
-    m, v = result["machine"], result["versions"]
+def publish(path: Path, result: dict[str, Any]) -> None:
+    """Write ``result`` (atomically); when it is one of the committed results, regenerate RESULTS.md and the README
+    headline from the JSON on disk, so they always agree. Results written elsewhere (``--output``, ``--quick``)
+    leave the committed files alone."""
+    write_result(path, prune_runs(result) if "runs" in result else result)
+    if path.resolve().parent == RESULTS_DIR.resolve():
+        render_results()
+
+
+def add_run(result: dict[str, Any], record: dict[str, Any]) -> str:
+    """Store one run's header in ``result["runs"]`` and return its id; rows name it in their ``run`` field."""
+    runs = result.setdefault("runs", {})
+    number = 1 + max((int(k[1:]) for k in runs if k[1:].isdigit()), default=0)
+    run_id = f"r{number}"
+    runs[run_id] = record
+    return run_id
+
+
+def iter_rows(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every measured row of a result as ``(label, row)``; each row names the run that measured it.
+
+    Merged files gather rows from several runs (oneshot parts, curves tasks, recovery variants and seeds).
+    """
+    kind = result.get("benchmark")
+    if kind == "recovery":
+        for row in result.get("rows", []):
+            for seed, run in row.get("runs", {}).items():
+                yield f"{row['variant']} seed {seed}", run
+    elif kind == "oneshot":
+        for part in ("minilm", "llm"):
+            for row in result.get(part, {}).get("rows", []):
+                yield f"{part}: {row['criterion']}/{row['scope']} {row.get('cut', row.get('pattern', ''))}", row
+    elif kind == "curves":
+        parts = [*result.get("tasks", {}).items(), *([("llm", result["llm"])] if "llm" in result else [])]
+        for name, part in parts:
+            for row in part.get("points", []):
+                what = row.get("value", row.get("sparsity"))
+                pattern = f" {row['pattern']}" if "pattern" in row else ""
+                yield f"{name}: {row.get('kind', row.get('criterion'))}{pattern} {what:.2g}", row
+    else:
+        for i, row in enumerate(result.get("rows", [])):
+            yield f"{row.get('model') or row.get('tool') or 'row'} #{i}", row
+
+
+def prune_runs(result: dict[str, Any]) -> dict[str, Any]:
+    """Drop run headers no row names any more (their rows were re-measured)."""
+    used = {row.get("run") for _, row in iter_rows(result)}
+    result["runs"] = {k: v for k, v in result.get("runs", {}).items() if k in used}
+    return result
+
+
+def _commit_text(run: dict[str, Any]) -> str:
+    if run.get("commit"):
+        return f"`{run['commit'][:12]}`" + (" (dirty tree)" if run.get("dirty") else "")
+    if run.get("committed_in"):
+        return f"not recorded (stored by `{run['committed_in'][:12]}`)"
+    return "not recorded"
+
+
+def _machine_text(m: dict[str, Any]) -> str:
     cpu = f"{m['cpu_model']}, " if m.get("cpu_model") else ""
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return f"{cpu}{m['cpu_cores']} cores, {m.get('torch_threads', '?')} torch threads{gpu}"
+
+
+def _header(result: dict[str, Any], run: bool = True) -> list[str]:
+    """The runs that measured a section's rows: command, commit, date, machine, wall time; versions and data
+    checksums below (once when every run shares them). ``run`` is kept for callers; every run is always shown."""
+    runs = result.get("runs", {})
     lines = [
-        f"Machine: {cpu}{m['cpu_cores']} CPU cores ({m.get('torch_threads', '?')} torch threads){gpu}, "
-        f"{m['platform']}  ",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
+        "| run | command | commit | date | machine | wall time |",
+        "|---|---|---|---|---|---|",
     ]
-    if run:
-        lines = [f"Command: `{result['command'].strip()}`  ", *lines, f"Wall time: {result['wall_time_s']:.0f} s"]
+    for run_id, r in runs.items():
+        lines.append(
+            f"| {run_id} | `{r['command'].strip()}` | {_commit_text(r)} | {r.get('date') or 'not recorded'} "
+            f"| {_machine_text(r['machine'])} "
+            f"| {'not recorded' if r.get('wall_time_s') is None else format(r['wall_time_s'], '.0f') + ' s'} |"
+        )
+    lines.append("")
+    for key, title in (("versions", "Versions"), ("data", "Data (sha256)")):
+        texts = {
+            run_id: ", ".join(f"{k} {v[:12] if key == 'data' else v}" for k, v in r.get(key, {}).items())
+            for run_id, r in runs.items()
+        }
+        distinct = dict.fromkeys(texts.values())
+        if len(distinct) == 1:
+            text = next(iter(distinct))
+            lines.append(f"{title}: {text or 'not recorded'}  ")
+        else:
+            lines += [f"{title} ({run_id}): {text or 'not recorded'}  " for run_id, text in texts.items()]
+    for run_id, r in runs.items():
+        if r.get("legacy"):
+            lines.append(f"{run_id}: {r['legacy']}  ")
     return [*lines, ""]
+
+
+def _run_col(result: dict[str, Any], row: dict[str, Any]) -> str:
+    """A `run` table cell, only when the section's rows come from more than one run."""
+    return f" {row.get('run', '?')} |" if len(result.get("runs", {})) > 1 else ""
+
+
+def _run_head(result: dict[str, Any]) -> tuple[str, str]:
+    return (" run |", "---|") if len(result.get("runs", {})) > 1 else ("", "")
 
 
 def render_latency(result: dict[str, Any]) -> list[str]:
@@ -79,7 +174,8 @@ def render_latency(result: dict[str, Any]) -> list[str]:
 
 
 def render_oneshot(result: dict[str, Any]) -> list[str]:
-    lines = ["## One-shot pruning without retraining", "", *_header(result, run=False)]
+    lines = ["## One-shot pruning without retraining", "", *_header(result)]
+    run_h, run_sep = _run_head(result)
     if "minilm" in result:
         m = result["minilm"]
         lines += [
@@ -88,16 +184,15 @@ def render_oneshot(result: dict[str, Any]) -> list[str]:
             f"Fine-tuned 1 epoch on {m['n_train']} SST-2 sentences; pruned to a FLOPs target with "
             f"{m['calibration_samples']} calibration sentences; no retraining. Dev set: 872 sentences.",
             "",
-            f"Command: `{m['command'].strip()}` (this part: {m['wall_time_s']:.0f} s)",
-            "",
             "| FLOPs cut | criterion | scope | LS reconstruction | achieved FLOPs ratio | dev accuracy "
-            "| kept heads per layer | prune time |",
-            "|---|---|---|---|---|---|---|---|",
+            "| kept heads per layer | prune time |" + run_h,
+            "|---|---|---|---|---|---|---|---|" + run_sep,
         ]
         for r in m["rows"]:
             lines.append(
                 f"| {r['cut']}x | {r['criterion']} | {r['scope']} | {'yes' if r.get('reconstruct') else 'no'} "
                 f"| {r['flops_ratio']:.2f}x | {r['accuracy']:.2%} | {r['kept_heads']} | {r['prune_time_s']:.1f} s |"
+                + _run_col(result, r)
             )
         lines.append("")
     if "llm" in result:
@@ -108,32 +203,39 @@ def render_oneshot(result: dict[str, Any]) -> list[str]:
             f"Test perplexity over the first {m['eval_tokens']} tokens in {m['window']}-token windows; "
             f"calibration: {m['calibration']}.",
             "",
-            f"Command: `{m['command'].strip()}` (this part: {m['wall_time_s']:.0f} s)",
-            "",
-            "| criterion | scope | pattern | OBS reconstruction | sparsity | perplexity | prune time |",
-            "|---|---|---|---|---|---|---|",
+            "| criterion | scope | pattern | OBS reconstruction | sparsity | perplexity | prune time |" + run_h,
+            "|---|---|---|---|---|---|---|" + run_sep,
         ]
         for r in m["rows"]:
             lines.append(
                 f"| {r['criterion']} | {r['scope']} | {r['pattern']} | {'yes' if r.get('reconstruct') else 'no'} "
-                f"| {r['sparsity']:.1%} | {r['perplexity']:.2f} | {r['prune_time_s']:.0f} s |"
+                f"| {r['sparsity']:.1%} | {r['perplexity']:.2f} | {r['prune_time_s']:.0f} s |" + _run_col(result, r)
             )
         lines.append("")
     return lines
 
 
 def render_trainer_overhead(result: dict[str, Any]) -> list[str]:
-    r = result
-    return [
+    lines = [
         "## Trainer overhead: PruningTrainer with masks active vs stock Trainer",
         "",
         *_header(result),
-        "| model | batch x seq | steps timed (each) | stock ms/step | PruningTrainer ms/step | ratio |",
-        "|---|---|---|---|---|---|",
-        f"| {r['model']} | {r['batch']} x {r['seq_len']} | {r['steps_timed']} | {r['stock_step_ms']:.1f} "
-        f"| {r['pruning_step_ms']:.1f} | {r['ratio']:.3f} |",
+        "| model | batch x seq | steps timed (each) | stock ms/step | PruningTrainer ms/step | ratio "
+        "| per-round ratios |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        rounds = _span(sorted(r["round_ratios"])) if r.get("round_ratios") else "not recorded"
+        lines.append(
+            f"| {r['model']} | {r['batch']} x {r['seq_len']} | {r['steps_timed']} | {r['stock_step_ms']:.1f} "
+            f"| {r['pruning_step_ms']:.1f} | {r['ratio']:.2f} | {rounds} |"
+        )
+    return [
+        *lines,
         "",
-        "50% unstructured masks re-applied after every optimizer step; medians over interleaved rounds.",
+        "50% unstructured masks re-applied after every optimizer step. The ratio is the median PruningTrainer step "
+        "over the median stock step, all rounds pooled (rounds interleaved); per-round ratios show the run-to-run "
+        "spread, which is why the ratio is given to two digits only.",
         "",
     ]
 
@@ -141,10 +243,7 @@ def render_trainer_overhead(result: dict[str, Any]) -> list[str]:
 def render_recovery(result: dict[str, Any]) -> list[str]:
     rows = {r["variant"]: r for r in result["rows"]}
     dense = rows.get("dense", {}).get("accuracy")
-    commands = sorted({run["command"].strip() for r in result["rows"] for run in r.get("runs", {}).values()})
     header = _header(result)
-    if len(commands) > 1:  # rows gathered seeds from several runs: name every command, not only the last
-        header = [f"Commands: {', '.join(f'`{c}`' for c in commands)}  ", *header[1:]]
     lines = [
         "## Prune and recover: MiniLM on SST-2 with PruningTrainer",
         "",
@@ -153,7 +252,8 @@ def render_recovery(result: dict[str, Any]) -> list[str]:
         f"(dev {result['start_accuracy']:.2%}) and train 1 more epoch on them (batch 32, lr 5e-5); `dense` is the "
         "same-budget reference. The teacher of the `-distill` rows is that dense model (same seed): it took one more "
         "epoch of training to make, which the pruned rows' budget does not count. Where several recovery seeds were "
-        "run, accuracy is their mean ± sample standard deviation, and `vs dense` compares means.",
+        "run, accuracy is their mean ± sample standard deviation, and `vs dense` compares means; the seeds column "
+        "names the run that measured each seed.",
         "",
         "| variant | method | dev accuracy | seeds | vs dense | encoder FLOPs ratio | params | sparsity "
         "| recovery wall time |",
@@ -161,7 +261,7 @@ def render_recovery(result: dict[str, Any]) -> list[str]:
     ]
     for r in result["rows"]:
         delta = f"{(r['accuracy'] - dense) * 100:+.1f} pt" if dense is not None else "n/a"
-        seeds = list(r.get("runs", {"0": None}))
+        seeds = [f"{seed} ({run.get('run', '?')})" for seed, run in r.get("runs", {}).items()]
         acc = f"{r['accuracy']:.2%}" + (f" ± {r['accuracy_std'] * 100:.2f}" if len(seeds) > 1 else "")
         flops = sorted({round(run["flops_ratio"], 2) for run in r.get("runs", {}).values() if "flops_ratio" in run})
         flops_text = _span(flops, "x") if len(flops) > 1 else f"{r['flops_ratio']:.2f}x"
@@ -174,21 +274,15 @@ def render_recovery(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _part(part: dict[str, Any]) -> list[str]:
-    if "command" not in part:
-        return []
-    wall = f", wall time {part['wall_time_s']:.0f} s" if "wall_time_s" in part else ""
-    return [f"Command: `{part['command'].strip()}`{wall}", ""]
-
-
 def render_curves(result: dict[str, Any]) -> list[str]:
-    lines = ["## Accuracy and perplexity vs FLOPs cut and sparsity", "", *_header(result, run=False)]
+    lines = ["## Accuracy and perplexity vs FLOPs cut and sparsity", "", *_header(result)]
     for task, r in result.get("tasks", {}).items():
         recovered = r.get("recovered", False)
         lines += [
             f"### MiniLM on {task.upper()} (dense dev accuracy {r['dense_accuracy']:.2%})",
             "",
-            *_part(r),
+            f"Run: {r.get('run', '?')}.",
+            "",
             "Structured: Fisher (global) to the FLOPs target; the reconstruction column adds the least-squares refit "
             "of the shrunk output projections (`reconstruct=True`), which is also where recovery starts. "
             "Unstructured: global magnitude. Recovery: 1 epoch of PruningTrainer on the task's training data, starting "
@@ -215,7 +309,8 @@ def render_curves(result: dict[str, Any]) -> list[str]:
         lines += [
             f"### SmolLM2-135M on WikiText-2 (dense perplexity {r['dense_perplexity']:.2f}, {r['eval_tokens']} tokens)",
             "",
-            *_part(r),
+            f"Run: {r.get('run', '?')}.",
+            "",
             "| criterion | scope | pattern | sparsity | perplexity |",
             "|---|---|---|---|---|",
         ]
@@ -265,6 +360,20 @@ def _peer_label(row: dict[str, Any]) -> str:
     return " ".join(parts) + (" + LS" if c.get("reconstruct") else "")
 
 
+def _cmd(result: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> str:
+    """The commands (with the commit each ran on) of the runs that measured ``rows`` (default: every row)."""
+    names = dict.fromkeys(r.get("run") for r in (rows if rows is not None else [x for _, x in iter_rows(result)]))
+    runs = result.get("runs", {})
+    texts = []
+    for name in names:
+        run = runs.get(name)
+        if run is None:
+            continue
+        commit = run.get("commit")
+        texts.append(f"`{run['command'].strip()}`" + (f" at {commit[:12]}" if commit else " (commit not recorded)"))
+    return ", ".join(dict.fromkeys(texts)) or "not recorded"
+
+
 def headline(results: dict[str, dict[str, Any]]) -> list[str]:
     """The README's headline table: one line per benchmark, each with the command that produced it."""
     lines = ["| benchmark | result | command |", "|---|---|---|"]
@@ -280,7 +389,7 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| CPU latency, {model} 50% heads + 50% FFN ({grid}) "
                 f"| {_span(speed, 'x')} faster for {_span(flops, 'x')} fewer FLOPs "
-                f"(speedup/FLOPs {_span(ratio)}) | `{r['command'].strip()}` |"
+                f"(speedup/FLOPs {_span(ratio)}) | {_cmd(r, rows)} |"
             )
     if "oneshot" in results and "minilm" in results["oneshot"]:
         m = results["oneshot"]["minilm"]
@@ -291,7 +400,7 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             extra = f"{refit:.1%} with least-squares reconstruction, " if refit is not None else ""
             lines.append(
                 f"| MiniLM SST-2, 2x FLOPs cut one-shot (no retraining) | Fisher/global {extra}{fisher:.1%} without; "
-                f"magnitude {magnitude:.1%} (dense {m['dense_accuracy']:.1%}) | `{m['command'].strip()}` |"
+                f"magnitude {magnitude:.1%} (dense {m['dense_accuracy']:.1%}) | {_cmd(results['oneshot'], m['rows'])} |"
             )
     if "oneshot" in results and "llm" in results["oneshot"]:
         m = results["oneshot"]["llm"]
@@ -305,7 +414,8 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             extra = f"{rec:.1f} with OBS reconstruction, " if rec is not None else ""
             lines.append(
                 f"| SmolLM2-135M WikiText-2, 50% unstructured one-shot | perplexity {extra}{act:.1f} activation-aware "
-                f"(Wanda), {mag:.1f} magnitude (dense {m['dense_perplexity']:.1f}) | `{m['command'].strip()}` |"
+                f"(Wanda), {mag:.1f} magnitude (dense {m['dense_perplexity']:.1f}) "
+                f"| {_cmd(results['oneshot'], m['rows'])} |"
             )
     if "recovery" in results:
         r = results["recovery"]
@@ -325,8 +435,8 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             )
             lines.append(
                 f"| MiniLM SST-2, {cut} FLOPs cut + 1 epoch recovery (best of {len(candidates)} variants first) "
-                f"| {text} vs dense {dense['accuracy']:.2%} with the same budget | `python benchmarks/recovery.py` "
-                "(seeds: see RESULTS.md) |"
+                f"| {text} vs dense {dense['accuracy']:.2%} with the same budget "
+                f"| {_cmd(r, [s for x in (dense, *shown) for s in x.get('runs', {}).values()])} |"
             )
     if "peers" in results:
         r = results["peers"]
@@ -352,37 +462,40 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
                     f"{m['flops_ratio']:.2f}x fewer FLOPs)"
                 )
             lines.append(
-                f"| Peers at a 2x FLOPs cut, MiniLM SST-2 one-shot | {text}; " + "; ".join(parts) + f" | "
-                f"`{r['command'].strip()}` |"
+                f"| Peers at a 2x FLOPs cut, MiniLM SST-2 one-shot | {text}; " + "; ".join(parts) + f" | {_cmd(r)} |"
             )
     if "trainer_overhead" in results:
         r = results["trainer_overhead"]
-        lines.append(
-            f"| PruningTrainer step time with 50% masks vs stock Trainer | {r['ratio']:.3f}x | "
-            f"`{r['command'].strip()}` |"
-        )
+        for row in r["rows"]:
+            rounds = _span(sorted(row["round_ratios"])) if row.get("round_ratios") else "not recorded"
+            lines.append(
+                f"| PruningTrainer step time with 50% masks vs stock Trainer ({row['model'].split(' ')[0]}, "
+                f"{row['batch']} x {row['seq_len']}) | {row['ratio']:.2f}x (rounds {rounds})"
+                f" | {_cmd(r, [row])} |"
+            )
     if "curves" in results and results["curves"].get("plots"):
         r = results["curves"]
         lines.append("")
         for name in r["plots"]:
             lines.append(f"![{name}](benchmarks/{name})")
-        parts = [*r.get("tasks", {}).values(), *([r["llm"]] if "llm" in r else [])]
-        commands = dict.fromkeys(p.get("command", r["command"]).strip() for p in parts) or [r["command"].strip()]
-        lines.append(f"*Plots: {', '.join(f'`{c}`' for c in commands)} (tables in benchmarks/RESULTS.md)*")
+        lines.append(f"*Plots: {_cmd(r)} (tables in benchmarks/RESULTS.md)*")
     return lines
+
+
+def readme_with_headline(text: str, results: dict[str, dict[str, Any]]) -> str:
+    """``text`` (the README) with its generated block replaced by the current headline table."""
+    if HEADLINE_START not in text or HEADLINE_END not in text:
+        return text
+    before, rest = text.split(HEADLINE_START, 1)
+    _, after = rest.split(HEADLINE_END, 1)
+    return before + "\n".join([HEADLINE_START, *headline(results), HEADLINE_END]) + after
 
 
 def update_readme(results: dict[str, dict[str, Any]], readme: Path = README) -> str | None:
     """Replace the generated block of the README with the current headline table."""
     if not readme.exists():
         return None
-    text = readme.read_text()
-    if HEADLINE_START not in text or HEADLINE_END not in text:
-        return text
-    before, rest = text.split(HEADLINE_START, 1)
-    _, after = rest.split(HEADLINE_END, 1)
-    block = "\n".join([HEADLINE_START, *headline(results), HEADLINE_END])
-    new = before + block + after
+    new = readme_with_headline(readme.read_text(), results)
     readme.write_text(new)
     return new
 
@@ -395,12 +508,15 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
     return out
 
 
-def render_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> str:
-    """Regenerate RESULTS.md from every JSON result present."""
+def render_markdown(results_dir: Path = RESULTS_DIR) -> str:
+    """RESULTS.md's text for every JSON result in ``results_dir``."""
     lines = [
         "# Benchmark results",
         "",
-        "Generated by `benchmarks/results.py` from the JSON files in `benchmarks/results/`; do not edit by hand.",
+        "Generated by `benchmarks/results.py` from the JSON files in `benchmarks/results/`; do not edit by hand. "
+        "Each section lists the runs that measured its rows (command, git commit, date, machine, versions, data "
+        "checksums); `python benchmarks/results.py --check` says which rows predate a change to the code they "
+        "depend on.",
         "",
     ]
     for path in sorted(results_dir.glob("*.json")):
@@ -411,12 +527,121 @@ def render_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> s
         lines += renderer(result)
         lines.append(f"Source: [`results/{path.name}`](results/{path.name})")
         lines.append("")
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def render_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> str:
+    """Regenerate RESULTS.md (and, for the committed results, the README's headline) from the JSON results."""
+    text = render_markdown(results_dir)
     out.write_text(text)
     if out == RESULTS_MD:
         update_readme(load_results(results_dir))
     return text
 
 
+# The code a benchmark's numbers depend on: a row measured on a commit older than the last change to any of these is
+# stale. Rendering (this file) and documentation are not in it.
+def depends_on(benchmark: str) -> list[str]:
+    """Repository paths whose changes can change ``benchmark``'s numbers."""
+    return ["hf_prune", "pyproject.toml", "data", "benchmarks/common.py", f"benchmarks/{benchmark}.py"]
+
+
+# A figure typed by hand into README.md outside the generated block: a decimal with a unit, a "~N ms", "about N s".
+_HAND_FIGURE = re.compile(r"\b\d+\.\d+(?:-\d+\.\d+)?\s?(?:x|ms|s|%|pt)\b|~\s?\d+\s?(?:ms|s|%)|about \d+\s?(?:ms|s)\b")
+
+
+def hand_typed_figures(readme_text: str) -> list[str]:
+    """README lines outside the generated headline block (and outside code blocks) that quote a measured figure."""
+    if HEADLINE_START in readme_text and HEADLINE_END in readme_text:
+        before, rest = readme_text.split(HEADLINE_START, 1)
+        readme_text = before + rest.split(HEADLINE_END, 1)[1]
+    found, in_code = [], False
+    for line in readme_text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+            continue
+        if not in_code and _HAND_FIGURE.search(line):
+            found.append(line.strip())
+    return found
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, timeout=30)
+
+
+def stale_runs(result: dict[str, Any]) -> list[str]:
+    """One line per run whose rows may not describe today's code: measured before the last change to what the
+    benchmark depends on, on a dirty tree, or with no commit recorded. Empty where git cannot tell (no history)."""
+    if _git("rev-parse", "HEAD").returncode != 0:
+        return []
+    kind = result.get("benchmark", "?")
+    last = _git("log", "-1", "--format=%H", "--", *depends_on(kind)).stdout.strip()
+    rows_of: dict[str, list[str]] = {}
+    for label, row in iter_rows(result):
+        rows_of.setdefault(row.get("run", "?"), []).append(label)
+    out = []
+    for run_id, labels in rows_of.items():
+        run = result.get("runs", {}).get(run_id, {})
+        commit = run.get("commit") or run.get("committed_in")
+        why = []
+        if not run.get("commit"):
+            why.append("no commit recorded")
+        if run.get("dirty"):
+            why.append("measured on a dirty tree")
+        if commit and last and _git("merge-base", "--is-ancestor", last, commit).returncode != 0:
+            changed = _git("log", "--format=%h", f"{commit}..{last}", "--", *depends_on(kind)).stdout.split()
+            why.append(f"{len(changed) or 'some'} later change(s) to {', '.join(depends_on(kind))} (last {last[:12]})")
+        if why:
+            out.append(f"{kind} run {run_id} ({len(labels)} rows: {', '.join(labels)}): {'; '.join(why)}")
+    return out
+
+
+def check(
+    results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD, readme: Path = README
+) -> tuple[list[str], list[str]]:
+    """``(errors, stale)``: errors are disagreements (RESULTS.md or the README headline not what the JSON renders to,
+    a row naming no run, a hand-typed figure in the README); stale lists rows to re-measure (:func:`stale_runs`)."""
+    errors: list[str] = []
+    stale: list[str] = []
+    results = load_results(results_dir)
+    for name, result in results.items():
+        runs = result.get("runs", {})
+        for label, row in iter_rows(result):
+            if row.get("run") not in runs:
+                errors.append(f"{name}: row {label!r} names no run ({row.get('run')!r})")
+        stale += stale_runs(result)
+    expected = render_markdown(results_dir)
+    if not results_md.exists() or results_md.read_text() != expected:
+        errors.append(f"{results_md.name} differs from what the JSON renders to: run python benchmarks/results.py")
+    if readme.exists():
+        text = readme.read_text()
+        if readme_with_headline(text, results) != text:
+            errors.append(f"{readme.name}'s headline table differs from the JSON: run python benchmarks/results.py")
+        errors += [f"{readme.name} quotes a figure no JSON backs: {line}" for line in hand_typed_figures(text)]
+    return errors, stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if RESULTS.md or README.md disagree with the JSON; list rows measured on older code",
+    )
+    parser.add_argument("--strict", action="store_true", help="with --check: stale rows fail too")
+    args = parser.parse_args(argv)
+    if not args.check:
+        print(render_results())
+        return 0
+    errors, stale = check()
+    for line in stale:
+        print(f"stale: {line}")
+    for line in errors:
+        print(f"error: {line}")
+    failed = bool(errors) or (args.strict and bool(stale))
+    print(f"results check: {len(errors)} error(s), {len(stale)} stale run(s){' (strict)' if args.strict else ''}")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    print(render_results())
+    sys.exit(main())

@@ -1,9 +1,10 @@
 """Re-run every benchmark offline and regenerate benchmarks/RESULTS.md, the JSON results, the plots and the README's
 headline table.
 
-    python benchmarks/run_all.py            # full run (about 1.5 hours on 2 CPU cores)
-    python benchmarks/run_all.py --quick    # smoke run (< 10 minutes); writes to benchmarks/results/quick/,
-                                            # leaving the committed results untouched
+    python benchmarks/run_all.py            # full run (hours on 2 CPU cores: each run's wall time is in RESULTS.md)
+    python benchmarks/run_all.py --quick    # smoke run (< 10 minutes on 2 CPU cores); writes to
+                                            # benchmarks/results/quick/, leaving the committed results untouched
+    python benchmarks/run_all.py --only recovery curves   # some benchmarks
     hf-prune benchmark [--quick]            # the same, through the CLI
 
 Data come from the repository's ``data/`` (xz-compressed where large), or ``--data-dir`` / ``$HF_PRUNE_DATA``.
@@ -30,10 +31,13 @@ FULL = [
 ]
 QUICK = [
     ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
-    ("oneshot", ["oneshot.py", "--n-train", "2000", "--calibration", "128", "--skip-llm"]),
+    (
+        "oneshot",
+        ["oneshot.py", "--n-train", "1000", "--calibration", "64", "--criteria", "fisher", "magnitude", "--skip-llm"],
+    ),
     ("trainer_overhead", ["trainer_overhead.py", "--steps", "10", "--warmup", "3", "--rounds", "1"]),
-    ("recovery", ["recovery.py", "--n-train", "2000", "--only", "dense", "2x"]),
-    ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", "--n-train", "2000"]),
+    ("recovery", ["recovery.py", "--n-train", "1000", "--only", "dense", "2x"]),
+    ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", "--n-train", "1000"]),
 ]
 
 
@@ -68,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     from results import render_results
 
-    render_results()
+    if args.quick:  # the smoke run's own tables, beside its JSON
+        quick = HERE / "results" / "quick"
+        quick.mkdir(parents=True, exist_ok=True)
+        render_results(quick, quick / "RESULTS.md")
+        print(f"[run_all] tables: {quick / 'RESULTS.md'}")
+    else:
+        render_results()
     if failures:
         print(f"[run_all] failed: {', '.join(failures)}")
         return 1

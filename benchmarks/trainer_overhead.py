@@ -25,8 +25,8 @@ from hf_prune.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import bench_args, machine_info, versions  # noqa: E402
-from results import render_results, write_result  # noqa: E402
+from common import Run, bench_args  # noqa: E402
+from results import add_run, publish  # noqa: E402
 
 
 class StepTimer(tf.TrainerCallback):
@@ -59,14 +59,15 @@ def run_once(kind: str, data: Dataset, steps: int, batch: int, warmup: int) -> l
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
+    # 40 steps x 4 rounds: one round of 20 steps gave 1.09x and 0.996x on two runs of one machine
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "trainer_overhead.json")
     args = parser.parse_args(argv)
-    start = time.time()
+    this_run = Run("trainer_overhead.py", argv)
     g = torch.Generator().manual_seed(0)
     n = args.steps * args.batch
     data = Dataset.from_dict(
@@ -77,16 +78,16 @@ def main(argv: list[str] | None = None) -> dict:
         }
     )
     samples: dict[str, list[float]] = {"stock": [], "pruning": []}
-    for _ in range(args.rounds):
-        for kind in ("stock", "pruning"):
-            samples[kind] += run_once(kind, data, args.steps, args.batch, args.warmup)
+    round_ratios = []
+    for i in range(args.rounds):
+        # alternate which trainer goes first, so neither always runs on a warmer (or hotter) machine
+        order = ("stock", "pruning") if i % 2 == 0 else ("pruning", "stock")
+        this_round = {kind: run_once(kind, data, args.steps, args.batch, args.warmup) for kind in order}
+        for kind, times in this_round.items():
+            samples[kind] += times
+        round_ratios.append(statistics.median(this_round["pruning"]) / statistics.median(this_round["stock"]))
     stock, pruning = statistics.median(samples["stock"]), statistics.median(samples["pruning"])
-    result = {
-        "benchmark": "trainer_overhead",
-        "command": "python benchmarks/trainer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(),
-        "versions": versions(),
-        "wall_time_s": time.time() - start,
+    row = {
         "model": "all-MiniLM-L6-v2 (sequence classification)",
         "batch": args.batch,
         "seq_len": args.seq_len,
@@ -94,13 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
         "stock_step_ms": stock * 1000,
         "pruning_step_ms": pruning * 1000,
         "ratio": pruning / stock,
+        "round_ratios": round_ratios,
     }
+    result = {"benchmark": "trainer_overhead", "rows": [row]}
+    row["run"] = add_run(result, this_run.record())
     print(
         f"stock {stock * 1000:.1f} ms/step, PruningTrainer (50% masks) {pruning * 1000:.1f} ms/step, "
-        f"ratio {pruning / stock:.3f}"
+        f"ratio {pruning / stock:.3f} (rounds: {', '.join(f'{r:.3f}' for r in round_ratios)})"
     )
-    write_result(args.output, result)
-    render_results()
+    publish(args.output, result)
     return result
 
 

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 README = BENCH.parent / "README.md"
 
 
-def _results_module():
-    spec = importlib.util.spec_from_file_location("bench_results", BENCH / "results.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _results_module():
+    return _load("results")
 
 
 def test_results_md_is_rendered_from_json(tmp_path):
@@ -34,24 +46,22 @@ def test_readme_headline_table_is_rendered_from_json():
 
 
 def test_recovery_rows_average_over_seeds_and_replace_a_rerun_seed():
-    spec = importlib.util.spec_from_file_location("bench_recovery", BENCH / "recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    legacy = {"variant": "2x", "accuracy": 0.80, "recovery_wall_s": 100.0, "command": "first", "config": {}}
-    run = {**legacy, "accuracy": 0.90, "recovery_wall_s": 50.0, "flops_ratio": 2.1}
-    row = module.merge_run(legacy, run, seed=1, description="d", command="second")
-    assert list(row["runs"]) == ["0", "1"] and row["runs"]["0"]["command"] == "first"
-    assert row["runs"]["1"]["flops_ratio"] == 2.1 and "flops_ratio" not in row["runs"]["0"]
+    module = _load("recovery")
+    first = {"variant": "2x", "accuracy": 0.80, "recovery_wall_s": 100.0, "flops_ratio": 2.0, "params": 5, "config": {}}
+    row = module.merge_run(None, first, seed=0, description="d", run_id="r1")
+    second = {**first, "accuracy": 0.90, "recovery_wall_s": 50.0, "flops_ratio": 2.1, "train_loss": 0.3}
+    row = module.merge_run(row, second, seed=1, description="d", run_id="r2")
+    assert list(row["runs"]) == ["0", "1"] and row["runs"]["0"]["run"] == "r1" and row["runs"]["1"]["run"] == "r2"
+    assert row["runs"]["1"]["flops_ratio"] == 2.1 and row["runs"]["0"]["flops_ratio"] == 2.0
+    assert row["runs"]["1"]["train_loss"] == 0.3 and row["runs"]["0"]["params"] == 5
     assert abs(row["accuracy"] - 0.85) < 1e-12 and row["recovery_wall_s"] == 75.0
     assert abs(row["accuracy_std"] - 0.0707107) < 1e-6
-    row = module.merge_run(row, {**run, "accuracy": 0.70}, seed=1, description="d", command="third")
-    assert abs(row["accuracy"] - 0.75) < 1e-12 and row["runs"]["1"]["command"] == "third"
+    row = module.merge_run(row, {**second, "accuracy": 0.70}, seed=1, description="d", run_id="r3")
+    assert abs(row["accuracy"] - 0.75) < 1e-12 and row["runs"]["1"]["run"] == "r3"
 
 
 def test_recovery_keeps_rows_whose_config_only_lacks_newer_defaults():
-    spec = importlib.util.spec_from_file_location("bench_recovery", BENCH / "recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("recovery")
     config, _ = module.variants()["2x"]
     current = config.to_dict()
     older = {k: v for k, v in current.items() if k not in ("target_latency", "latency_batch_size")}
@@ -59,3 +69,124 @@ def test_recovery_keeps_rows_whose_config_only_lacks_newer_defaults():
     assert module._config({"config": {**older, "criterion": "taylor"}}) != current  # measured differently: dropped
     assert module._config({"config": {**older, "removed_option": 1}}) == "outdated"
     assert module._config({"config": None}) is None
+
+
+def test_results_check_passes_on_the_committed_tree():
+    """What CI runs: RESULTS.md and the README agree with the JSON, every row names its run, no hand-typed figure."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "results.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "results check: 0 error(s)" in proc.stdout
+
+
+def _copy_results(tmp_path: Path) -> tuple[Path, Path, Path]:
+    results = tmp_path / "results"
+    shutil.copytree(BENCH / "results", results, ignore=shutil.ignore_patterns("quick"))
+    md, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    shutil.copy(BENCH / "RESULTS.md", md)
+    shutil.copy(README, readme)
+    return results, md, readme
+
+
+def test_check_fails_when_a_number_changes_in_the_json_only(tmp_path):
+    module = _results_module()
+    results, md, readme = _copy_results(tmp_path)
+    assert module.check(results, md, readme)[0] == []
+    path = results / "oneshot.json"
+    data = json.loads(path.read_text())
+    data["minilm"]["rows"][0]["accuracy"] += 0.01
+    path.write_text(json.dumps(data))
+    errors, _ = module.check(results, md, readme)
+    assert any("RESULTS.md differs" in e for e in errors)
+    assert any("headline table differs" in e for e in errors)
+
+
+def test_check_fails_on_a_row_without_a_run_and_on_hand_typed_readme_figures(tmp_path):
+    module = _results_module()
+    results, md, readme = _copy_results(tmp_path)
+    path = results / "latency.json"
+    data = json.loads(path.read_text())
+    del data["rows"][0]["run"]
+    path.write_text(json.dumps(data))
+    md.write_text(module.render_markdown(results))
+    readme.write_text(readme.read_text() + "\nOn our machine it ran 1.85x faster, ~4 ms per layer.\n")
+    errors, _ = module.check(results, md, readme)
+    assert any("latency: row" in e and "names no run" in e for e in errors), errors
+    assert any("1.85x faster" in e for e in errors), errors
+    assert not any("RESULTS.md differs" in e for e in errors)
+
+
+def test_stale_rows_are_listed_by_commit():
+    module = _results_module()
+    root = subprocess.run(
+        ["git", "rev-list", "--max-parents=0", "HEAD"], cwd=BENCH.parent, capture_output=True, text=True
+    ).stdout.split()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH.parent, capture_output=True, text=True).stdout
+    if not root or not head.strip():
+        pytest.fail("the tests run from a git checkout (CI clones the repository)")
+    machine = {"cpu_cores": 2}
+    runs = {
+        "r1": {"command": "c", "commit": root[-1], "dirty": False, "machine": machine},
+        "r2": {"command": "c", "commit": head.strip(), "dirty": False, "machine": machine},
+        "r3": {"command": "c", "commit": head.strip(), "dirty": True, "machine": machine},
+        "r4": {"command": "c", "commit": None, "machine": machine},
+    }
+    result = {"benchmark": "latency", "runs": runs, "rows": [{"model": m, "run": m} for m in runs]}
+    stale = module.stale_runs(result)
+    assert any(line.startswith("latency run r1") and "later change(s) to hf_prune" in line for line in stale)
+    assert not any(line.startswith("latency run r2") for line in stale)
+    assert any(line.startswith("latency run r3") and "dirty" in line for line in stale)
+    assert any(line.startswith("latency run r4") and "no commit recorded" in line for line in stale)
+
+
+def test_add_and_prune_runs_keep_each_runs_header_with_its_rows():
+    module = _results_module()
+    result = {"benchmark": "oneshot"}
+    first = module.add_run(result, {"command": "a"})
+    result["minilm"] = {"rows": [{"criterion": "fisher", "scope": "global", "cut": 2, "run": first}]}
+    second = module.add_run(result, {"command": "b"})
+    result["llm"] = {"rows": [{"criterion": "activation", "scope": "row", "pattern": "2:4", "run": second}]}
+    assert (first, second) == ("r1", "r2")
+    assert set(module.prune_runs(result)["runs"]) == {"r1", "r2"}
+    result["minilm"]["rows"][0]["run"] = module.add_run(result, {"command": "c"})  # part re-measured
+    assert set(module.prune_runs(result)["runs"]) == {"r2", "r3"}
+    assert module.add_run(result, {"command": "d"}) == "r4"  # ids are never reused
+
+
+def test_run_record_names_commit_data_checksums_seeds_and_wall_time(tmp_path):
+    common = _load("common")
+    data = tmp_path / "sst2"
+    data.mkdir()
+    (data / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    run = common.Run("x.py", ["--flag", "1"], seeds=[0, 3])
+    found = common.data_file(tmp_path, "sst2/dev.tsv")
+    record = run.record()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH.parent, capture_output=True, text=True).stdout
+    assert record["command"] == "python benchmarks/x.py --flag 1"
+    assert record["commit"] == head.strip() and isinstance(record["dirty"], bool)
+    assert record["seeds"] == [0, 3] and record["wall_time_s"] >= 0
+    assert record["data"][str(found.resolve())] == hashlib.sha256(found.read_bytes()).hexdigest()
+    assert {"cpu_model", "cpu_cores", "torch_threads", "platform"} <= set(record["machine"])
+    assert {"python", "torch", "transformers", "datasets", "accelerate"} <= set(record["versions"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["date"])
+
+
+@pytest.mark.real
+def test_a_benchmark_script_writes_rows_that_name_their_run(tmp_path):
+    """trainer_overhead, shortened: the JSON it writes passes the same row/run checks, and the committed results are
+    not touched (an --output elsewhere does not re-render RESULTS.md)."""
+    before = (BENCH / "RESULTS.md").read_text()
+    out = tmp_path / "trainer_overhead.json"
+    cmd = [sys.executable, str(BENCH / "trainer_overhead.py"), "--steps", "3", "--warmup", "1", "--rounds", "2"]
+    proc = subprocess.run([*cmd, "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    module = _results_module()
+    rows = list(module.iter_rows(result))
+    assert len(rows) == 1 and rows[0][1]["run"] in result["runs"]
+    record = result["runs"][rows[0][1]["run"]]
+    assert record["command"].startswith("python benchmarks/trainer_overhead.py --steps 3")
+    assert record["commit"] and len(rows[0][1]["round_ratios"]) == 2
+    assert (BENCH / "RESULTS.md").read_text() == before
+    assert any("PruningTrainer ms/step" in line for line in module.render_trainer_overhead(result))
