@@ -207,12 +207,19 @@ def bench_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(**{**base, **overrides})
 
 
+def cache_dir(name: str, data_dir: Path, *files: str) -> Path:
+    """``CACHE_DIR/name-<digest>``: the digest of the training files keys the cache, so a model fine-tuned on other
+    data (another --data-dir, an updated file) is never reused."""
+    digest = hashlib.sha256("".join(_sha256(data_file(data_dir, f)) for f in files).encode()).hexdigest()[:12]
+    return CACHE_DIR / f"{name}-{digest}"
+
+
 def finetuned_minilm_sst2(data_dir: Path, n_train: int = 8000, epochs: float = 1.0, seed: int = 0):
     """MiniLM fine-tuned on ``n_train`` SST-2 sentences (cached under CACHE_DIR); returns (model, tok, data)."""
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = tokenize_sst2(sst2(data_dir, n_train, seed), tokenizer)
-    cache = CACHE_DIR / f"minilm-sst2-{n_train}-e{epochs}-s{seed}"
+    cache = cache_dir(f"minilm-sst2-{n_train}-e{epochs}-s{seed}", data_dir, "sst2/train.tsv")
     if not (cache / "config.json").exists():
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

@@ -31,11 +31,11 @@ from hf_prune.offline import minilm_path, smollm2_path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
-    CACHE_DIR,
     DEFAULT_DATA_DIR,
     Run,
     accuracy,
     bench_args,
+    cache_dir,
     finetuned_minilm_sst2,
     glue_tsv,
     perplexity,
@@ -60,7 +60,7 @@ def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
         return enc
 
     data = ds.map(tok, batched=True, remove_columns=ds["train"].column_names).with_format("torch")
-    cache = CACHE_DIR / f"minilm-rte-e{epochs}-s{seed}"
+    cache = cache_dir(f"minilm-rte-e{epochs}-s{seed}", data_dir, "rte/train.tsv")
     if not (cache / "config.json").exists():
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

@@ -35,14 +35,14 @@ from hf_prune.masks import sparsity_report
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
-    CACHE_DIR,
     DEFAULT_DATA_DIR,
     Run,
     accuracy,
     bench_args,
+    cache_dir,
     finetuned_minilm_sst2,
 )
-from results import add_run, publish  # noqa: E402
+from results import add_run, publish, same_code  # noqa: E402
 
 STRUCTURED = {"2x": 0.5, "3x": 1 / 3}
 TEACHER = "dense"  # distillation variants learn from the same-budget dense model (cached by the dense run)
@@ -92,8 +92,8 @@ def variants() -> dict[str, tuple[PruningConfig | None, str]]:
     return out
 
 
-def _teacher_dir(n_train: int, seed: int) -> Path:
-    return CACHE_DIR / f"minilm-sst2-{n_train}-e1-s0-plus1-dense-seed{seed}"
+def _teacher_dir(data_dir: Path, n_train: int, seed: int) -> Path:
+    return cache_dir(f"minilm-sst2-{n_train}-e1-s0-plus1-dense-seed{seed}", data_dir, "sst2/train.tsv")
 
 
 def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int, seed: int = 0) -> dict:
@@ -102,7 +102,7 @@ def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int, s
     flops_before = hf_prune.encoder_flops(model, 64).total
     teacher = None
     if config is not None and config.distill_alpha > 0:
-        teacher_dir = _teacher_dir(n_train, seed)
+        teacher_dir = _teacher_dir(data_dir, n_train, seed)
         if not (teacher_dir / "config.json").exists():
             raise FileNotFoundError(
                 f"variant {name!r} distils from the dense run of seed {seed}: run the 'dense' variant first"
@@ -121,7 +121,7 @@ def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int, s
         trainer.train()
         wall = time.time() - start
     if config is None:
-        hf_prune.save_pretrained(model, _teacher_dir(n_train, seed), tokenizer=tokenizer)
+        hf_prune.save_pretrained(model, _teacher_dir(data_dir, n_train, seed), tokenizer=tokenizer)
     acc = accuracy(model, data["validation"])
     row = {
         "variant": name,
@@ -196,6 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     same_data = previous.get("n_train", args.n_train) == args.n_train
     rows = {r["variant"]: r for r in previous["rows"] if same_data and current.get(r["variant"], "?") == _config(r)}
     runs = previous.get("runs", {})
+    if not this_run.dirty:
+        # a variant re-measured now pools only seeds measured on the same code; seeds from older code are dropped
+        # from the rows this run touches (the others keep theirs, listed as stale by results.py --check)
+        for name in rows:
+            if args.only is None or name in args.only:
+                kept = {
+                    seed: s
+                    for seed, s in rows[name].get("runs", {}).items()
+                    if same_code(runs.get(s.get("run"), {}), this_run.commit, "recovery")
+                }
+                rows[name] = {**rows[name], "runs": kept}
     run_id = None
     dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train)
     start_accuracy = accuracy(dense_model, data["validation"])
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 runs[run_id] = this_run.record()
             rows[name] = merge_run(rows.get(name), measured, seed, description, run_id)
-            result["rows"] = [rows[n] for n in current if n in rows]
+            result["rows"] = [rows[n] for n in current if n in rows and rows[n].get("runs")]
             publish(args.output, result)
             runs = result["runs"]
 

@@ -596,6 +596,16 @@ def stale_runs(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def same_code(run: dict[str, Any], commit: str | None, benchmark: str) -> bool:
+    """Whether ``run`` measured the code ``commit`` has, as far as ``benchmark`` depends on it (so their rows may be
+    pooled, e.g. as seeds of one mean): both commits known and clean, no difference in :func:`depends_on`."""
+    if not commit or not run.get("commit") or run.get("dirty"):
+        return False
+    if run["commit"] == commit:
+        return True
+    return _git("diff", "--quiet", run["commit"], commit, "--", *depends_on(benchmark)).returncode == 0
+
+
 def check(
     results_dir: Path = RESULTS_DIR, results_md: Path = RESULTS_MD, readme: Path = README
 ) -> tuple[list[str], list[str]]:

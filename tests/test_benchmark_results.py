@@ -138,6 +138,11 @@ def test_stale_rows_are_listed_by_commit():
     assert not any(line.startswith("latency run r2") for line in stale)
     assert any(line.startswith("latency run r3") and "dirty" in line for line in stale)
     assert any(line.startswith("latency run r4") and "no commit recorded" in line for line in stale)
+    # seeds are pooled into one mean only when measured on the same code
+    assert module.same_code(runs["r2"], head.strip(), "recovery")
+    assert not module.same_code(runs["r1"], head.strip(), "recovery")
+    assert not module.same_code(runs["r3"], head.strip(), "recovery")
+    assert not module.same_code(runs["r4"], head.strip(), "recovery")
 
 
 def test_add_and_prune_runs_keep_each_runs_header_with_its_rows():
