@@ -31,6 +31,8 @@ from hf_prune.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(HERE) not in sys.path:  # results.py (depends_on) is a sibling module; the test suite loads this file by path
+    sys.path.insert(0, str(HERE))
 # The data ship with the repository (data/, xz-compressed where large); HF_PRUNE_DATA or --data-dir points elsewhere
 # (a folder of the same layout, compressed or not).
 DEFAULT_DATA_DIR = Path(os.environ.get("HF_PRUNE_DATA", REPO / "data"))
@@ -118,8 +120,12 @@ class Run:
         self.seeds = list(seeds)
         self.start = time.time()
         self.commit = _git("rev-parse", "HEAD") or None
-        # untracked files are ignored: only tracked code can have changed what the commit says
-        self.dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        # dirty = uncommitted changes to what this benchmark's numbers depend on (results.depends_on); results,
+        # RESULTS.md and the README that earlier benchmarks of the same session rewrote do not count
+        from results import depends_on
+
+        deps = depends_on(Path(script).stem)
+        self.dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", *deps))
 
     def elapsed(self) -> float:
         return time.time() - self.start
