@@ -94,9 +94,9 @@ def _machine_text(m: dict[str, Any]) -> str:
     return f"{cpu}{m['cpu_cores']} cores, {m.get('torch_threads', '?')} torch threads{gpu}"
 
 
-def _header(result: dict[str, Any], run: bool = True) -> list[str]:
+def _header(result: dict[str, Any]) -> list[str]:
     """The runs that measured a section's rows: command, commit, date, machine, wall time; versions and data
-    checksums below (once when every run shares them). ``run`` is kept for callers; every run is always shown."""
+    checksums below (once when every run shares them)."""
     runs = result.get("runs", {})
     lines = [
         "| run | command | commit | date | machine | wall time |",
@@ -112,14 +112,15 @@ def _header(result: dict[str, Any], run: bool = True) -> list[str]:
     for key, title in (("versions", "Versions"), ("data", "Data (sha256)")):
         texts = {
             run_id: ", ".join(f"{k} {v[:12] if key == 'data' else v}" for k, v in r.get(key, {}).items())
+            or ("not recorded" if r.get("legacy") else "none read" if key == "data" else "not recorded")
             for run_id, r in runs.items()
         }
         distinct = dict.fromkeys(texts.values())
         if len(distinct) == 1:
             text = next(iter(distinct))
-            lines.append(f"{title}: {text or 'not recorded'}  ")
+            lines.append(f"{title}: {text}  ")
         else:
-            lines += [f"{title} ({run_id}): {text or 'not recorded'}  " for run_id, text in texts.items()]
+            lines += [f"{title} ({run_id}): {text}  " for run_id, text in texts.items()]
     for run_id, r in runs.items():
         if r.get("legacy"):
             lines.append(f"{run_id}: {r['legacy']}  ")
