@@ -431,7 +431,7 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             shown = [best] + ([rows[cut]] if cut in rows and rows[cut] is not best else [])
             text = "; ".join(
                 f"{x['variant']} {x['accuracy']:.2%} ({(x['accuracy'] - dense['accuracy']) * 100:+.2f} pt, "
-                f"{len(x.get('runs', {'0': 0}))} seeds)"
+                f"{len(x.get('runs', {'0': 0}))} seed{'s' if len(x.get('runs', {'0': 0})) > 1 else ''})"
                 for x in shown
             )
             lines.append(
@@ -447,7 +447,9 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
         parts = []
         for x in others:
             if x.get("error"):
-                parts.append(f"{x['tool']} failed ({x['error'].split(':')[0]})")
+                failed = f"{x['tool']} failed ({x['error'].split(':')[0]})"
+                if failed not in parts:  # one line per tool and error, however many of its rows failed
+                    parts.append(failed)
             elif x.get("flops_ratio", 1.0) > 1.5:
                 parts.append(f"{x['tool']} {x['accuracy']:.1%} ({x['speedup']:.2f}x)")
         if ours:
@@ -456,7 +458,7 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             # the most accurate hf_prune model that is at least as fast as the fastest structured peer
             peer_speed = max((x["speedup"] for x in others if x.get("flops_ratio", 1.0) > 1.5), default=None)
             fast = [x for x in ours if peer_speed is not None and x["speedup"] >= peer_speed]
-            if fast:
+            if fast and max(fast, key=lambda x: x["accuracy"]) is not best:
                 m = max(fast, key=lambda x: x["accuracy"])
                 text += (
                     f"; at peer speed or faster: {_peer_label(m)} {m['accuracy']:.1%} ({m['speedup']:.2f}x, "
