@@ -112,7 +112,7 @@ def _header(result: dict[str, Any]) -> list[str]:
     for key, title in (("versions", "Versions"), ("data", "Data (sha256)")):
         texts = {
             run_id: ", ".join(f"{k} {v[:12] if key == 'data' else v}" for k, v in r.get(key, {}).items())
-            or ("not recorded" if r.get("legacy") else "none read" if key == "data" else "not recorded")
+            or ("none read" if key == "data" and not r.get("legacy") else "not recorded")
             for run_id, r in runs.items()
         }
         distinct = dict.fromkeys(texts.values())
@@ -375,6 +375,13 @@ def _cmd(result: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> st
     return ", ".join(dict.fromkeys(texts)) or "not recorded"
 
 
+def _seeds(row: dict[str, Any]) -> str:
+    """The seed count of a recovery row as the headline prints it ("1 seed", "3 seeds"); a row without per-seed
+    runs is one seed."""
+    n = len(row.get("runs", {"0": 0}))
+    return f"{n} seed{'s' if n > 1 else ''}"
+
+
 def headline(results: dict[str, dict[str, Any]]) -> list[str]:
     """The README's headline table: one line per benchmark, each with the command that produced it."""
     lines = ["| benchmark | result | command |", "|---|---|---|"]
@@ -430,8 +437,7 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             best = max(candidates, key=lambda x: x["accuracy"])
             shown = [best] + ([rows[cut]] if cut in rows and rows[cut] is not best else [])
             text = "; ".join(
-                f"{x['variant']} {x['accuracy']:.2%} ({(x['accuracy'] - dense['accuracy']) * 100:+.2f} pt, "
-                f"{len(x.get('runs', {'0': 0}))} seed{'s' if len(x.get('runs', {'0': 0})) > 1 else ''})"
+                f"{x['variant']} {x['accuracy']:.2%} ({(x['accuracy'] - dense['accuracy']) * 100:+.2f} pt, {_seeds(x)})"
                 for x in shown
             )
             lines.append(
@@ -458,8 +464,8 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             # the most accurate hf_prune model that is at least as fast as the fastest structured peer
             peer_speed = max((x["speedup"] for x in others if x.get("flops_ratio", 1.0) > 1.5), default=None)
             fast = [x for x in ours if peer_speed is not None and x["speedup"] >= peer_speed]
-            if fast and max(fast, key=lambda x: x["accuracy"]) is not best:
-                m = max(fast, key=lambda x: x["accuracy"])
+            m = max(fast, key=lambda x: x["accuracy"], default=None)
+            if m is not None and m is not best:
                 text += (
                     f"; at peer speed or faster: {_peer_label(m)} {m['accuracy']:.1%} ({m['speedup']:.2f}x, "
                     f"{m['flops_ratio']:.2f}x fewer FLOPs)"
