@@ -363,6 +363,9 @@ def allocate(
         achieved = alloc.total_cost(units, ffn, target) / alloc.total_cost(full_units, full_ffn, target)
         meta = {"target": target, "requested_keep": keep, "achieved_keep": achieved}
         if latency is not None and target == "latency":
+            # what width pruning can reach at most: every layer at its fewest allowed units and no FFN neuron
+            floor = alloc.total_cost(alloc.min_units, [0] * len(shapes), target)
+            meta["latency_floor"] = floor / alloc.total_cost(full_units, full_ffn, target)
             meta["latency_table"] = latency.summary()
     else:
         units = alloc.heads_by_fraction(config.heads) if config.heads else full_units

@@ -100,16 +100,36 @@ def plan_structure(
     budget = keep
     for _ in range(1 + LATENCY_CORRECTIONS):
         plan = allocate(model, scores, replace(config, target_latency=min(1.0, budget)), latency)
+        floor = plan.meta.get("latency_floor", 0.0)
+        if floor > keep * (1 + LATENCY_TOLERANCE):
+            # Correcting the budget cannot help: the table says no width cut gets there. Say so plainly, once;
+            # the plan below is the narrowest the table prices under the budget.
+            logger.warning(
+                "hf_prune: target_latency=%s is out of reach by removing heads and FFN neurons on %s at batch %d x "
+                "%d: the measured table puts every layer at its minimum (%d head(s), no FFN neuron) at %.3f of "
+                "the dense latency (embeddings, norms, residuals and per-layer overhead stay); a larger timed "
+                "batch/sequence lets width matter more",
+                keep,
+                latency.device,
+                latency.batch_size,
+                latency.seq_len,
+                config.min_heads_per_layer,
+                floor,
+            )
         measured = measure_keep(model, plan.shapes_after(model), config.latency_batch_size, config.seq_len)
         tried.append((plan, measured, budget))
-        if abs(measured - keep) <= LATENCY_TOLERANCE * keep:
+        if abs(measured - keep) <= LATENCY_TOLERANCE * keep or floor > keep * (1 + LATENCY_TOLERANCE):
             break
         budget *= keep / measured
     meeting = [t for t in tried if t[1] <= keep * (1 + LATENCY_TOLERANCE)]
     plan, measured, _ = max(meeting, key=lambda t: t[2]) if meeting else min(tried, key=lambda t: t[1])
     if not meeting:
         logger.warning(
-            "hf_prune: target_latency=%s not reached in %d searches; best measured %.3f", keep, len(tried), measured
+            "hf_prune: target_latency=%s not reached in %d searches; best measured %.3f (table floor %.3f)",
+            keep,
+            len(tried),
+            measured,
+            floor,
         )
     table = plan.meta.pop("latency_table", None)
     plan.meta.update(requested_keep=keep, measured_keep=measured, latency_searches=len(tried))
