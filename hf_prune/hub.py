@@ -17,9 +17,10 @@ from typing import Any
 
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GgufConfig, PreTrainedModel
 from transformers.utils import logging
 
+from .quantized import float_weights
 from .state import STATE_KEY
 from .surgery import apply_layer_shapes
 
@@ -79,16 +80,23 @@ def from_pretrained(
     An unpruned checkpoint loads exactly as with ``model_class.from_pretrained``.
     """
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    if kwargs.get("gguf_file") is not None:
+        hub_kwargs["gguf_file"] = kwargs["gguf_file"]
+        # GGUF weights unpacked to float at load time: the model hf_prune can slice and train (see quantized.py)
+        kwargs.setdefault("quantization_config", GgufConfig(dequantize=True))
     config = kwargs.get("config")
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
     cls = _resolve_class(model_class, config, bool(kwargs.get("trust_remote_code", False)))
     if not getattr(config, STATE_KEY, None):
-        return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
-    model = _shaped_subclass(cls).from_pretrained(pretrained_model_name_or_path, **kwargs)
-    loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True returns a tuple
-    # Hand back the stock class so isinstance, save_pretrained's "architectures" and pickling look normal.
-    loaded.__class__ = cls
+        model = cls.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    else:
+        model = _shaped_subclass(cls).from_pretrained(pretrained_model_name_or_path, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True returns a tuple
+        # Hand back the stock class so isinstance, save_pretrained's "architectures" and pickling look normal.
+        loaded.__class__ = cls
+    if kwargs.get("gguf_file") is not None:
+        float_weights(model[0] if isinstance(model, tuple) else model)
     return model
 
 
@@ -104,6 +112,7 @@ def save_pretrained(
     failure (disk full, interrupted job) never leaves a half-written ``save_directory``; an existing folder is
     replaced only after the new one is fully written.
     """
+    float_weights(model)  # a dequantized GGUF model saves as the float checkpoint it is
     target = Path(save_directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

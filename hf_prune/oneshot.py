@@ -18,6 +18,7 @@ from .config import PruningConfig
 from .masks import sparsity_report
 from .measure import count_parameters, encoder_flops
 from .plan import PruningPlan
+from .quantized import float_weights
 from .reconstruct import sequential_prune
 from .step import mask_step, structural_step
 
@@ -94,6 +95,7 @@ def prune(
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
     adapter = get_adapter(model)
+    float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
     if config.needs_data and calibration_data is None:
         raise ValueError(
             f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r} needs "

@@ -28,6 +28,7 @@ from .masks import sparsity_report
 from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
+from .quantized import float_weights
 from .recipes import FORMATS, Recipe, RecipeError
 from .report import latency_device, write_report
 from .trainer import PruningTrainer
@@ -166,6 +167,8 @@ def load_model_and_tokenizer(recipe: Recipe):
         )
     extra = {"gguf_file": gguf} if gguf else {}
     tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, **extra)
+    if gguf:  # unpacked to float at load time, whatever kernels are installed: hf_prune slices float weights
+        extra["quantization_config"] = tf.GgufConfig(dequantize=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = getattr(torch, m.dtype)
@@ -180,7 +183,7 @@ def load_model_and_tokenizer(recipe: Recipe):
         model = tf.AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=m.trust_remote_code, **extra
         )
-    return model, tokenizer, path
+    return float_weights(model), tokenizer, path
 
 
 # ---------------------------------------------------------------------------------------------------------

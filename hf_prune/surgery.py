@@ -211,18 +211,34 @@ def _plan_heads(
             continue
         shape = adapter.layer_shape(model, layer)
         _check_range("heads", layer, remove, shape.heads, "heads")
-        group = shape.heads // shape.kv_heads if shape.kv_heads else 1
-        removed_groups = sorted({h // group for h in remove})
-        missing = [h for g in removed_groups for h in range(g * group, (g + 1) * group) if h not in remove]
-        if missing:
-            raise ValueError(
-                f"heads: layer {layer} uses grouped-query attention ({group} query heads share each key/value "
-                f"head); heads must be removed in whole groups. To remove {remove}, also remove heads {missing}."
-            )
-        keep_kv = [g for g in range(shape.kv_heads) if g not in removed_groups]
-        keep_q = [h for h in range(shape.heads) if h not in set(remove)]
+        keep_q, keep_kv = _gqa_keep(layer, shape, set(remove))
         plans[layer] = (shape, keep_q, keep_kv)
     return plans
+
+
+def _gqa_keep(layer: int, shape: LayerShape, remove: set[int]) -> tuple[list[int], list[int]]:
+    """Kept query and key/value heads when ``remove`` leaves the layer's groups equal; else a ValueError.
+
+    Query head ``h`` reads key/value head ``h // group``. A group that loses all its query heads loses its key/value
+    head too; the surviving groups must keep the same number of query heads each, since the stock forward repeats
+    every key/value head the same number of times. Kept heads stay in order, so each still reads its own group.
+    """
+    group = shape.heads // shape.kv_heads if shape.kv_heads else 1
+    keep_q = [h for h in range(shape.heads) if h not in remove]
+    kept = {g: [h for h in keep_q if h // group == g] for g in range(max(shape.kv_heads, 1))}
+    keep_kv = [g for g, heads in kept.items() if heads]
+    sizes = {len(kept[g]) for g in keep_kv}
+    if len(sizes) > 1:
+        smallest = min(sizes)
+        even = sorted(h for g in keep_kv for h in kept[g][smallest:])
+        partial = sorted(h for g in keep_kv if len(kept[g]) < group for h in kept[g])
+        raise ValueError(
+            f"heads: layer {layer} uses grouped-query attention ({group} query heads share each of its "
+            f"{shape.kv_heads} key/value heads); removing {sorted(remove)} would leave groups of "
+            f"{[len(kept[g]) for g in keep_kv]} query heads, and every group must keep the same number. "
+            f"To even them out, also remove heads {even}; or remove whole groups: also remove heads {partial}."
+        )
+    return keep_q, keep_kv if shape.kv_heads else []
 
 
 def _plan_ffn(model: nn.Module, neurons: Mapping[int, Iterable[int]]) -> dict[int, list[int]]:
@@ -271,15 +287,16 @@ def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]]) -> nn.Modu
     Args:
         model: any model of a supported family (base model or task-head class).
         heads: ``{layer_index: [query_head_index, ...]}``. Indices refer to the *current* model, so the
-            function can be applied repeatedly. With grouped-query attention, heads must be removed in whole
-            key/value groups (``num_attention_heads // num_key_value_heads`` consecutive query heads).
+            function can be applied repeatedly. With grouped-query attention (query head ``h`` reads key/value
+            head ``h // (num_attention_heads // num_key_value_heads)``), remove whole groups (their key/value head
+            goes too) or the same number of query heads from every group that remains, so the groups stay equal.
 
     Removing every head of a layer is allowed: that layer's attention branch then contributes only its
     output-projection bias (exactly what the unpruned model computes with those heads' values zeroed).
 
     Raises:
-        ValueError: unsupported model type, layer or head index out of range, or a partial GQA group (the
-            message lists the heads that would complete it). Nothing is modified when an error is raised.
+        ValueError: unsupported model type, layer or head index out of range, or groups left unequal (the message
+            lists the heads that would even them out or complete the groups). Nothing is modified then.
     """
     return _apply(model, _plan_heads(model, heads), {})
 

@@ -17,7 +17,10 @@ layer emptied) and asserts, raising ``AssertionError`` with what differed:
 4. **generation** (``causal=True``): greedy ``generate`` with the KV cache gives the zeroed model's tokens;
 5. **bad input:** an out-of-range request raises ``ValueError`` and leaves the model untouched;
 6. **depth:** removing a block equals the dense model with that block skipped (a hook hands its input through), the
-   result reloads with hf_prune and with the stock class, and generates the same tokens.
+   result reloads with hf_prune and with the stock class, and generates the same tokens;
+7. **query heads inside groups** (grouped-query attention only): one query head removed from every key/value group
+   of every layer equals the zeroed model, reloads with hf_prune and with the stock class (uniform shapes: the
+   config describes them), and generates the same tokens; a removal that leaves groups unequal raises.
 
 The project's own test suite runs it for every registered model type (``tests/test_conformance.py``).
 """
@@ -142,6 +145,7 @@ def check_adapter(
     if causal:
         _same_generation(model, reference, inputs, generate_kwargs, "pruned")
     _check_depth(make_model, inputs, causal, atol, generate_kwargs)
+    _check_in_group(make_model, inputs, causal, atol, generate_kwargs)
 
 
 def _same_generation(
@@ -169,6 +173,49 @@ def _skip_block(block: nn.Module) -> None:
         return hidden
 
     block.register_forward_hook(hook, with_kwargs=True)
+
+
+def _check_in_group(
+    make_model: Callable[[], nn.Module],
+    inputs: Mapping[str, torch.Tensor],
+    causal: bool,
+    atol: float,
+    generate_kwargs: Mapping[str, Any] | None,
+) -> None:
+    model = make_model().eval()
+    adapter = get_adapter(model)
+    shapes = adapter.layer_shapes(model)
+    group = shapes[0].heads // shapes[0].kv_heads if shapes[0].kv_heads else 1
+    if group < 2 or any(s.heads != shapes[0].heads or s.kv_heads != shapes[0].kv_heads for s in shapes):
+        return  # no grouped-query attention (or already non-uniform): nothing to remove inside groups
+    # a different member of each group, so that "the first head of the group" cannot pass by accident
+    heads = {i: [g * group + (g + i) % group for g in range(s.kv_heads)] for i, s in enumerate(shapes)}
+    if shapes[0].kv_heads > 1:  # one query head out of one group leaves the groups unequal: refused, untouched
+        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            prune_structure(model, {0: heads[0][:1]})
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("check_adapter: removing one query head of one group (unequal groups) did not raise")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items()), "unequal groups changed weights"
+    reference = copy.deepcopy(model)
+    zero_heads_and_neurons(reference, heads, {})
+    prune_structure(model, heads)
+    kept = adapter.layer_shapes(model)
+    assert all(s.kv_heads == shapes[0].kv_heads and s.heads == shapes[0].heads - s.kv_heads for s in kept), (
+        f"check_adapter: in-group removal left shapes {kept}"
+    )
+    with torch.no_grad():
+        got = _output(model(**inputs))
+        _close(got, _output(reference(**inputs)), atol, "query heads removed inside groups vs zeroed")
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder)
+        for loaded in (from_pretrained(folder, type(model)), type(model).from_pretrained(folder)):
+            with torch.no_grad():
+                _close(_output(loaded.eval()(**inputs)), got, 0.0, f"reload after in-group removal ({type(loaded)})")
+    if causal:
+        _same_generation(model, reference, inputs, generate_kwargs, "after in-group removal")
 
 
 def _check_depth(

@@ -40,6 +40,7 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
+from .quantized import float_weights
 from .state import STATE_KEY, pruning_state
 from .surgery import apply_layer_shapes
 
@@ -85,6 +86,8 @@ class PruningMixin:
         self.teacher = None
         self._distill_counts: torch.Tensor | None = None
         self._in_training_step = False
+        # before Trainer.__init__, which refuses a model still marked as quantized even when its weights are float
+        float_weights(kwargs["model"] if "model" in kwargs else (args[0] if args else None))
         super().__init__(*args, **kwargs)
         if isinstance(pruning_config, dict):
             pruning_config = PruningConfig.from_dict(pruning_config)

@@ -395,6 +395,6 @@ def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
         raise AssertionError("calibration must not start for an invalid plan")
         yield
 
-    with pytest.raises(ValueError, match="whole groups"):
+    with pytest.raises(ValueError, match="every group must keep the same number"):
         apply_plan_with_compensation(model, hf_prune.PruningPlan(heads={0: [0]}), batches())
     assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())

@@ -335,12 +335,20 @@ class TestGraniteSWA(DecoderInvariants):
 
 
 # ---- family-specific behaviour --------------------------------------------------------------------------
-def test_gqa_partial_group_names_missing_heads():
-    model = make_model(FAMILIES["llama"])
-    with pytest.raises(ValueError, match=r"also remove heads \[1\]"):
+def test_gqa_unequal_groups_name_the_heads_that_even_or_complete_them():
+    model = make_model(FAMILIES["llama"])  # 4 query heads on 2 key/value heads: groups [0, 1] and [2, 3]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unequal = (
+        r"groups of \[1, 2\] query heads.*even them out, also remove heads \[3\].*whole groups: also remove heads \[1\]"
+    )
+    with pytest.raises(ValueError, match=unequal):
         hf_prune.prune_heads(model, {0: [0]})
-    with pytest.raises(ValueError, match=r"also remove heads \[2\]"):
-        hf_prune.prune_heads(model, {1: [0, 1, 3]})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    hf_prune.prune_heads(model, {0: [0, 3], 1: [0, 1, 3]})  # one from each group; group 0 whole + one from group 1
+    adapter = hf_prune.get_adapter(model)
+    assert [(s.heads, s.kv_heads) for s in adapter.layer_shapes(model)][:2] == [(2, 2), (1, 1)]
+    attention = adapter.layers(model)[0].self_attn
+    assert attention.num_key_value_groups == 1 and model.config.hf_prune["kept_heads"][:2] == [[1, 2], [2]]
 
 
 def test_unknown_architecture_lists_supported_types():

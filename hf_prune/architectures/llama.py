@@ -1,7 +1,8 @@
 """Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma): separate q/k/v/o and a gated MLP.
 
-Grouped-query attention: ``num_key_value_groups`` query heads share one key/value head. Heads are removed in
-whole groups so every layer keeps the same ``num_key_value_groups`` the stock forward relies on.
+Grouped-query attention: ``num_key_value_groups`` query heads share one key/value head. Heads are removed in whole
+groups, or the same number from every group of a layer (the forward needs equal groups; each layer's attention keeps
+its own ``num_key_value_groups``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class LlamaAdapter(ArchAdapter):
     def head_dim(self, config: PretrainedConfig) -> int:
         head_dim = getattr(config, "head_dim", None)
         return int(head_dim) if head_dim else self.hidden_size(config) // self.num_heads(config)
+
+    def set_attention_attrs(self, module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+        # query heads removed inside the groups change how many share each key/value head (repeat_kv reads it)
+        if kv_heads:
+            module.num_key_value_groups = heads // kv_heads
 
     def set_ffn_attrs(self, module: nn.Module, size: int) -> None:
         module.intermediate_size = size

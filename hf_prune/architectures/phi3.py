@@ -20,6 +20,7 @@ class Phi3Adapter(LlamaAdapter):
     ffn_projs = (Proj("mlp.gate_up_proj", "out", parts=("ffn", "ffn")), Proj("mlp.down_proj", "in"))
 
     def set_attention_attrs(self, module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().set_attention_attrs(module, heads, kv_heads, head_dim)
         module.num_key_value_heads = kv_heads
         # the forward splits qkv at config.num_attention_heads * head_dim: give this layer its own count
         module.config = LayerConfig(module.config, num_attention_heads=heads, num_key_value_heads=kv_heads)
