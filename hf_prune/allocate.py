@@ -1,7 +1,8 @@
 """Allocation: importance scores + targets -> a :class:`~hf_prune.plan.PruningPlan`.
 
-Heads are allocated in *units*: one key/value group (all its query heads) under grouped-query attention, one head
-otherwise. FFN neurons are allocated per layer and each layer's kept width is rounded to ``ffn_multiple``.
+Heads are allocated in *units* (:mod:`hf_prune.units`): one head without grouped-query attention; under GQA either one
+key/value group with all its query heads, or one query head from every group (``config.head_unit``). FFN neurons
+are allocated per layer and each layer's kept width is rounded to ``ffn_multiple``.
 
 Targets:
 * ``heads`` / ``ffn`` fractions: that fraction of units is removed, in every layer (``scope="layer"``) or across
@@ -33,6 +34,7 @@ from .criteria import Scores
 from .latency_model import LatencyTable
 from .measure import layer_flops, layer_params
 from .plan import PruningPlan
+from .units import HeadUnits, head_unit_mode
 
 TOLERANCE = 0.005
 
@@ -69,20 +71,19 @@ class _Allocator:
         self.ffn_in_mats = adapter.ffn_in_mats
         if len(scores.heads) != len(self.shapes) or len(scores.ffn) != len(self.shapes):
             raise ValueError(f"scores cover {len(scores.heads)} layers but the model has {len(self.shapes)}")
-        self.groups = [s.heads // s.kv_heads if s.kv_heads else 1 for s in self.shapes]
-        # unit scores: sum of the query-head scores of each KV group. Scores live on the model's device; allocation
-        # is a small sequential search over plain numbers, so it runs on the CPU.
-        self.unit_scores = [
-            scores.heads[i].detach().float().cpu().reshape(s.kv_heads, -1).sum(1) if s.kv_heads else torch.zeros(0)
-            for i, s in enumerate(self.shapes)
-        ]
-        self.ffn_scores = [f.detach().float().cpu() for f in scores.ffn]
+        self.units = HeadUnits(head_unit_mode(model, config.head_unit))
         for i, s in enumerate(self.shapes):
-            if self.unit_scores[i].numel() != s.kv_heads or self.ffn_scores[i].numel() != s.ffn:
+            if scores.heads[i].numel() != s.heads or scores.ffn[i].numel() != s.ffn:
                 raise ValueError(f"layer {i}: score sizes do not match the model's heads/FFN")
+        # Scores live on the model's device; allocation is a small sequential search over plain numbers (CPU).
+        self.head_scores = [h.detach().float().cpu() for h in scores.heads]
+        self.unit_scores = [self.units.unit_scores(s, h) for s, h in zip(self.shapes, self.head_scores, strict=True)]
+        self.ffn_scores = [f.detach().float().cpu() for f in scores.ffn]
         self.min_units = [
-            min(s.kv_heads, math.ceil(config.min_heads_per_layer / g))
-            for s, g in zip(self.shapes, self.groups, strict=True)
+            min(self.units.count(s), math.ceil(config.min_heads_per_layer / self.units.heads_per_unit(s)))
+            if self.units.heads_per_unit(s)
+            else 0
+            for s in self.shapes
         ]
 
     # ---- costs ------------------------------------------------------------------------------------------
@@ -96,12 +97,27 @@ class _Allocator:
         return layer_params(shape, self.hidden, self.head_dim, self.ffn_in_mats)
 
     def total_cost(self, units: list[int], ffn: list[int], target: str) -> float:
-        return sum(self.cost(LayerShape(u * g, u, f), target) for u, f, g in zip(units, ffn, self.groups, strict=True))
+        return sum(
+            self.cost(self.units.shape(s, u, f), target) for s, u, f in zip(self.shapes, units, ffn, strict=True)
+        )
+
+    def full_units(self) -> list[int]:
+        return [self.units.count(s) for s in self.shapes]
+
+    def unit_cost(self, i: int, target: str) -> float:
+        """Cost of one head unit of layer ``i``. A query-head unit shares the layer's key/value projections with
+        the others, so it carries its share of them (the average over the layer's units)."""
+        s = self.shapes[i]
+        if self.units.mode == "query":
+            count = self.units.count(s)
+            full, none = self.cost(self.units.shape(s, count, 0), target), self.cost(LayerShape(0, 0, 0), target)
+            return (full - none) / count if count else 0.0
+        return self.cost(self.units.shape(s, 1, 0), target)
 
     # ---- head units -------------------------------------------------------------------------------------
     def heads_by_fraction(self, fraction: float) -> list[int]:
         """Kept unit count per layer."""
-        units = [s.kv_heads for s in self.shapes]
+        units = self.full_units()
         if self.config.scope == "layer":
             return [max(self.min_units[i], n - round(fraction * n)) if n else 0 for i, n in enumerate(units)]
         n_remove = round(fraction * sum(units))
@@ -181,7 +197,7 @@ class _Allocator:
 
     def joint_search(self, budget: float, target: str) -> tuple[list[int], list[int]]:
         """Kwon et al.: choose how many head units to keep, fill the remaining budget with the best neurons."""
-        unit_cost = [self.cost(LayerShape(g, 1, 0), target) for g in self.groups]  # uniform across layers in practice
+        unit_cost = [self.unit_cost(i, target) for i in range(len(self.shapes))]
         neuron_cost = self.cost(LayerShape(0, 0, 1), target)
         # mandatory units (min heads) first, then all other units by raw score (mask scores share units)
         mandatory, optional = [], []
@@ -241,7 +257,7 @@ class _Allocator:
         unit_opts, ffn_opts = [], []  # per layer: [(kept, cumulative score, part latency)]
         for i, s in enumerate(self.shapes):
             cum = _kept_score(self.unit_scores[i])
-            units = range(self.min_units[i], s.kv_heads + 1)
+            units = range(self.min_units[i], self.units.count(s) + 1)
             unit_opts.append([(u, float(cum[u]), table.attention_ms(u)) for u in units])
             cum = _kept_score(self.ffn_scores[i])
             widths = sorted(set(range(0, s.ffn, step)) | {s.ffn})
@@ -310,9 +326,7 @@ class _Allocator:
     def to_plan(self, units: list[int], ffn: list[int]) -> PruningPlan:
         heads, neurons = {}, {}
         for i, s in enumerate(self.shapes):
-            g = self.groups[i]
-            keep_units = set(torch.argsort(self.unit_scores[i], descending=True)[: units[i]].tolist())
-            removed = [h for u in range(s.kv_heads) if u not in keep_units for h in range(u * g, (u + 1) * g)]
+            removed = self.units.removed_heads(s, self.head_scores[i], units[i])
             if removed:
                 heads[i] = removed
             keep_n = set(torch.argsort(self.ffn_scores[i], descending=True)[: ffn[i]].tolist())
@@ -320,6 +334,41 @@ class _Allocator:
             if removed_n:
                 neurons[i] = removed_n
         return PruningPlan(heads=heads, ffn=neurons)
+
+    def warn_unmet(self, units: list[int], ffn: list[int], meta: dict) -> None:
+        """Say so when the plan misses what was asked (units too coarse, ``min_heads_per_layer``, nothing left)."""
+        if "requested_keep" in meta:
+            asked, got = meta["requested_keep"], meta["achieved_keep"]
+            if abs(got - asked) > 2 * TOLERANCE * asked:
+                logger.warning(
+                    f"hf_prune: target_{meta['target']}={asked:g} not reached: the plan keeps {got:.3f} "
+                    f"(head units of {sorted({self.units.heads_per_unit(s) for s in self.shapes})} heads, "
+                    f"min_heads_per_layer={self.config.min_heads_per_layer}, ffn_multiple={self.config.ffn_multiple})"
+                )
+            return
+        total_heads = sum(s.heads for s in self.shapes)
+        kept_heads = sum(self.units.shape(s, u, 0).heads for s, u in zip(self.shapes, units, strict=True))
+        total_ffn = sum(s.ffn for s in self.shapes)
+        checks = (("heads", self.config.heads, total_heads, kept_heads), ("ffn", self.config.ffn, total_ffn, sum(ffn)))
+        for name, asked, total, kept in checks:
+            if not asked or not total:
+                continue
+            got = 1 - kept / total
+            # rounding to whole units (heads) or to ffn_multiple (every layer) may miss by half a step
+            if name == "heads":
+                slack = max(self.units.heads_per_unit(s) for s in self.shapes) / (2 * total)
+            else:
+                slack = self.config.ffn_multiple * len(self.shapes) / (2 * total)
+            if abs(got - asked) > slack + 1e-9:
+                logger.warning(
+                    f"hf_prune: {name}={asked:g} removes {got:.3f} of the {name} instead "
+                    + (
+                        f"(heads go in units of {sorted({self.units.heads_per_unit(s) for s in self.shapes})} "
+                        f"(head_unit={self.units.mode!r}), min_heads_per_layer={self.config.min_heads_per_layer})"
+                        if name == "heads"
+                        else f"(ffn_multiple={self.config.ffn_multiple})"
+                    )
+                )
 
 
 def allocate(
@@ -343,7 +392,7 @@ def allocate(
         )
     alloc = _Allocator(model, scores, config, latency)
     shapes = alloc.shapes
-    full_units = [s.kv_heads for s in shapes]
+    full_units = alloc.full_units()
     full_ffn = [s.ffn for s in shapes]
     if target is not None:
         keep = getattr(config, f"target_{target}")
@@ -371,6 +420,7 @@ def allocate(
         units = alloc.heads_by_fraction(config.heads) if config.heads else full_units
         ffn = alloc.ffn_by_total(round((1 - config.ffn) * sum(full_ffn))) if config.ffn else full_ffn
         meta = {"heads": config.heads, "ffn": config.ffn}
+    alloc.warn_unmet(units, ffn, meta)
     plan = alloc.to_plan(units, ffn)
-    plan.meta = {"criterion": scores.criterion, "scope": config.scope, **meta}
+    plan.meta = {"criterion": scores.criterion, "scope": config.scope, "head_unit": alloc.units.mode, **meta}
     return plan

@@ -31,6 +31,7 @@ from .optim import remap_optimizer
 from .schedules import Event, build_events, resolve_window
 from .step import mask_step, structural_step
 from .surgery import record_slices
+from .units import HeadUnits, head_unit_mode
 
 logger = logging.get_logger(__name__)
 
@@ -211,14 +212,16 @@ class PruningCallback(TrainerCallback):
         """Measured once, on the model as training starts; every later event allocates with the same table."""
         if self.latency is None:
             c = self.config
-            table = profile_latency(model, c.latency_batch_size, c.seq_len, multiple=c.ffn_multiple)
+            table = profile_latency(
+                model, c.latency_batch_size, c.seq_len, multiple=c.ffn_multiple, head_unit=c.head_unit
+            )
             self.latency = _average_table(table, model_device(model))
         return self.latency
 
     def _counts(self, model: nn.Module) -> dict[str, float]:
         shapes = get_adapter(model).layer_shapes(model)
         counts = {
-            "units": sum(s.kv_heads for s in shapes),
+            "units": sum(HeadUnits(head_unit_mode(model, self.config.head_unit)).count(s) for s in shapes),
             "ffn": sum(s.ffn for s in shapes),
             "flops": encoder_flops(model, self.config.seq_len).total,
             "params": prunable_parameters(model),

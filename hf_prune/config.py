@@ -16,6 +16,7 @@ from .jsonable import JsonMixin
 CRITERIA = ("magnitude", "taylor", "fisher", "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
 SCOPES = ("layer", "global")
+HEAD_UNITS = ("auto", "group", "query")
 KEEP_TARGETS = ("target_flops", "target_params", "target_latency")
 SPARSITY_SCOPES = ("layer", "global", "row")
 SCHEDULES = ("oneshot", "iterative", "cubic")
@@ -57,6 +58,10 @@ class PruningConfig(JsonMixin):
             are traded against each other by FLOPs/param cost as in Kwon et al.).
         min_heads_per_layer: every layer keeps at least this many heads (0 allows removing a whole layer's
             attention).
+        head_unit: under grouped-query attention, remove whole key/value groups (``"group"``), the same number of
+            query heads from every group (``"query"``, the key/value heads stay), or ``"auto"``: whichever gives the
+            model more units to choose from, ``"query"`` on a tie (SmolLM2: 3 groups of 3; Gemma-3-1B: one group
+            of 4; Llama-3-8B: 8 groups of 4 -> groups). See :mod:`hf_prune.units`.
         ffn_multiple: kept FFN sizes are rounded to a multiple of this (fast kernels); 1 disables rounding.
 
     Unstructured:
@@ -100,6 +105,7 @@ class PruningConfig(JsonMixin):
     criterion: str = "magnitude"
     scope: str = "layer"
     min_heads_per_layer: int = 1
+    head_unit: str = "auto"
     ffn_multiple: int = 8
     sparsity: float = 0.0
     sparsity_scope: str = "layer"
@@ -182,6 +188,7 @@ class PruningConfig(JsonMixin):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             self._fail("distill_hidden", "a number >= 0")
         self._check_choice("scope", SCOPES)
+        self._check_choice("head_unit", HEAD_UNITS)
         self._check_choice("sparsity_scope", SPARSITY_SCOPES)
         self._check_choice("sparsity_criterion", SPARSITY_CRITERIA)
         if not isinstance(self.reconstruct, bool):

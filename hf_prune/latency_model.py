@@ -36,6 +36,7 @@ from .config import check_int
 from .jsonable import JsonMixin
 from .measure import compare_latency, measure_latency
 from .surgery import apply_layer_shapes
+from .units import HeadUnits, head_unit_mode
 
 logger = logging.get_logger(__name__)
 
@@ -57,11 +58,13 @@ class LatencyTable(JsonMixin):
 
     Attributes:
         num_layers: transformer blocks of the profiled model.
-        units, unit_ms: model latency with every layer at ``units[i]`` key/value units (one head, or one KV head
-            with its query heads under GQA) and its FFN whole; ascending, ``units[-1]`` is the full count.
+        units, unit_ms: model latency with every layer at ``units[i]`` head units (:mod:`hf_prune.units`: one head;
+            under GQA one key/value group, or one query head per group) and its FFN whole; ascending, ``units[-1]``
+            is the full count.
         ffn, ffn_ms: model latency with every layer at ``ffn[i]`` FFN neurons and its attention whole; ascending.
         batch_size, seq_len: the input the model was timed on.
         device, dtype, threads: where it was timed (``threads`` is ``torch.get_num_threads()``).
+        head_unit: the head-unit layout ``units`` count in (``"group"`` or ``"query"``).
     """
 
     num_layers: int
@@ -74,6 +77,7 @@ class LatencyTable(JsonMixin):
     device: str
     dtype: str
     threads: int
+    head_unit: str = "group"  # tables saved before query-head units existed counted groups
 
     @property
     def full_ms(self) -> float:
@@ -95,7 +99,7 @@ class LatencyTable(JsonMixin):
 
     def block_ms(self, shape: LayerShape) -> float:
         """One layer's share of the predicted model latency at ``shape``."""
-        return self.base_ms + self.attention_ms(shape.kv_heads) + self.ffn_part_ms(shape.ffn)
+        return self.base_ms + self.attention_ms(HeadUnits(self.head_unit).count(shape)) + self.ffn_part_ms(shape.ffn)
 
     def model_ms(self, shapes: list[LayerShape]) -> float:
         """Predicted model latency (ms) with per-layer ``shapes``."""
@@ -164,14 +168,16 @@ def profile_latency(
     multiple: int = 8,
     use_cache: bool = True,
     progress: bool = True,
+    head_unit: str = "auto",
 ) -> LatencyTable:
     """Time ``model`` with every layer cut to each head count and to ~``points`` FFN widths; see the module doc.
 
     Two deep copies are made one after the other (memory: one extra model) and shrunk in place from full width
     down to zero, each shape timed ``repeats`` times on dummy token inputs of ``batch_size`` x ``seq_len``; the
     full-width latency is the median of three timings of ``model`` itself (before, between and after the sweeps).
-    FFN widths are rounded to ``multiple``. A layer already narrower than a sweep's width keeps its own. The
-    table is cached per model family, layer shapes, device, dtype, thread count and input size (the
+    FFN widths are rounded to ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.units`).
+    A layer already narrower than a sweep's width keeps its own. The
+    table is cached per model family, layer shapes, head unit, device, dtype, thread count and input size (the
     PruningCallback measures once, on the model it starts from, and reuses that table at every event).
 
     Raises:
@@ -189,7 +195,9 @@ def profile_latency(
     adapter = get_adapter(model)
     device, dtype = model_device(model), next(model.parameters()).dtype
     shapes = adapter.layer_shapes(model)
+    head_units = HeadUnits(head_unit_mode(model, head_unit))
     key = (
+        head_units.mode,
         model.config.model_type,
         adapter.hidden_size(model.config),
         str(shapes),
@@ -203,19 +211,18 @@ def profile_latency(
     )
     if use_cache and key in _CACHE:
         return _CACHE[key]
-    max_units, max_ffn = max(s.kv_heads for s in shapes), max(s.ffn for s in shapes)
+    max_units, max_ffn = max(head_units.count(s) for s in shapes), max(s.ffn for s in shapes)
     if max_units == 0 or max_ffn == 0:
         raise ValueError("latency profiling needs a model with at least one head and one FFN neuron")
     units, widths = _grid(max_units, 16, 1), _grid(max_ffn, points, multiple)
     inputs = _dummy_inputs(model, batch_size, seq_len, device)
 
-    def cut(s: LayerShape, kv: int, ffn: int) -> LayerShape:
-        kv = min(kv, s.kv_heads)
-        return LayerShape(kv * (s.heads // s.kv_heads) if s.kv_heads else 0, kv, min(ffn, s.ffn))
+    def cut(s: LayerShape, u: int, ffn: int) -> LayerShape:
+        return head_units.shape(s, u, min(ffn, s.ffn))
 
     sweeps = (
         [lambda s, u=u: cut(s, u, s.ffn) for u in reversed(units)],
-        [lambda s, n=n: cut(s, s.kv_heads, n) for n in reversed(widths)],
+        [lambda s, n=n: cut(s, head_units.count(s), n) for n in reversed(widths)],
     )
     bar = tqdm(total=len(units) + len(widths) - 2, desc="latency table", disable=not progress, leave=False)
     was_training = model.training
@@ -252,6 +259,7 @@ def profile_latency(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
+        head_unit=head_units.mode,
     )
     summary = table.summary()
     logger.info(

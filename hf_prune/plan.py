@@ -75,9 +75,11 @@ class PruningPlan(JsonMixin):
         shapes = get_adapter(model).layer_shapes(model)
         out = []
         for i, s in enumerate(shapes):
-            heads = s.heads - len(self.heads.get(i, []))
-            kv = heads // (s.heads // s.kv_heads) if s.kv_heads else 0
-            out.append(LayerShape(heads, kv, s.ffn - len(self.ffn.get(i, []))))
+            removed = set(self.heads.get(i, []))
+            group = s.heads // s.kv_heads if s.kv_heads else 1
+            # a key/value head stays while any query head of its group does (whole groups or inside groups)
+            kv = len({h // group for h in range(s.heads) if h not in removed}) if s.kv_heads else 0
+            out.append(LayerShape(s.heads - len(removed), kv, s.ffn - len(self.ffn.get(i, []))))
         return out
 
     def to_dict(self) -> dict[str, Any]:

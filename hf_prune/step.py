@@ -92,7 +92,9 @@ def plan_structure(
     if config.keep_target != "latency":
         return allocate(model, scores, config)
     if latency is None:
-        latency = profile_latency(model, config.latency_batch_size, config.seq_len, multiple=config.ffn_multiple)
+        latency = profile_latency(
+            model, config.latency_batch_size, config.seq_len, multiple=config.ffn_multiple, head_unit=config.head_unit
+        )
     if not verify_latency:
         return allocate(model, scores, config, latency)
     keep = config.target_latency

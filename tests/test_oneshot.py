@@ -157,12 +157,21 @@ def test_layer_scope_is_uniform_and_global_scope_is_not():
 def test_min_heads_per_layer_and_gqa_groups_are_respected():
     family = FAMILIES["llama"]
     model = make_model(family)
-    plan = allocate(model, magnitude_scores(model), PruningConfig(heads=0.9, scope="global", min_heads_per_layer=2))
+    scores = magnitude_scores(model)
+    config = PruningConfig(heads=0.9, scope="global", min_heads_per_layer=2, head_unit="group")
+    plan = allocate(model, scores, config)
     for _layer, removed in plan.heads.items():
         assert len(removed) == 2  # 4 heads in 2 groups: one group (2 heads) must stay
         assert removed in ([0, 1], [2, 3])
-    zero = allocate(model, magnitude_scores(model), PruningConfig(heads=0.9, scope="layer", min_heads_per_layer=0))
-    assert all(len(v) == 4 for v in zero.heads.values())
+    # the default for 2 groups of 2 is one query head from every group: each group keeps one of its two
+    plan = allocate(model, scores, PruningConfig(heads=0.9, scope="global", min_heads_per_layer=2))
+    assert plan.meta["head_unit"] == "query"
+    for _layer, removed in plan.heads.items():
+        assert len(removed) == 2 and {h // 2 for h in removed} == {0, 1}
+    for unit in ("group", "query"):
+        config = PruningConfig(heads=0.9, scope="layer", min_heads_per_layer=0, head_unit=unit)
+        zero = allocate(model, scores, config)
+        assert all(len(v) == 4 for v in zero.heads.values())
 
 
 def test_ffn_sizes_are_rounded_to_the_multiple():

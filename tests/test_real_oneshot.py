@@ -71,9 +71,11 @@ def test_smollm2_activation_aware_beats_magnitude_at_half_sparsity():
         results[name] = _ppl(model, evaluation)
     assert dense < results["activation"] < results["magnitude"], (dense, results)
 
-    # structured: remove one of the three KV groups (3 query heads) in every layer, then the model still works
-    model = copy.deepcopy(base)
-    report = prune(model, PruningConfig(heads=0.34, criterion="magnitude"))
-    assert [layer["heads"] for layer in report.layers_after] == [6] * 30
-    assert [layer["kv_heads"] for layer in report.layers_after] == [2] * 30
-    assert math.isfinite(_ppl(model, evaluation[:512]))
+    # structured: a third of the query heads, by default one from each of the three groups (the key/value heads
+    # stay), or with head_unit="group" one whole group; the model still works either way
+    for unit, kv in (("auto", 3), ("group", 2)):
+        model = copy.deepcopy(base)
+        report = prune(model, PruningConfig(heads=0.34, criterion="magnitude", head_unit=unit))
+        assert [layer["heads"] for layer in report.layers_after] == [6] * 30
+        assert [layer["kv_heads"] for layer in report.layers_after] == [kv] * 30
+        assert math.isfinite(_ppl(model, evaluation[:512]))
