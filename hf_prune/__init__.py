@@ -20,7 +20,7 @@ from .measure import compare_latency, count_parameters, encoder_flops, measure_l
 from .oneshot import PruningReport, prune
 from .plan import PruningPlan
 from .state import pruning_state
-from .surgery import apply_layer_shapes, prune_ffn, prune_heads, remove_layers
+from .surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
 from .trainer import PruningCallback, PruningMixin, PruningTrainer
 
 __version__ = "0.1.0"
@@ -57,10 +57,10 @@ __all__ = [
     "prune",
     "prune_ffn",
     "prune_heads",
+    "prune_layers",
     "pruning_state",
     "random_scores",
     "register",
-    "remove_layers",
     "save_pretrained",
     "structured_scores",
     "supported_model_types",

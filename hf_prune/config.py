@@ -17,6 +17,7 @@ CRITERIA = ("magnitude", "taylor", "fisher", "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
 SCOPES = ("layer", "global")
 HEAD_UNITS = ("auto", "group", "query")
+LAYER_CRITERIA = ("influence", "angular", "last")
 KEEP_TARGETS = ("target_flops", "target_params", "target_latency")
 SPARSITY_SCOPES = ("layer", "global", "row")
 SCHEDULES = ("oneshot", "iterative", "cubic")
@@ -58,6 +59,11 @@ class PruningConfig(JsonMixin):
             are traded against each other by FLOPs/param cost as in Kwon et al.).
         min_heads_per_layer: every layer keeps at least this many heads (0 allows removing a whole layer's
             attention).
+        layers: fraction of whole transformer blocks to remove (depth pruning), ``0 <= layers < 1``, before any
+            width pruning (which then spends its budget on the blocks that stay); see :mod:`hf_prune.depth`.
+        layer_criterion: which blocks: ``"influence"`` (ShortGPT's Block Influence, 1 - cos between a block's input
+            and output; needs calibration data), ``"angular"`` (the consecutive run whose span changes the hidden
+            states least, Gromov et al.; needs calibration data) or ``"last"`` (the blocks before the final one).
         head_unit: under grouped-query attention, remove whole key/value groups (``"group"``), the same number of
             query heads from every group (``"query"``, the key/value heads stay), or ``"auto"``: whichever gives the
             model more units to choose from, ``"query"`` on a tie (SmolLM2: 3 groups of 3; Gemma-3-1B: one group
@@ -106,6 +112,8 @@ class PruningConfig(JsonMixin):
     scope: str = "layer"
     min_heads_per_layer: int = 1
     head_unit: str = "auto"
+    layers: float = 0.0
+    layer_criterion: str = "influence"
     ffn_multiple: int = 8
     sparsity: float = 0.0
     sparsity_scope: str = "layer"
@@ -160,6 +168,7 @@ class PruningConfig(JsonMixin):
         """Raise ``ValueError`` naming the first invalid field."""
         self._check_fraction("heads", low_open=False, high_open=True)
         self._check_fraction("ffn", low_open=False, high_open=True)
+        self._check_fraction("layers", low_open=False, high_open=True)
         self._check_fraction("target_flops", low_open=True, high_open=False, optional=True)
         self._check_fraction("target_params", low_open=True, high_open=False, optional=True)
         self._check_fraction("target_latency", low_open=True, high_open=False, optional=True)
@@ -189,6 +198,7 @@ class PruningConfig(JsonMixin):
             self._fail("distill_hidden", "a number >= 0")
         self._check_choice("scope", SCOPES)
         self._check_choice("head_unit", HEAD_UNITS)
+        self._check_choice("layer_criterion", LAYER_CRITERIA)
         self._check_choice("sparsity_scope", SPARSITY_SCOPES)
         self._check_choice("sparsity_criterion", SPARSITY_CRITERIA)
         if not isinstance(self.reconstruct, bool):
@@ -246,7 +256,8 @@ class PruningConfig(JsonMixin):
     def needs_data(self) -> bool:
         structured_data = self.structured and (self.criterion in ("taylor", "fisher") or self.reconstruct)
         sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)
-        return structured_data or sparse_data
+        depth_data = bool(self.layers) and self.layer_criterion != "last"
+        return structured_data or sparse_data or depth_data
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -15,12 +15,14 @@ from transformers.utils import logging
 from .architectures import get_adapter
 from .calibration import calibration_set
 from .config import PruningConfig
+from .depth import select_blocks
 from .masks import sparsity_report
 from .measure import count_parameters, encoder_flops
 from .plan import PruningPlan
 from .quantized import float_weights
 from .reconstruct import sequential_prune
 from .step import mask_step, structural_step
+from .surgery import prune_layers
 
 logger = logging.get_logger(__name__)
 
@@ -40,6 +42,7 @@ class PruningReport:
     sparsity: float
     sparsity_per_module: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    layers_removed: list[int] = field(default_factory=list)  # blocks removed (indices before pruning), see depth.py
 
     @property
     def flops_ratio(self) -> float:
@@ -98,8 +101,9 @@ def prune(
     float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
     if config.needs_data and calibration_data is None:
         raise ValueError(
-            f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r} needs "
-            "calibration_data (tokenized examples or batches)"
+            f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r}"
+            + (f" / layer_criterion={config.layer_criterion!r}" if config.layers else "")
+            + " needs calibration_data (tokenized examples or batches)"
         )
     # drawn once, before anything changes: every pass below (scores, refit, OBS update, norms) sees the same tokens,
     # and a generator or stream is read only here
@@ -111,6 +115,12 @@ def prune(
     params_before = count_parameters(model)
     flops_before = encoder_flops(model, config.seq_len).total
     layers_before = [s.to_dict() for s in adapter.layer_shapes(model)]
+    removed_blocks: list[int] = []
+    if config.layers:  # depth first: the width allocation then spends its budget on the blocks that stay
+        start = time.perf_counter()
+        removed_blocks, _ = select_blocks(model, config.layer_criterion, config.layers, calibration)
+        prune_layers(model, removed_blocks)
+        timings["depth"] = time.perf_counter() - start
     plan = PruningPlan()
     if config.structured:
         plan = structural_step(model, config, calibration, timings=timings)
@@ -135,6 +145,7 @@ def prune(
         sparsity=report["overall"],
         sparsity_per_module=report["per_module"],
         timings_s=timings,
+        layers_removed=removed_blocks,
     )
     logger.info("hf_prune.prune: %s", str(result).replace("\n", "; "))
     return result

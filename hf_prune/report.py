@@ -106,6 +106,14 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
     removed_heads = (orig.get("heads", 0) * len(plan["kept_heads"]) - sum(plan["kept_heads"])) if orig else "?"
     removed_ffn = (orig.get("ffn", 0) * len(plan["kept_ffn"]) - sum(plan["kept_ffn"])) if orig else "?"
     cfg = report["pruning_config"]
+    auto_class = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
+    kept_layers = plan.get("kept_layers")
+    blocks = (
+        f"- **Transformer blocks:** {plan.get('original_layers', '?') - len(kept_layers)} removed "
+        f"(criterion `{cfg.get('layer_criterion')}`); kept blocks of the original: {kept_layers}.\n"
+        if kept_layers is not None and isinstance(plan.get("original_layers"), int)
+        else ""
+    )
     content = f"""---
 {data.to_yaml()}
 ---
@@ -115,8 +123,10 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
 This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) {report["hf_prune_version"]}.
 
 ## What was removed
-- **Attention heads:** {removed_heads} removed; kept per layer: {plan["kept_heads"]} (of {orig.get("heads", "?")}).
-- **FFN neurons:** {removed_ffn} removed; kept per layer: {plan["kept_ffn"]} (of {orig.get("ffn", "?")}).
+{blocks}- **Attention heads:** {removed_heads} removed in the kept blocks; kept per layer: {plan["kept_heads"]} \
+(of {orig.get("heads", "?")}).
+- **FFN neurons:** {removed_ffn} removed in the kept blocks; kept per layer: {plan["kept_ffn"]} \
+(of {orig.get("ffn", "?")}).
 - **Weight sparsity** in the transformer blocks: {report["sparsity"]:.1%}.
 - Criterion `{cfg["criterion"]}`, scope `{cfg["scope"]}`, schedule `{cfg["schedule"]}`; distillation alpha
   {cfg["distill_alpha"]}.
@@ -125,8 +135,8 @@ Per-layer shapes are stored in `config.json` (`hf_prune`). Load with:
 
 ```python
 import hf_prune
-from transformers import AutoModelForSequenceClassification
-model = hf_prune.from_pretrained("<this repo>", AutoModelForSequenceClassification)
+from transformers import {auto_class}
+model = hf_prune.from_pretrained("<this repo>", {auto_class})
 ```
 
 ## Results (measured by the run that produced this model)

@@ -21,13 +21,14 @@ from transformers.utils import logging
 from . import __version__
 from .architectures import get_adapter
 from .calibration import model_device
-from .config import closest
+from .config import PruningConfig, closest
 from .evaluation import mean_loss, predict_logits
 from .hub import save_pretrained, write_atomic_dir
 from .masks import sparsity_report
 from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
+from .oneshot import prune
 from .quantized import float_weights
 from .recipes import FORMATS, Recipe, RecipeError
 from .report import latency_device, write_report
@@ -295,13 +296,22 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
             if events and state.global_step == events[-1].step and not after_pruning:
                 after_pruning.update(evaluate_model(recipe, trainer.model, evaluation, tokenizer, trainer=trainer))
 
+    config = recipe.pruning
+    calibration = train.select(range(min(len(train), recipe.data.calibration_samples)))
+    if config.layers:
+        # depth is decided once, before training (the trainer schedules widths and masks, not blocks)
+        depth = {k: getattr(config, k) for k in ("layers", "layer_criterion", "batch_size", "max_samples", "seq_len")}
+        prune(model, PruningConfig(**depth), calibration_data=calibration, collate_fn=collator)
+        config = PruningConfig(**{**config.to_dict(), "layers": 0.0})
+        if not (config.structured or config.effective_sparsity):  # nothing else to prune: measure it now
+            after_pruning.update(evaluate_model(recipe, model, evaluation, tokenizer))
     trainer = PruningTrainer(
         model=model,
         args=_training_args(recipe, f"{work}/recovery", recipe.training),
         train_dataset=train,
         data_collator=collator,
-        pruning_config=recipe.pruning,
-        calibration_dataset=train.select(range(min(len(train), recipe.data.calibration_samples))),
+        pruning_config=config,
+        calibration_dataset=calibration,
     )
     trainer.add_callback(EvaluateAfterPruning())
     trainer.train()
@@ -330,6 +340,8 @@ def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: 
             "kept_heads": [s.heads for s in shapes],
             "kept_kv_heads": [s.kv_heads for s in shapes],
             "kept_ffn": [s.ffn for s in shapes],
+            "kept_layers": state.get("kept_layers"),  # None: no block was removed
+            "original_layers": len(get_adapter(dense).layers(dense)),
             "original": state.get("original"),
             "kept_original_head_ids": state.get("kept_heads"),
         },

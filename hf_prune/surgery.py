@@ -337,7 +337,7 @@ def prune_structure(
     return _apply(model, head_plans, ffn_plans)
 
 
-def remove_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
+def prune_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     """Remove whole transformer blocks in place (depth pruning) and return ``model``.
 
     Args:

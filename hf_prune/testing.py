@@ -39,7 +39,7 @@ from .architectures import get_adapter
 from .architectures.base import head_feature_index, out_in
 from .hub import from_pretrained, save_pretrained
 from .measure import count_parameters
-from .surgery import prune_structure, remove_layers
+from .surgery import prune_layers, prune_structure
 
 __all__ = ["check_adapter", "conformance_request", "zero_heads_and_neurons"]
 
@@ -231,7 +231,7 @@ def _check_depth(
     gone = 1 if n > 2 else 0
     reference = copy.deepcopy(model)
     _skip_block(adapter.layers(reference)[gone])
-    remove_layers(model, [gone])
+    prune_layers(model, [gone])
     assert len(adapter.layers(model)) == n - 1 and adapter.num_layers(model.config) == n - 1, "block count"
     with torch.no_grad():
         got = _output(model(**inputs))

@@ -371,3 +371,17 @@ def test_cli_evaluate_runs_the_recipe_metrics(tmp_path, tiny_model_dir, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"accuracy", "f1", "matthews_correlation"}
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_recipe_with_depth_pruning_removes_blocks_before_training(tmp_path, tiny_model_dir):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["pruning"] = {"layers": 0.5, "layer_criterion": "influence", "ffn": 0.25, "criterion": "magnitude"}
+    report = runner.run_recipe(load_recipe(write(tmp_path, data)))
+    out = Path(report["output_dir"])
+    saved = json.loads((out / "pruning_report.json").read_text())
+    assert saved["plan"]["original_layers"] == 2 and len(saved["plan"]["kept_layers"]) == 1
+    assert saved["plan"]["kept_ffn"] == [48]  # the width step ran on the block that stayed
+    assert "Transformer blocks:** 1 removed" in (out / "README.md").read_text()
+    model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
+    assert len(hf_prune.get_adapter(model).layers(model)) == 1
+    assert hf_prune.count_parameters(model) == saved["params"]["pruned"]

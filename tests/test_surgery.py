@@ -392,14 +392,14 @@ def test_plan_round_trips_through_json():
 
 
 # ---- depth --------------------------------------------------------------------------------------------
-def test_remove_layers_errors_leave_the_model_untouched():
+def test_prune_layers_errors_leave_the_model_untouched():
     model = make_model(FAMILIES["llama"])
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     for bad, message in (([3], r"out-of-range \[3\]"), ([0, 1, 2], "keep at least one"), (["1"], "integers")):
         with pytest.raises((ValueError, TypeError), match=message):
-            hf_prune.remove_layers(model, bad)
+            hf_prune.prune_layers(model, bad)
     with pytest.raises(TypeError, match="list of integer indices"):
-        hf_prune.remove_layers(model, {0: [1]})
+        hf_prune.prune_layers(model, {0: [1]})
     assert set(snapshot) == set(model.state_dict()) and getattr(model.config, "hf_prune", None) is None
 
 
@@ -407,7 +407,7 @@ def test_depth_and_width_pruning_combine_and_reload(tmp_path):
     family = FAMILIES["qwen3"]
     model = make_model(family, tf.Qwen3ForCausalLM)
     hf_prune.prune_heads(model, {2: [0, 1]})  # original block 2 loses a KV group
-    hf_prune.remove_layers(model, [0])
+    hf_prune.prune_layers(model, [0])
     hf_prune.prune_ffn(model, {0: [1, 2, 3]})  # now block 0 is original block 1
     state = model.config.hf_prune
     assert state["kept_layers"] == [1, 2] and model.config.num_hidden_layers == 2

@@ -1,0 +1,121 @@
+"""Depth pruning: which whole blocks to remove.
+
+Criteria (``PruningConfig.layer_criterion``), all measured on calibration data over non-padding tokens:
+
+* ``"influence"``: Block Influence (ShortGPT, Men et al. 2024): ``1 - cos(x_in, x_out)`` of each block's input and
+  output hidden states; the blocks that change their input least go first. Blocks are scored once, independently.
+* ``"angular"``: the angular distance ``arccos(cos(x_l, x_{l+n})) / pi`` between the input of block ``l`` and the
+  output of block ``l + n - 1`` (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): the
+  ``n`` *consecutive* blocks whose span changes the representation least go, as one run.
+* ``"last"``: the ``n`` blocks before the final one, with no data (the baseline both papers compare against).
+
+The choice is a pure function of the measured statistics (:func:`choose_blocks`); :func:`block_statistics` only
+runs the model. Removal itself is :func:`hf_prune.surgery.prune_layers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import get_adapter
+from .calibration import model_device, no_cache, to_device
+from .config import LAYER_CRITERIA
+
+
+def _hidden(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _mean_cos(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)  # (batch, tokens)
+    if mask is not None and mask.shape == cos.shape:
+        keep = mask.to(cos.device).bool()
+        return float(cos[keep].sum()), int(keep.sum())
+    return float(cos.sum()), cos.numel()
+
+
+def block_statistics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], span: int = 1) -> torch.Tensor:
+    """Mean cosine similarity, over non-padding calibration tokens, between the input of block ``l`` and the output
+    of block ``l + span - 1``, for every ``l`` (``len = blocks - span + 1``); the model is not changed."""
+    adapter = get_adapter(model)
+    blocks = adapter.layers(model)
+    n = len(blocks)
+    if not 1 <= span <= n:
+        raise ValueError(f"span must be in 1..{n}, got {span}")
+    states: list[torch.Tensor | None] = [None] * (n + 1)  # states[l] = input of block l; states[n] = last output
+
+    def pre_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            states[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return hook
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        states[n] = _hidden(output).detach()
+
+    handles = [block.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(post_hook))
+    sums, count = torch.zeros(n - span + 1, dtype=torch.float64), 0
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                batch = to_device(batch, device)
+                model(**batch, **no_cache(model))
+                mask = batch.get("attention_mask")
+                for start in range(n - span + 1):
+                    total, tokens = _mean_cos(states[start], states[start + span], mask)
+                    sums[start] += total
+                count += tokens
+                states = [None] * (n + 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("block scores need at least one calibration token")
+    return sums / count
+
+
+def choose_blocks(criterion: str, n_blocks: int, n_remove: int, cos: torch.Tensor | None = None) -> list[int]:
+    """Blocks to remove: ``n_remove`` of ``n_blocks`` by ``criterion`` (see module docstring); ``cos`` comes from
+    :func:`block_statistics` (span 1 for ``"influence"``, span ``n_remove`` for ``"angular"``)."""
+    if criterion not in LAYER_CRITERIA:
+        raise ValueError(f"layer_criterion={criterion!r} is invalid; allowed: {', '.join(LAYER_CRITERIA)}")
+    if not 0 <= n_remove < n_blocks:
+        raise ValueError(f"cannot remove {n_remove} of {n_blocks} blocks; allowed 0..{n_blocks - 1}")
+    if n_remove == 0:
+        return []
+    if criterion == "last":
+        return list(range(n_blocks - 1 - n_remove, n_blocks - 1))
+    if cos is None:
+        raise ValueError(f"layer_criterion={criterion!r} needs block statistics (calibration data)")
+    if criterion == "influence":
+        influence = 1 - cos  # smallest change first; ties keep the earlier block
+        return sorted(torch.argsort(influence, stable=True)[:n_remove].tolist())
+    angular = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+    start = int(torch.argmin(angular))
+    return list(range(start, start + n_remove))
+
+
+def select_blocks(
+    model: nn.Module, criterion: str, fraction: float, batches: Iterable[Mapping[str, torch.Tensor]] | None
+) -> tuple[list[int], list[float] | None]:
+    """``(blocks to remove, the per-block or per-run scores they were chosen by)`` for ``fraction`` of the blocks."""
+    n = len(get_adapter(model).layers(model))
+    n_remove = round(fraction * n)
+    if n_remove >= n:
+        raise ValueError(f"layers={fraction} would remove all {n} blocks; keep at least one")
+    if n_remove == 0 or criterion == "last":
+        return choose_blocks(criterion, n, n_remove), None
+    if batches is None:
+        raise ValueError(f"layer_criterion={criterion!r} needs calibration data")
+    cos = block_statistics(model, batches, span=1 if criterion == "influence" else n_remove)
+    return choose_blocks(criterion, n, n_remove, cos), (1 - cos).tolist()

@@ -1,0 +1,130 @@
+"""Depth pruning: prune_layers is exact (removed blocks == blocks turned into the identity), and the block criteria
+(ShortGPT's Block Influence, Gromov et al.'s angular distance, the drop-the-last baseline) pick what they should."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import hf_prune
+from hf_prune import PruningConfig
+from hf_prune.depth import block_statistics, choose_blocks, select_blocks
+
+
+def _llama(layers: int = 4) -> tf.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def _identity(model, blocks: list[int]) -> None:
+    """A pre-norm residual block whose o_proj and down_proj are zero hands its input through."""
+    with torch.no_grad():
+        for i in blocks:
+            layer = model.model.layers[i]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
+def _batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 64, (2, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0  # padding on the right of the second row
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_prune_layers_equals_the_blocks_turned_into_identity_and_reloads_stock(tmp_path):
+    model, reference = _llama(), _llama()
+    _identity(reference, [1, 2])
+    hf_prune.prune_layers(model, [1, 2])
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert model.config.num_hidden_layers == 2 and model.config.hf_prune["kept_layers"] == [0, 3]
+    hf_prune.save_pretrained(model, tmp_path / "shallow")
+    stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "shallow").eval()
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, model(ids).logits)
+
+
+def test_choose_blocks_by_each_criterion():
+    cos = torch.tensor([0.2, 0.9, 0.95, 0.5, 0.3])
+    assert choose_blocks("influence", 6, 2, cos) == [1, 2]  # smallest 1 - cos
+    # angular: cos[l] is between the input of block l and the output of block l + 1 (span 2): the best run
+    assert choose_blocks("angular", 6, 2, cos) == [2, 3]
+    assert choose_blocks("last", 6, 2) == [3, 4]  # the blocks before the final one
+    assert choose_blocks("influence", 6, 0, cos) == []
+    with pytest.raises(ValueError, match="cannot remove 6 of 6 blocks"):
+        choose_blocks("last", 6, 6)
+    with pytest.raises(ValueError, match="needs block statistics"):
+        choose_blocks("angular", 6, 2)
+
+
+def test_block_influence_finds_a_block_that_does_nothing():
+    model = _llama()
+    _identity(model, [2])
+    cos = block_statistics(model, _batches())
+    assert cos.shape == (4,) and float(cos[2]) == pytest.approx(1.0, abs=1e-6)
+    assert float(cos.max()) == float(cos[2])
+    removed, scores = select_blocks(model, "influence", 0.25, _batches())
+    assert removed == [2] and scores[2] == pytest.approx(0.0, abs=1e-6)
+    _identity(model, [1])  # two consecutive do-nothing blocks: the angular run of two is exactly them
+    assert select_blocks(model, "angular", 0.5, _batches())[0] == [1, 2]
+
+
+def test_padding_tokens_do_not_count():
+    model = _llama()
+    batches = _batches(1)
+    padded = block_statistics(model, batches)
+    # change what sits in the padded positions: the statistics must not move
+    batches[0]["input_ids"][1, 9:] = 5
+    assert torch.allclose(block_statistics(model, batches), padded, atol=1e-6)
+
+
+def test_prune_with_depth_and_width_reports_and_reloads(tmp_path):
+    model = _llama(layers=6)
+    config = PruningConfig(layers=1 / 3, layer_criterion="angular", ffn=0.25, criterion="magnitude")
+    report = hf_prune.prune(model, config, calibration_data=_batches())
+    assert len(report.layers_removed) == 2 and report.layers_removed[1] == report.layers_removed[0] + 1
+    assert len(report.layers_before) == 6 and len(report.layers_after) == 4
+    assert report.flops_ratio > 1.5 and model.config.num_hidden_layers == 4
+    hf_prune.save_pretrained(model, tmp_path / "m")
+    reloaded = hf_prune.from_pretrained(tmp_path / "m", tf.AutoModelForCausalLM).eval()
+    ids = torch.randint(1, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_depth_errors_are_early_and_clear(tmp_path):
+    with pytest.raises(ValueError, match=r"layer_criterion='influense' is invalid \(did you mean 'influence'\?\)"):
+        PruningConfig(layers=0.25, layer_criterion="influense")
+    with pytest.raises(ValueError, match="layers"):
+        PruningConfig(layers=1.0)
+    model = _llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        hf_prune.prune(model, PruningConfig(layers=0.5))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert hf_prune.prune(model, PruningConfig(layers=0.5, layer_criterion="last")).layers_removed == [1, 2]
+    args = tf.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match="not scheduled by the trainer"):
+        config = PruningConfig(layers=0.25, layer_criterion="last")
+        hf_prune.PruningTrainer(model=_llama(), args=args, pruning_config=config)
