@@ -123,6 +123,31 @@ FAMILIES: dict[str, Family] = {
     # head_dim deliberately != hidden / heads: the adapter must read it from the config
     "qwen3": Family("qwen3", _llama_like(tf.Qwen3Config, head_dim=12), (tf.Qwen3ForCausalLM,), causal=True),
     "gemma": Family("gemma", _llama_like(tf.GemmaConfig, head_dim=8), (tf.GemmaForCausalLM,), causal=True),
+    # sandwich norms, soft-capping and per-layer sliding windows (Gemma 2), plus per-head q/k norms (Gemma 3)
+    "gemma2": Family(
+        "gemma2",
+        _llama_like(
+            tf.Gemma2Config,
+            head_dim=8,
+            sliding_window=6,
+            attn_logit_softcapping=20.0,
+            final_logit_softcapping=10.0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        (tf.Gemma2ForCausalLM,),
+        causal=True,
+    ),
+    "gemma3_text": Family(
+        "gemma3_text",
+        _llama_like(
+            tf.Gemma3TextConfig,
+            head_dim=8,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        (tf.Gemma3ForCausalLM,),
+        causal=True,
+    ),
     "granite": Family(
         "granite", _llama_like(tf.GraniteConfig, attention_multiplier=0.3), (tf.GraniteForCausalLM,), causal=True
     ),

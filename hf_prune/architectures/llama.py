@@ -1,4 +1,8 @@
-"""Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma): separate q/k/v/o and a gated MLP.
+"""Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 1/2/3): separate q/k/v/o and a gated MLP.
+
+Qwen3's and Gemma-3's q/k norms normalise each head over ``head_dim`` with one shared weight, so they need no
+slicing; Gemma-2/3's sandwich norms act on the block's hidden size and their attention soft-capping and sliding
+windows (``layer_types``) do not depend on the head count.
 
 Grouped-query attention: ``num_key_value_groups`` query heads share one key/value head. Heads are removed in whole
 groups, or the same number from every group of a layer (the forward needs equal groups; each layer's attention keeps
@@ -15,7 +19,7 @@ from .base import ArchAdapter, Proj, register
 
 @register
 class LlamaAdapter(ArchAdapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
     layers_path = "layers"
     attention_module = "self_attn"
     attention_out = "o_proj"
