@@ -99,7 +99,7 @@ class PruningCallback(TrainerCallback):
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = self._model(kwargs)
-        get_adapter(model)  # unknown architecture: fail before training starts
+        get_adapter(model, structural=self.config.removes_structure)  # unknown architecture: fail before training
         check_backend(args, self.config, self.trainer)
         self._remember(state, kwargs)
         if self.trainer is None:
@@ -198,8 +198,7 @@ class PruningCallback(TrainerCallback):
 
     def stats(self, model: nn.Module) -> dict[str, Any]:
         """Numbers logged at every logging step."""
-        adapter = get_adapter(model)
-        shapes = adapter.layer_shapes(model)
+        shapes = get_adapter(model, structural=False).layer_shapes(model)
         return {
             "pruning/progress": self.progress,
             "pruning/sparsity": sparsity_report(model)["overall"],
@@ -227,7 +226,7 @@ class PruningCallback(TrainerCallback):
         return self.latency
 
     def _counts(self, model: nn.Module) -> dict[str, float]:
-        shapes = get_adapter(model).layer_shapes(model)
+        shapes = get_adapter(model, structural=False).layer_shapes(model)
         counts = {
             "units": sum(HeadUnits(head_unit_mode(model, self.config.head_unit)).count(s) for s in shapes),
             "ffn": sum(s.ffn for s in shapes),

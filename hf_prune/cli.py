@@ -65,7 +65,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .measure import count_parameters, encoder_flops
 
     model = _load_any(args.model, args.task)
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, structural=False)  # an unknown family: sparsity only, no per-layer shapes
     shapes = adapter.layer_shapes(model)
     sparsity = sparsity_report(model)
     info = {

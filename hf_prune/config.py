@@ -253,6 +253,11 @@ class PruningConfig(JsonMixin):
         return bool(self.heads or self.ffn or self.keep_target)
 
     @property
+    def removes_structure(self) -> bool:
+        """Heads, neurons or blocks are removed: the model's family needs an adapter (weight sparsity does not)."""
+        return self.structured or bool(self.layers)
+
+    @property
     def needs_data(self) -> bool:
         structured_data = self.structured and (self.criterion in ("taylor", "fisher") or self.reconstruct)
         sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)

@@ -18,16 +18,10 @@ from .architectures.base import out_in
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention and FFN projections of every block, by their full module name (no embeddings/heads)."""
-    adapter = get_adapter(model)
+    """The attention and FFN projections of every block, by their full module name (no embeddings/heads); for a
+    family without an adapter, every linear layer of its blocks (see :mod:`hf_prune.architectures.generic`)."""
     names = {id(m): n for n, m in model.named_modules()}
-    out: dict[str, nn.Module] = {}
-    for block in adapter.layers(model):
-        for proj in (*adapter.attention_projs, *adapter.ffn_projs):
-            module = block.get_submodule(proj.path)
-            if module.weight.numel():
-                out[names[id(module)]] = module
-    return out
+    return {names[id(m)]: m for m in get_adapter(model, structural=False).all_block_linears(model)}
 
 
 def weight_scores(

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import ArchAdapter, LayerShape, get_adapter
+from .architectures.generic import block_lists
 from .calibration import model_device, to_device
 
 
@@ -65,7 +66,14 @@ def encoder_flops(model: nn.Module, seq_len: int = 128) -> FlopsReport:
     These are the FLOPs structured pruning can remove; ratios of this number are what the benchmarks compare
     measured speedups against.
     """
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, structural=False)
+    if not adapter.structural:  # no adapter: the blocks' linear layers only (attention scores are not counted)
+        per_layer = [
+            sum(2 * seq_len * m.weight.numel() for m in adapter.block_linears(block))
+            for _, blocks in block_lists(model)
+            for block in blocks
+        ]
+        return FlopsReport(total=sum(per_layer), per_layer=per_layer, seq_len=seq_len)
     hidden, head_dim = _config_dims(adapter, model)
     per_layer = [
         layer_flops(s, hidden, head_dim, adapter.ffn_in_mats, seq_len, tokens=seq_len)
@@ -75,8 +83,11 @@ def encoder_flops(model: nn.Module, seq_len: int = 128) -> FlopsReport:
 
 
 def prunable_parameters(model: nn.Module) -> int:
-    """Weights of the attention and FFN projections of all blocks (what structured pruning can remove)."""
-    adapter = get_adapter(model)
+    """Weights of the attention and FFN projections of all blocks (what structured pruning can remove; for a
+    family without an adapter, the weights of its blocks' linear layers)."""
+    adapter = get_adapter(model, structural=False)
+    if not adapter.structural:
+        return sum(m.weight.numel() for m in adapter.all_block_linears(model))
     hidden, head_dim = _config_dims(adapter, model)
     return sum(layer_params(s, hidden, head_dim, adapter.ffn_in_mats) for s in adapter.layer_shapes(model))
 

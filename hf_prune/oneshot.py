@@ -97,7 +97,8 @@ def prune(
     """
     if isinstance(config, dict):
         config = PruningConfig.from_dict(config)
-    adapter = get_adapter(model)
+    # weight sparsity alone works on any family; removing heads, neurons or blocks needs its adapter
+    adapter = get_adapter(model, structural=config.removes_structure)
     float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
     if config.needs_data and calibration_data is None:
         raise ValueError(

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
 from .architectures.base import head_feature_index, out_in
+from .architectures.generic import block_lists
 from .calibration import model_device, no_cache, to_device
 from .masks import compute_masks
 from .surgery import validate_plan
@@ -115,8 +116,14 @@ def sequential_prune(
 
     ``scope="global"`` is not meaningful block by block and is treated as ``"layer"``.
     """
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, structural=False)
     layers = adapter.layers(model)
+    if not adapter.structural and len(block_lists(model)) > 1:
+        raise ValueError(
+            f"reconstruct=True runs the blocks as one chain, but this {type(model).__name__} has several lists of "
+            f"blocks ({', '.join(name for name, _ in block_lists(model))}) and no hf_prune adapter says how they "
+            "connect; use reconstruct=False (masks from weight or activation scores)"
+        )
     captured: list[tuple[tuple, dict]] = []
 
     def capture(module: nn.Module, args: tuple, kwargs: dict):
@@ -139,11 +146,7 @@ def sequential_prune(
     names = {id(m): n for n, m in model.named_modules()}
     scope = "layer" if scope == "global" else scope
     for block in tqdm(layers, desc="prune + reconstruct", disable=not progress, leave=False):
-        modules = {}
-        for proj in (*adapter.attention_projs, *adapter.ffn_projs):
-            module = block.get_submodule(proj.path)
-            if module.weight.numel():
-                modules[names[id(module)]] = module
+        modules = {names[id(m)]: m for m in adapter.block_linears(block)}
         hessians, counts, handles = _attach_hessian_hooks(modules)
         try:
             for args, kwargs in captured:

@@ -246,7 +246,7 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
     with _timed(walls, "load"):
         raw = load_data(recipe)  # columns are checked here, before the model loads
         model, tokenizer, resolved_path = load_model_and_tokenizer(recipe)
-        get_adapter(model)
+        get_adapter(model, structural=recipe.pruning.removes_structure)
         train, evaluation = tokenize(recipe, raw, tokenizer)
 
     with tempfile.TemporaryDirectory() as work:
@@ -321,7 +321,7 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
 def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: dict[str, Any]) -> dict[str, Any]:
     """The report's description of what was pruned and measured (metrics and wall times are added by the caller)."""
     seq_len = recipe.pruning.seq_len  # FLOPs are reported at the length the targets were set for
-    shapes = get_adapter(model).layer_shapes(model)
+    shapes = get_adapter(model, structural=False).layer_shapes(model)
     state = getattr(model.config, "hf_prune", None) or {}
     flops = {
         "seq_len": seq_len,
@@ -341,7 +341,7 @@ def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: 
             "kept_kv_heads": [s.kv_heads for s in shapes],
             "kept_ffn": [s.ffn for s in shapes],
             "kept_layers": state.get("kept_layers"),  # None: no block was removed
-            "original_layers": len(get_adapter(dense).layers(dense)),
+            "original_layers": len(get_adapter(dense, structural=False).layers(dense)),
             "original": state.get("original"),
             "kept_original_head_ids": state.get("kept_heads"),
         },

@@ -92,7 +92,8 @@ class PruningMixin:
         if isinstance(pruning_config, dict):
             pruning_config = PruningConfig.from_dict(pruning_config)
         self.pruning_config = pruning_config or PruningConfig()
-        get_adapter(self.model)  # unknown architecture: a clear error before anything runs
+        # unknown architecture: a clear error before anything runs (weight sparsity alone needs no adapter)
+        get_adapter(self.model, structural=self.pruning_config.removes_structure)
         check_backend(self.args, self.pruning_config, self)
         if self.pruning_config.needs_data and calibration_dataset is None and self.train_dataset is None:
             raise ValueError(
@@ -217,7 +218,7 @@ class PruningMixin:
         saved = (_checkpoint_state(best) or {}).get("layers") if best else None
         current = (pruning_state(self.model) or {}).get("layers")
         if saved != current:
-            shapes = [s.to_dict() for s in get_adapter(self.model).layer_shapes(self.model)]
+            shapes = [s.to_dict() for s in get_adapter(self.model, structural=False).layer_shapes(self.model)]
             raise ValueError(
                 f"load_best_model_at_end: the best checkpoint {best} holds layer shapes {saved}, but the model now "
                 f"has {shapes}; load it with hf_prune.from_pretrained({best!r}, ...) instead"

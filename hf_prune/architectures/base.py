@@ -131,6 +131,7 @@ class ArchAdapter:
     layer_count_field: ClassVar[str] = "num_hidden_layers"
     per_layer_config_fields: ClassVar[tuple[str, ...]] = ("layer_types",)
     layer_index_attr: ClassVar[str] = "layer_idx"
+    structural: ClassVar[bool] = True  # heads, neurons and blocks can be removed (False: weight sparsity only)
 
     # ---- config readers (overridden where a family names fields differently) -------------------------
     def num_layers(self, config: PretrainedConfig) -> int:
@@ -156,6 +157,15 @@ class ArchAdapter:
         """The transformer blocks of ``model`` (any task-head class of the family)."""
         base = model.base_model if isinstance(model, PreTrainedModel) else model
         return base.get_submodule(self.layers_path)
+
+    def block_linears(self, block: nn.Module) -> list[nn.Module]:
+        """The attention and FFN projections of one block that still have weights (what weight sparsity masks)."""
+        modules = (block.get_submodule(p.path) for p in (*self.attention_projs, *self.ffn_projs))
+        return [m for m in modules if m.weight.numel()]
+
+    def all_block_linears(self, model: nn.Module) -> list[nn.Module]:
+        """:meth:`block_linears` of every block."""
+        return [m for block in self.layers(model) for m in self.block_linears(block)]
 
     def set_attention_attrs(self, module: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
         """Update attributes the attention forward reads after its head count changed."""
@@ -334,21 +344,29 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_adapter(model_or_config: nn.Module | PretrainedConfig | str) -> ArchAdapter:
+def get_adapter(model_or_config: nn.Module | PretrainedConfig | str, *, structural: bool = True) -> ArchAdapter:
     """Return the adapter for a model, a config or a ``model_type`` string.
 
+    ``structural=False`` asks only for what weight sparsity needs (the blocks' linear layers): a model of an
+    unregistered family then gets a :class:`~hf_prune.architectures.generic.GenericAdapter` instead of an error.
+
     Raises:
-        ValueError: the model type is not registered; the message lists the supported types.
+        ValueError: the model type is not registered (and ``structural`` is true); the message lists the
+            supported types.
     """
     if isinstance(model_or_config, str):
         model_type = model_or_config
     else:
         config = getattr(model_or_config, "config", model_or_config)
         model_type = getattr(config, "model_type", None)
-    if model_type not in _REGISTRY:
-        raise ValueError(
-            f"hf_prune does not support model_type={model_type!r}. Supported model types: "
-            f"{', '.join(supported_model_types())}. A new family is one small adapter file in "
-            "hf_prune/architectures/ (see base.py)."
-        )
-    return _REGISTRY[model_type]
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    if not structural:
+        from .generic import GenericAdapter  # generic.py subclasses ArchAdapter, so it imports this module
+
+        return GenericAdapter(model_type)
+    raise ValueError(
+        f"hf_prune does not support model_type={model_type!r} for removing heads, neurons or blocks. Supported "
+        f"model types: {', '.join(supported_model_types())}. Unstructured and N:M sparsity work on any model. A "
+        "new family is one small adapter file in hf_prune/architectures/ (see base.py)."
+    )
