@@ -51,6 +51,14 @@ class PruningPlan(JsonMixin):
     def is_empty(self) -> bool:
         return self.num_heads_removed == 0 and self.num_neurons_removed == 0
 
+    def only(self, layer: int) -> PruningPlan:
+        """The part of this plan that touches ``layer`` (block-by-block passes apply a plan one block at a time)."""
+        return PruningPlan(
+            heads={layer: self.heads[layer]} if layer in self.heads else {},
+            ffn={layer: self.ffn[layer]} if layer in self.ffn else {},
+            meta=self.meta,
+        )
+
     def apply(
         self,
         model: nn.Module,

@@ -13,7 +13,6 @@ passes of the calibration set plus one small Cholesky solve per weight matrix.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -22,18 +21,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import ArchAdapter, get_adapter
-from .architectures.base import head_feature_index, out_in
+from .architectures.base import head_feature_index, num_features, out_in
 from .architectures.generic import block_lists
-from .calibration import model_device, no_cache, to_device
+from .blockwise import BlockInputs
+from .calibration import model_device
 from .masks import compute_masks
 from .surgery import validate_plan
 
 if TYPE_CHECKING:
     from .plan import PruningPlan
-
-
-class _Stop(Exception):
-    pass
 
 
 def obs_update(
@@ -72,12 +68,53 @@ def obs_update(
     return w
 
 
+class _Gram:
+    """``X^T X`` of a stream of row batches, accurate to about float64 from float32 matmuls.
+
+    Large-activation models (Gemma's, any LLM with "massive activations") have inputs dominated by their mean; a
+    plain float32 sum of ``x^T x`` then loses the small directions a least-squares refit depends on (measured on a
+    tiny Gemma 2: the refit closed a quarter of the gap to the optimum instead of all of it). Each batch's centred
+    product is well conditioned in float32; the batches are combined in float64 with Chan et al.'s pairwise update,
+    and the mean's outer product is added back once, in float64.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        # float64 lives on the CPU for MPS, which has none
+        on = x.device if x.device.type != "mps" else torch.device("cpu")
+        mean_b = x.mean(0)
+        centred = x - mean_b
+        m2_b = (centred.t() @ centred).to(on, torch.float64)
+        mean_b = mean_b.to(on, torch.float64)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 += m2_b + torch.outer(delta, delta) * (self.n * n_b / total)
+        self.mean += delta * (n_b / total)
+        self.n = total
+
+    def total(self) -> torch.Tensor:
+        """``sum x x^T`` over all rows, float64."""
+        if self.mean is None or self.m2 is None:
+            raise ValueError("no rows were accumulated")
+        return self.m2 + self.n * torch.outer(self.mean, self.mean)
+
+
 def _attach_hessian_hooks(
     modules: dict,
     with_ones: frozenset = frozenset(),
     token_mask: list[torch.Tensor | None] | None = None,
 ):
-    """Accumulate ``X^T X`` and the row count of every module's input while the hooks are attached.
+    """Accumulate ``X^T X`` (:class:`_Gram`) and the row count of every module's input while the hooks are attached.
 
     Modules whose key is in ``with_ones`` get a constant 1 appended to each input row (for fitting a bias). When
     ``token_mask[0]`` holds the current batch's attention mask, padding rows are left out.
@@ -93,7 +130,7 @@ def _attach_hessian_hooks(
                 x = x[mask.reshape(-1).to(x.device).bool()]
             if name in with_ones:
                 x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-            hessians[name] = hessians.get(name, 0) + x.t() @ x
+            hessians.setdefault(name, _Gram()).add(x)
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         return hook
@@ -114,7 +151,8 @@ def sequential_prune(
 ) -> None:
     """Prune the block linears block by block with masks + OBS reconstruction (see module docstring).
 
-    ``scope="global"`` is not meaningful block by block and is treated as ``"layer"``.
+    ``scope="global"`` is not meaningful block by block and is treated as ``"layer"``. Padding tokens are left out
+    of the statistics; one block's Hessians are alive at a time.
     """
     adapter = get_adapter(model, structural=False)
     layers = adapter.layers(model)
@@ -124,40 +162,22 @@ def sequential_prune(
             f"blocks ({', '.join(name for name, _ in block_lists(model))}) and no hf_prune adapter says how they "
             "connect; use reconstruct=False (masks from weight or activation scores)"
         )
-    captured: list[tuple[tuple, dict]] = []
-
-    def capture(module: nn.Module, args: tuple, kwargs: dict):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    # no KV cache: the captured kwargs are replayed through each block and must not grow a cache
-    cache_off = no_cache(model)
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        device = model_device(model)
-        for batch in batches:
-            batch = to_device(batch, device)
-            with contextlib.suppress(_Stop):
-                model(**{k: v for k, v in batch.items() if k != "labels"}, **cache_off)
-    finally:
-        handle.remove()
-    if not captured:
-        raise ValueError("reconstruction needs calibration data, but it yielded no batches")
+    inputs = BlockInputs(model, layers, batches)
     names = {id(m): n for n, m in model.named_modules()}
     scope = "layer" if scope == "global" else scope
-    for block in tqdm(layers, desc="prune + reconstruct", disable=not progress, leave=False):
+    token_mask: list[torch.Tensor | None] = [None]
+    for index, block in enumerate(tqdm(layers, desc="prune + reconstruct", disable=not progress, leave=False)):
         modules = {names[id(m)]: m for m in adapter.block_linears(block)}
-        hessians, counts, handles = _attach_hessian_hooks(modules)
+        hessians, counts, handles = _attach_hessian_hooks(modules, token_mask=token_mask)
         try:
-            for args, kwargs in captured:
-                block(*args, **kwargs)
+            inputs.run(index, before_each=lambda n: token_mask.__setitem__(0, inputs.token_masks[n]))
         finally:
             for h in handles:
                 h.remove()
         for name, module in modules.items():
             if name not in hessians:
                 continue
-            hessian = hessians[name] / counts[name]
+            hessian = (hessians[name].total() / counts[name]).float()
             w_rows = out_in(module.weight.detach(), module).float()
             scores = w_rows.abs()
             if criterion == "activation":
@@ -165,16 +185,8 @@ def sequential_prune(
             keep = compute_masks({name: scores}, sparsity, scope, nm)[name]
             updated = obs_update(w_rows, hessian, keep)
             module.weight.copy_(out_in(updated, module).to(module.weight.dtype))
-        # the pruned block's outputs feed the next block
-        outputs = []
-        for args, kwargs in captured:
-            out = block(*args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            if args:
-                outputs.append(((hidden, *args[1:]), kwargs))
-            else:
-                outputs.append(((), {**kwargs, "hidden_states": hidden}))
-        captured = outputs
+        # the pruned block's outputs feed the next block (sequential calibration)
+        inputs.advance(inputs.run(index))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +226,9 @@ def apply_plan_with_compensation(
     ("A Fast Post-Training Pruning Framework for Transformers") applied to the weights rather than to per-head
     mask scales, and it includes FLAP-style bias compensation (An et al. 2024), so a layer whose heads are all
     removed still adds their mean contribution. Padding tokens are left out of ``G``. Cost: one forward pass of
-    the calibration data and one small solve per shrunk projection; memory: one ``(d_in+1)^2`` matrix each.
+    the calibration data and one small solve per shrunk projection. Memory: the pass runs block by block
+    (:class:`~hf_prune.blockwise.BlockInputs`), so only one block's ``(d_in+1)^2`` matrices and fp32 copies of its
+    output projections are alive at a time, besides the calibration hidden states.
 
     ``reduce`` (e.g. an all-reduce sum) combines the statistics of data-parallel processes, so every rank
     refits the same weights.
@@ -224,64 +238,95 @@ def apply_plan_with_compensation(
     validate_plan(model, plan.heads, plan.ffn)
     layers = adapter.layers(model)
     head_dim = adapter.head_dim(model.config)
-    targets = []
+    targets: dict[int, list[tuple[str, list[int]]]] = {}
     for layer, path, (kind, removed) in _output_projections(adapter, plan):
-        module = layers[layer].get_submodule(path)
-        w = out_in(module.weight.detach(), module).float().clone()
         columns = removed if kind == "ffn" else head_feature_index(removed, head_dim).tolist()
-        gone = set(columns)
-        keep = [i for i in range(w.shape[1]) if i not in gone]
-        bias = getattr(module, "bias", None)
-        b = None if bias is None else bias.detach().float().clone()
-        targets.append((module, w, b, keep))
+        targets.setdefault(layer, []).append((path, columns))
     if not targets:
         plan.apply(model)
         return
-    token_mask: list[torch.Tensor | None] = [None]
-    with_ones = frozenset(i for i, (_, _, b, _) in enumerate(targets) if b is not None)
-    grams, counts, handles = _attach_hessian_hooks(
-        {i: module for i, (module, _, _, _) in enumerate(targets)}, with_ones, token_mask
-    )
-    cache_off = no_cache(model)
+    # Block by block: block i's dense inputs are the dense outputs of block i - 1 (computed before that block is
+    # pruned), exactly the inputs a full pass of the dense model would give; only block i's statistics are alive.
+    inputs = BlockInputs(model, layers, batches)
     device = model_device(model)
+    token_mask: list[torch.Tensor | None] = [None]
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            batch = to_device(batch, device)
-            token_mask[0] = batch.get("attention_mask")
-            model(**{k: v for k, v in batch.items() if k != "labels"}, **cache_off)
+        for index in range(len(layers)):
+            if index not in targets:
+                inputs.advance(inputs.run(index))
+                continue
+            modules = [layers[index].get_submodule(path) for path, _ in targets[index]]
+            with_ones = frozenset(i for i, m in enumerate(modules) if getattr(m, "bias", None) is not None)
+            grams, counts, handles = _attach_hessian_hooks(dict(enumerate(modules)), with_ones, token_mask)
+            try:
+                outputs = inputs.run(index, before_each=lambda n: token_mask.__setitem__(0, inputs.token_masks[n]))
+            finally:
+                for h in handles:
+                    h.remove()
+            # every process must hold every statistic (zeros where its shard had none) before they are summed
+            stats_on = device if device.type != "mps" else torch.device("cpu")  # float64, which MPS lacks
+            grams = {
+                i: grams[i].total()
+                if i in grams and grams[i].n
+                else torch.zeros(
+                    num_features(m, "in") + (i in with_ones),
+                    num_features(m, "in") + (i in with_ones),
+                    dtype=torch.float64,
+                    device=stats_on,
+                )
+                for i, m in enumerate(modules)
+            }
+            counts = torch.tensor(
+                [float(counts.get(i, 0)) for i in range(len(modules))], dtype=torch.float64, device=device
+            )
+            if reduce is not None:
+                grams = {i: reduce(g) for i, g in grams.items()}
+                counts = reduce(counts)
+            if not bool((counts > 0).all()):
+                raise ValueError("structured reconstruction needs calibration data, but it yielded no tokens")
+            dense = []
+            for module, (_, columns) in zip(modules, targets[index], strict=True):
+                gone = set(columns)
+                w = out_in(module.weight.detach(), module)
+                bias = getattr(module, "bias", None)
+                keep = [c for c in range(w.shape[1]) if c not in gone]
+                # one block's projections copied at a time (fp32: MPS has no float64; the solve upcasts)
+                dense.append((w.float().clone(), None if bias is None else bias.detach().float().clone(), keep))
+            plan.only(index).apply(model)
+            for i, (module, (w, b, keep)) in enumerate(zip(modules, dense, strict=True)):
+                _refit(module, w, b, keep, grams[i], counts[i], damp)
+            del grams, dense
+            inputs.advance(outputs)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    # every process must hold every statistic (zeros where its shard had none) before they are summed
-    grams = {
-        i: grams.get(i, torch.zeros(w.shape[1] + (i in with_ones), w.shape[1] + (i in with_ones), device=device))
-        for i, (_, w, _, _) in enumerate(targets)
-    }
-    counts = torch.tensor([float(counts.get(i, 0)) for i in range(len(targets))], dtype=torch.float64, device=device)
-    if reduce is not None:
-        grams = {i: reduce(g) for i, g in grams.items()}
-        counts = reduce(counts)
-    if not bool((counts > 0).all()):
-        raise ValueError("structured reconstruction needs calibration data, but it yielded no tokens")
-    plan.apply(model)
-    for i, (module, w, b, keep) in enumerate(targets):
-        if not keep and b is None:
-            continue  # nothing left to refit: the branch contributes nothing, as in the dense model
-        # float64 on the statistics' device (MPS has no float64: solve on the CPU there)
-        solve_on = w.device if w.device.type != "mps" else torch.device("cpu")
-        gram = grams[i].to(solve_on).double() / counts[i].to(solve_on)
-        full = w.to(solve_on).double()
-        if b is not None:
-            full = torch.cat([full, b.to(solve_on).double().unsqueeze(1)], dim=1)
-        cols = torch.as_tensor(keep + ([w.shape[1]] if b is not None else []), dtype=torch.long, device=solve_on)
-        sub = gram[cols][:, cols]
-        reg = damp * torch.diagonal(sub).mean() * torch.eye(len(cols), dtype=sub.dtype, device=solve_on)
-        # solve (G_KK + reg) X = G_K: X^T = full @ G[:, K] (G_KK + reg)^-1, as G is symmetric
-        fitted = torch.linalg.solve(sub + reg, gram[cols] @ full.t()).t()
-        new_w, new_b = (fitted, None) if b is None else (fitted[:, :-1], fitted[:, -1])
-        module.weight.copy_(out_in(new_w, module).to(module.weight))
-        if new_b is not None:
-            module.bias.copy_(new_b.to(module.bias))
+
+
+def _refit(
+    module: nn.Module,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    keep: list[int],
+    gram: torch.Tensor,
+    count: torch.Tensor,
+    damp: float,
+) -> None:
+    """Write the least-squares refit of the dense ``[w, b]`` onto the kept columns into the shrunk ``module``."""
+    if not keep and b is None:
+        return  # nothing left to refit: the branch contributes nothing, as in the dense model
+    # float64 on the statistics' device (MPS has no float64: solve on the CPU there)
+    solve_on = w.device if w.device.type != "mps" else torch.device("cpu")
+    gram = gram.to(solve_on).double() / count.to(solve_on)
+    full = w.to(solve_on).double()
+    if b is not None:
+        full = torch.cat([full, b.to(solve_on).double().unsqueeze(1)], dim=1)
+    cols = torch.as_tensor(keep + ([w.shape[1]] if b is not None else []), dtype=torch.long, device=solve_on)
+    sub = gram[cols][:, cols]
+    reg = damp * torch.diagonal(sub).mean() * torch.eye(len(cols), dtype=sub.dtype, device=solve_on)
+    # solve (G_KK + reg) X = G_K: X^T = full @ G[:, K] (G_KK + reg)^-1, as G is symmetric
+    fitted = torch.linalg.solve(sub + reg, gram[cols] @ full.t()).t()
+    new_w, new_b = (fitted, None) if b is None else (fitted[:, :-1], fitted[:, -1])
+    module.weight.copy_(out_in(new_w, module).to(module.weight))
+    if new_b is not None:
+        module.bias.copy_(new_b.to(module.bias))

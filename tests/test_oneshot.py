@@ -305,12 +305,16 @@ def test_reconstruct_keeps_sparsity_and_reduces_output_error(name):
 def _structured_plan(name: str) -> hf_prune.PruningPlan:
     # GQA (llama: 2 query heads per key/value head) removes whole groups; bert-like layers lose every head in
     # layer 1 (only the bias path is left) and part of the FFN elsewhere
-    if name == "llama":
+    if name in LLAMA_LIKE:
         return hf_prune.PruningPlan(heads={0: [0, 1], 2: [2, 3]}, ffn={0: list(range(0, 40, 3)), 1: list(range(25))})
     return hf_prune.PruningPlan(heads={0: [1], 1: [0, 1, 2, 3]}, ffn={0: list(range(0, 40, 3)), 2: list(range(25))})
 
 
-@pytest.mark.parametrize("name", ALL)
+# the refit runs block by block: families whose blocks get different masks / rotary tables (sliding windows) too
+LLAMA_LIKE = ("llama", "gemma2", "granite_swa")
+
+
+@pytest.mark.parametrize("name", [*ALL, "gemma2", "granite_swa", "modernbert"])
 def test_structured_reconstruct_is_the_least_squares_refit(name):
     from hf_prune.reconstruct import apply_plan_with_compensation
 
@@ -361,10 +365,16 @@ def test_structured_reconstruct_is_the_least_squares_refit(name):
         design = x_keep if bias is None else torch.cat([x_keep, torch.ones(len(x_keep), 1, dtype=x_keep.dtype)], 1)
         optimum = (design @ solution.t() - y).pow(2).mean()
         plain = x_keep @ w_keep.t() + (0 if bias is None else bias)
-        # the refit reaches the least-squares optimum up to float32 Gram accumulation (the solution itself is not
-        # unique when inputs are collinear, the residual is), and beats keeping the surviving weights as they were
-        assert float((refit - y).pow(2).mean()) == pytest.approx(float(optimum), rel=1e-4, abs=1e-12)
-        assert (refit - y).pow(2).mean() < (plain - y).pow(2).mean()
+        # the refit reaches the least-squares optimum up to the float32 statistics (the solution itself is not unique
+        # when inputs are collinear, the residual is), and beats keeping the surviving weights as they were
+        refit_err, plain_err = float((refit - y).pow(2).mean()), float((plain - y).pow(2).mean())
+        assert plain_err > float(optimum)
+        if name in ALL:
+            assert refit_err == pytest.approx(float(optimum), rel=1e-4, abs=1e-12)
+        else:
+            # Gemma 2's inputs span scales float32 products cannot resolve at damp=0: it must still close 90% of the
+            # gap between plain removal and the optimum (it closed 25% before the centred accumulation of _Gram)
+            assert refit_err - float(optimum) <= 0.1 * (plain_err - float(optimum))
 
 
 @pytest.mark.parametrize("name", ALL)
