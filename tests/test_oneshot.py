@@ -369,12 +369,9 @@ def test_structured_reconstruct_is_the_least_squares_refit(name):
         # when inputs are collinear, the residual is), and beats keeping the surviving weights as they were
         refit_err, plain_err = float((refit - y).pow(2).mean()), float((plain - y).pow(2).mean())
         assert plain_err > float(optimum)
-        if name in ALL:
-            assert refit_err == pytest.approx(float(optimum), rel=1e-4, abs=1e-12)
-        else:
-            # Gemma 2's inputs span scales float32 products cannot resolve at damp=0: it must still close 90% of the
-            # gap between plain removal and the optimum (it closed 25% before the centred accumulation of _Gram)
-            assert refit_err - float(optimum) <= 0.1 * (plain_err - float(optimum))
+        # (relative to the gap to plain removal as well: Gemma 2's large activations leave a tiny optimum)
+        assert refit_err == pytest.approx(float(optimum), rel=1e-4, abs=1e-12)
+        assert refit_err - float(optimum) <= 1e-3 * (plain_err - float(optimum))
 
 
 @pytest.mark.parametrize("name", ALL)
