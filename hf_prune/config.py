@@ -60,7 +60,8 @@ class PruningConfig(JsonMixin):
         min_heads_per_layer: every layer keeps at least this many heads (0 allows removing a whole layer's
             attention).
         layers: fraction of whole transformer blocks to remove (depth pruning), ``0 <= layers < 1``, before any
-            width pruning (which then spends its budget on the blocks that stay); see :mod:`hf_prune.depth`.
+            width pruning; see :mod:`hf_prune.depth`. A keep-target counts both: ``layers=0.25, target_flops=0.5``
+            keeps half of the dense block FLOPs, the width step removing what the blocks did not.
         layer_criterion: which blocks: ``"influence"`` (ShortGPT's Block Influence, 1 - cos between a block's input
             and output; needs calibration data), ``"angular"`` (the consecutive run whose span changes the hidden
             states least, Gromov et al.; needs calibration data) or ``"last"`` (the blocks before the final one).

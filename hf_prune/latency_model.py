@@ -126,7 +126,8 @@ class LatencyTable(JsonMixin):
         return cls(**data)
 
 
-def _dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict[str, Any]:
+def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict[str, Any]:
+    """Random token inputs of ``batch_size`` x ``seq_len`` for timing ``model`` (token ids avoid the special ids)."""
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab < 2:
         raise ValueError("latency profiling needs config.vocab_size to build token inputs")
@@ -215,7 +216,7 @@ def profile_latency(
     if max_units == 0 or max_ffn == 0:
         raise ValueError("latency profiling needs a model with at least one head and one FFN neuron")
     units, widths = _grid(max_units, 16, 1), _grid(max_ffn, points, multiple)
-    inputs = _dummy_inputs(model, batch_size, seq_len, device)
+    inputs = dummy_inputs(model, batch_size, seq_len, device)
 
     def cut(s: LayerShape, u: int, ffn: int) -> LayerShape:
         return head_units.shape(s, u, min(ffn, s.ffn))
@@ -284,7 +285,7 @@ def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, se
     model.eval()
     try:
         work = apply_layer_shapes(copy.deepcopy(model), shapes)
-        inputs = _dummy_inputs(model, batch_size, seq_len, device)
+        inputs = dummy_inputs(model, batch_size, seq_len, device)
         result = compare_latency(model, work, inputs, repeats=repeats)
     finally:
         model.train(was_training)

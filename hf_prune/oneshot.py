@@ -15,14 +15,12 @@ from transformers.utils import logging
 from .architectures import get_adapter
 from .calibration import calibration_set
 from .config import PruningConfig
-from .depth import select_blocks
 from .masks import sparsity_report
 from .measure import count_parameters, encoder_flops
 from .plan import PruningPlan
 from .quantized import float_weights
 from .reconstruct import sequential_prune
-from .step import mask_step, structural_step
-from .surgery import prune_layers
+from .step import depth_step, mask_step, structural_step
 
 logger = logging.get_logger(__name__)
 
@@ -117,14 +115,14 @@ def prune(
     flops_before = encoder_flops(model, config.seq_len).total
     layers_before = [s.to_dict() for s in adapter.layer_shapes(model)]
     removed_blocks: list[int] = []
-    if config.layers:  # depth first: the width allocation then spends its budget on the blocks that stay
+    width = config
+    if config.layers:  # depth first; a keep-target covers both, the width step gets what the blocks leave
         start = time.perf_counter()
-        removed_blocks, _ = select_blocks(model, config.layer_criterion, config.layers, calibration)
-        prune_layers(model, removed_blocks)
+        removed_blocks, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start
     plan = PruningPlan()
-    if config.structured:
-        plan = structural_step(model, config, calibration, timings=timings)
+    if width.structured:
+        plan = structural_step(model, width, calibration, timings=timings)
     sparsity = config.effective_sparsity
     if sparsity > 0:
         start = time.perf_counter()

@@ -20,18 +20,18 @@ from transformers.utils import logging
 
 from . import __version__
 from .architectures import get_adapter
-from .calibration import model_device
-from .config import PruningConfig, closest
+from .calibration import calibration_set, model_device
+from .config import closest
 from .evaluation import mean_loss, predict_logits
 from .hub import save_pretrained, write_atomic_dir
 from .masks import sparsity_report
 from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
-from .oneshot import prune
 from .quantized import float_weights
 from .recipes import FORMATS, Recipe, RecipeError
 from .report import latency_device, write_report
+from .step import depth_step
 from .trainer import PruningTrainer
 
 logger = logging.get_logger(__name__)
@@ -299,10 +299,10 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
     config = recipe.pruning
     calibration = train.select(range(min(len(train), recipe.data.calibration_samples)))
     if config.layers:
-        # depth is decided once, before training (the trainer schedules widths and masks, not blocks)
-        depth = {k: getattr(config, k) for k in ("layers", "layer_criterion", "batch_size", "max_samples", "seq_len")}
-        prune(model, PruningConfig(**depth), calibration_data=calibration, collate_fn=collator)
-        config = PruningConfig(**{**config.to_dict(), "layers": 0.0})
+        # depth is decided once, before training (the trainer schedules widths and masks, not blocks); a keep-target
+        # covers depth and width together, so the trainer gets what the removed blocks leave of it
+        batches = calibration_set(calibration, model, config.batch_size, config.max_samples, collator)
+        _, config = depth_step(model, config, batches)
         if not (config.structured or config.effective_sparsity):  # nothing else to prune: measure it now
             after_pruning.update(evaluate_model(recipe, model, evaluation, tokenizer))
     trainer = PruningTrainer(

@@ -8,6 +8,7 @@ Under data-parallel training every statistic is summed over processes (``distrib
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import replace
 
@@ -16,18 +17,82 @@ from torch import nn
 from transformers.utils import logging
 
 from .allocate import allocate
-from .calibration import CalibrationSet
+from .architectures import get_adapter
+from .calibration import CalibrationSet, model_device
 from .config import PruningConfig
 from .criteria import Scores, input_norms, structured_scores
+from .depth import select_blocks
 from .distributed import all_reduce_sum, all_reduce_sum_many
-from .latency_model import LatencyTable, measure_keep, profile_latency
+from .latency_model import LatencyTable, dummy_inputs, measure_keep, profile_latency
 from .masks import apply_masks, compute_masks, prunable_linears, to_module_layout, weight_scores
+from .measure import compare_latency, layer_flops, layer_params
 from .plan import PruningPlan
+from .surgery import prune_layers
 
 logger = logging.get_logger(__name__)
 
 LATENCY_TOLERANCE = 0.02  # timing noise on a shared CPU is about this large
 LATENCY_CORRECTIONS = 2
+
+
+def depth_keep(model: nn.Module, removed: list[int], config: PruningConfig) -> float:
+    """The fraction of ``config``'s keep-target quantity (block FLOPs, prunable parameters or measured latency) that
+    removing the blocks ``removed`` keeps; the model is not changed (latency is timed on a copy, interleaved)."""
+    target = config.keep_target
+    if target is None or not removed:
+        return 1.0
+    gone = set(removed)
+    if target == "latency":
+        work = prune_layers(copy.deepcopy(model), removed)
+        inputs = dummy_inputs(model, config.latency_batch_size, config.seq_len, model_device(model))
+        was_training = model.training
+        model.eval()
+        try:
+            return 1.0 / compare_latency(model, work.eval(), inputs, repeats=12)["speedup"]
+        finally:
+            model.train(was_training)
+    adapter = get_adapter(model)
+    hidden, head_dim = adapter.hidden_size(model.config), adapter.head_dim(model.config)
+    costs = [
+        layer_flops(s, hidden, head_dim, adapter.ffn_in_mats, config.seq_len)
+        if target == "flops"
+        else layer_params(s, hidden, head_dim, adapter.ffn_in_mats)
+        for s in adapter.layer_shapes(model)
+    ]
+    return sum(c for i, c in enumerate(costs) if i not in gone) / sum(costs)
+
+
+def depth_step(
+    model: nn.Module, config: PruningConfig, calibration: CalibrationSet | None = None
+) -> tuple[list[int], PruningConfig]:
+    """Remove ``config.layers`` of the blocks (chosen by ``config.layer_criterion``); return the removed indices and
+    the config the width step that follows must use.
+
+    A keep-target (``target_flops`` / ``target_params`` / ``target_latency``) is a fraction of the model passed in,
+    depth and width together: the blocks' share is measured (latency: timed) and the width step gets what is left,
+    ``keep / depth_keep``. When the blocks alone already reach the target, no width is removed and a warning says
+    how far below the target the model went.
+    """
+    removed, _ = select_blocks(model, config.layer_criterion, config.layers, calibration)
+    target = config.keep_target
+    width = replace(config, layers=0.0)
+    if target is not None:
+        keep = getattr(config, f"target_{target}")
+        kept = depth_keep(model, removed, config)
+        if kept <= keep:
+            logger.warning(
+                "hf_prune: layers=%g alone keeps %.3f of the %s, at or below target_%s=%g; no width is removed",
+                config.layers,
+                kept,
+                target,
+                target,
+                keep,
+            )
+            width = replace(width, **{f"target_{target}": None})
+        else:
+            width = replace(width, **{f"target_{target}": keep / kept})
+    prune_layers(model, removed)
+    return removed, width
 
 
 def sum_scores(scores: Scores) -> Scores:

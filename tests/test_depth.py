@@ -128,3 +128,31 @@ def test_depth_errors_are_early_and_clear(tmp_path):
     with pytest.raises(ValueError, match="not scheduled by the trainer"):
         config = PruningConfig(layers=0.25, layer_criterion="last")
         hf_prune.PruningTrainer(model=_llama(), args=args, pruning_config=config)
+
+
+@pytest.mark.parametrize("target", ["flops", "params"])
+def test_a_keep_target_covers_depth_and_width_together(target):
+    from hf_prune.measure import encoder_flops, prunable_parameters
+
+    measure = {"flops": lambda m: encoder_flops(m, 128).total, "params": prunable_parameters}[target]
+    model = _llama(layers=6)
+    dense = measure(model)
+    config = PruningConfig(layers=1 / 3, layer_criterion="last", criterion="magnitude", **{f"target_{target}": 0.5})
+    report = hf_prune.prune(model, config)
+    assert report.layers_removed == [3, 4]
+    # two of six blocks keep 2/3; the width step cut the rest, so the whole model keeps half (not 2/3 * 1/2)
+    assert measure(model) / dense == pytest.approx(0.5, abs=0.01)
+    assert any(s["ffn"] < 48 or s["heads"] < 4 for s in report.layers_after)
+
+
+def test_blocks_alone_past_the_target_remove_no_width(caplog):
+    from hf_prune.measure import encoder_flops
+
+    model = _llama(layers=4)
+    dense = encoder_flops(model, 128).total
+    caplog.set_level("WARNING")
+    config = PruningConfig(layers=0.5, layer_criterion="last", target_flops=0.6, criterion="magnitude")
+    report = hf_prune.prune(model, config)
+    assert report.layers_after == [{"heads": 4, "kv_heads": 2, "ffn": 48}] * 2
+    assert encoder_flops(model, 128).total / dense == pytest.approx(0.5)
+    assert "layers=0.5 alone keeps 0.500 of the flops, at or below target_flops=0.6" in caplog.text
