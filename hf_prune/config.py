@@ -62,6 +62,11 @@ class PruningConfig(JsonMixin):
         layers: fraction of whole transformer blocks to remove (depth pruning), ``0 <= layers < 1``, before any
             width pruning; see :mod:`hf_prune.depth`. A keep-target counts both: ``layers=0.25, target_flops=0.5``
             keeps half of the dense block FLOPs, the width step removing what the blocks did not.
+        max_layers: let the allocator choose the depth under a ``target_flops`` / ``target_params``: it tries block
+            counts from none to this fraction of the blocks (at most 9 counts, evenly spaced; blocks chosen by
+            ``layer_criterion``), fills the rest of the target with heads and neurons for each, and keeps the count
+            whose pruned model stays closest to the dense one on the calibration data (KL divergence of the outputs).
+            Needs calibration data and one model copy at a time.
         layer_criterion: which blocks: ``"influence"`` (ShortGPT's Block Influence, 1 - cos between a block's input
             and output; needs calibration data), ``"angular"`` (the consecutive run whose span changes the hidden
             states least, Gromov et al.; needs calibration data) or ``"last"`` (the blocks before the final one).
@@ -114,6 +119,7 @@ class PruningConfig(JsonMixin):
     min_heads_per_layer: int = 1
     head_unit: str = "auto"
     layers: float = 0.0
+    max_layers: float = 0.0
     layer_criterion: str = "influence"
     ffn_multiple: int = 8
     sparsity: float = 0.0
@@ -170,6 +176,7 @@ class PruningConfig(JsonMixin):
         self._check_fraction("heads", low_open=False, high_open=True)
         self._check_fraction("ffn", low_open=False, high_open=True)
         self._check_fraction("layers", low_open=False, high_open=True)
+        self._check_fraction("max_layers", low_open=False, high_open=True)
         self._check_fraction("target_flops", low_open=True, high_open=False, optional=True)
         self._check_fraction("target_params", low_open=True, high_open=False, optional=True)
         self._check_fraction("target_latency", low_open=True, high_open=False, optional=True)
@@ -219,6 +226,17 @@ class PruningConfig(JsonMixin):
                 f"PruningConfig: heads/ffn fractions and {'/'.join(KEEP_TARGETS)} are alternatives; "
                 f"got heads={self.heads}, ffn={self.ffn}, " + ", ".join(f"{k}={v}" for k, v in targets.items())
             )
+        if self.max_layers and self.layers:
+            raise ValueError(
+                f"PruningConfig: layers={self.layers} fixes the depth and max_layers={self.max_layers} searches it; "
+                "set one of them"
+            )
+        if self.max_layers and self.keep_target not in ("flops", "params"):
+            raise ValueError(
+                f"PruningConfig.max_layers={self.max_layers} needs target_flops or target_params to trade blocks "
+                f"against heads and neurons (got {self.keep_target and 'target_' + self.keep_target}); with "
+                "target_latency fix the depth with layers=<fraction>"
+            )
         if self.pattern != "unstructured":
             m = _NM.match(str(self.pattern))
             if not m or not 0 < int(m.group(1)) < int(m.group(2)):
@@ -256,13 +274,13 @@ class PruningConfig(JsonMixin):
     @property
     def removes_structure(self) -> bool:
         """Heads, neurons or blocks are removed: the model's family needs an adapter (weight sparsity does not)."""
-        return self.structured or bool(self.layers)
+        return self.structured or bool(self.layers or self.max_layers)
 
     @property
     def needs_data(self) -> bool:
         structured_data = self.structured and (self.criterion in ("taylor", "fisher") or self.reconstruct)
         sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)
-        depth_data = bool(self.layers) and self.layer_criterion != "last"
+        depth_data = (bool(self.layers) and self.layer_criterion != "last") or bool(self.max_layers)
         return structured_data or sparse_data or depth_data
 
     # ---- serialisation ----------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def prune(
         raise ValueError(
             f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r}"
             + (f" / layer_criterion={config.layer_criterion!r}" if config.layers else "")
+            + (f" / max_layers={config.max_layers}" if config.max_layers else "")
             + " needs calibration_data (tokenized examples or batches)"
         )
     # drawn once, before anything changes: every pass below (scores, refit, OBS update, norms) sees the same tokens,
@@ -116,7 +117,8 @@ def prune(
     layers_before = [s.to_dict() for s in adapter.layer_shapes(model)]
     removed_blocks: list[int] = []
     width = config
-    if config.layers:  # depth first; a keep-target covers both, the width step gets what the blocks leave
+    # depth first; a keep-target covers both, the width step gets what the removed blocks leave of it
+    if config.layers or config.max_layers:
         start = time.perf_counter()
         removed_blocks, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start

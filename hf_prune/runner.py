@@ -298,7 +298,7 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
 
     config = recipe.pruning
     calibration = train.select(range(min(len(train), recipe.data.calibration_samples)))
-    if config.layers:
+    if config.layers or config.max_layers:
         # depth is decided once, before training (the trainer schedules widths and masks, not blocks); a keep-target
         # covers depth and width together, so the trainer gets what the removed blocks leave of it
         batches = calibration_set(calibration, model, config.batch_size, config.max_samples, collator)

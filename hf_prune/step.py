@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .allocate import allocate
 from .architectures import get_adapter
-from .calibration import CalibrationSet, model_device
+from .calibration import CalibrationSet, model_device, no_cache
 from .config import PruningConfig
 from .criteria import Scores, input_norms, structured_scores
 from .depth import select_blocks
+from .distill import is_causal_lm, kl_sum, logit_positions
 from .distributed import all_reduce_sum, all_reduce_sum_many
 from .latency_model import LatencyTable, dummy_inputs, measure_keep, profile_latency
 from .masks import apply_masks, compute_masks, prunable_linears, to_module_layout, weight_scores
@@ -73,16 +76,19 @@ def depth_step(
     ``keep / depth_keep``. When the blocks alone already reach the target, no width is removed and a warning says
     how far below the target the model went.
     """
-    removed, _ = select_blocks(model, config.layer_criterion, config.layers, calibration)
+    fraction = config.layers
+    if config.max_layers:
+        fraction = search_depth(model, config, calibration)
+    removed, _ = select_blocks(model, config.layer_criterion, fraction, calibration)
     target = config.keep_target
-    width = replace(config, layers=0.0)
+    width = replace(config, layers=0.0, max_layers=0.0)
     if target is not None:
         keep = getattr(config, f"target_{target}")
         kept = depth_keep(model, removed, config)
         if kept <= keep:
             logger.warning(
                 "hf_prune: layers=%g alone keeps %.3f of the %s, at or below target_%s=%g; no width is removed",
-                config.layers,
+                fraction,
                 kept,
                 target,
                 target,
@@ -93,6 +99,87 @@ def depth_step(
             width = replace(width, **{f"target_{target}": keep / kept})
     prune_layers(model, removed)
     return removed, width
+
+
+MAX_DEPTH_CANDIDATES = 9
+
+
+def depth_candidates(n_blocks: int, max_layers: float) -> list[int]:
+    """Block counts the depth search tries: 0 to ``round(max_layers * n_blocks)``, at most
+    :data:`MAX_DEPTH_CANDIDATES` of them, evenly spaced (always both ends)."""
+    top = min(n_blocks - 1, round(max_layers * n_blocks))
+    if top + 1 <= MAX_DEPTH_CANDIDATES:
+        return list(range(top + 1))
+    return sorted({round(i * top / (MAX_DEPTH_CANDIDATES - 1)) for i in range(MAX_DEPTH_CANDIDATES)})
+
+
+@torch.no_grad()
+def divergence_from(reference: nn.Module, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Mean KL divergence of ``model``'s output distribution from ``reference``'s over the calibration positions that
+    carry a prediction (non-padding tokens of an LM, every example of a classifier); 0 when they agree exactly.
+
+    A search among pruned candidates compares them by this rather than by a task loss: it needs no labels, and on a
+    model that is not yet trained for the task a cut can lower the loss by chance, but never the divergence.
+    """
+    total, count = 0.0, 0
+    causal = is_causal_lm(reference)
+    states = reference.training, model.training
+    reference.eval()
+    model.eval()
+    try:
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            valid = logit_positions(inputs, causal)
+            ref = reference(**inputs, **no_cache(reference)).logits
+            out = model(**inputs, **no_cache(model)).logits
+            total += float(kl_sum(out, ref, valid, 1.0))
+            count += int(valid.sum()) if valid is not None else ref.shape[0]
+    finally:
+        reference.train(states[0])
+        model.train(states[1])
+    return total / max(1, count)
+
+
+def search_depth(model: nn.Module, config: PruningConfig, calibration: CalibrationSet | None) -> float:
+    """The fraction of blocks to remove under ``config``'s keep-target, chosen by how close each candidate stays to
+    the dense model on the calibration data (:func:`divergence_from`; see ``PruningConfig.max_layers``); the model is
+    not changed.
+
+    Each candidate block count is cut on a copy: its blocks (``layer_criterion``), then heads and neurons to what
+    the target leaves, allocated from scores measured once on the dense model (the removed blocks' entries dropped),
+    without refit. The divergence compares the candidates; the caller then prunes the model for real (fresh scores
+    on the shallower model, refit if configured).
+    """
+    if calibration is None:
+        raise ValueError("max_layers needs calibration data (the depth search compares the candidates on it)")
+    n = len(get_adapter(model).layers(model))
+    needs = config.criterion in ("taylor", "fisher")
+    scores = structured_scores(model, config.criterion, calibration if needs else None, config.max_samples, config.seed)
+    target = config.keep_target
+    keep = getattr(config, f"target_{target}")
+    results: list[tuple[int, float]] = []
+    for k in tqdm(depth_candidates(n, config.max_layers), desc="depth search", leave=False):
+        removed, _ = select_blocks(model, config.layer_criterion, k / n, calibration)
+        kept = depth_keep(model, removed, config)
+        work = prune_layers(copy.deepcopy(model), removed)
+        if kept > keep:
+            gone = set(removed)
+            remaining = Scores(
+                heads=[h for i, h in enumerate(scores.heads) if i not in gone],
+                ffn=[f for i, f in enumerate(scores.ffn) if i not in gone],
+                criterion=scores.criterion,
+            )
+            width = replace(config, max_layers=0.0, **{f"target_{target}": keep / kept})
+            allocate(work, remaining, width).apply(work)
+        results.append((k, divergence_from(model, work, calibration)))
+        del work
+    best = min(results, key=lambda r: r[1])[0]
+    logger.info(
+        "hf_prune: depth search (blocks removed -> KL from the dense model): %s; chose %d",
+        ", ".join(f"{k} -> {loss:.4f}" for k, loss in results),
+        best,
+    )
+    return best / n
 
 
 def sum_scores(scores: Scores) -> Scores:

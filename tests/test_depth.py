@@ -156,3 +156,52 @@ def test_blocks_alone_past_the_target_remove_no_width(caplog):
     assert report.layers_after == [{"heads": 4, "kv_heads": 2, "ffn": 48}] * 2
     assert encoder_flops(model, 128).total / dense == pytest.approx(0.5)
     assert "layers=0.5 alone keeps 0.500 of the flops, at or below target_flops=0.6" in caplog.text
+
+
+def test_depth_search_trades_blocks_against_width_by_calibration_loss(caplog):
+    from hf_prune.measure import encoder_flops
+    from hf_prune.step import depth_candidates, divergence_from
+
+    model = _llama(layers=6)
+    _identity(model, [2, 3])  # two blocks that do nothing: removing them is free, any width cut is not
+    dense = copy.deepcopy(model)
+    caplog.set_level("INFO")
+    config = PruningConfig(target_flops=2 / 3, max_layers=0.5, criterion="magnitude", layer_criterion="influence")
+    report = hf_prune.prune(model, config, calibration_data=_batches())
+    assert report.layers_removed == [2, 3]
+    assert report.layers_after == [{"heads": 4, "kv_heads": 2, "ffn": 48}] * 4  # the target needed no width
+    assert encoder_flops(dense, 128).total / encoder_flops(model, 128).total == pytest.approx(1.5)
+    assert divergence_from(dense, model, _batches()) == pytest.approx(0.0, abs=1e-6)  # what was removed did nothing
+    assert divergence_from(dense, _llama(layers=6), _batches()) > 1e-3  # (a different model is not close)
+    assert "depth search (blocks removed -> KL from the dense model): 0 -> " in caplog.text and "chose 2" in caplog.text
+    assert depth_candidates(6, 0.5) == [0, 1, 2, 3]
+    assert depth_candidates(40, 0.5) == [0, 2, 5, 8, 10, 12, 15, 18, 20]
+
+
+def test_depth_search_with_real_blocks_still_meets_the_target():
+    from hf_prune.measure import encoder_flops
+
+    model = _llama(layers=6)
+    dense_flops = encoder_flops(model, 128).total
+    config = PruningConfig(target_flops=0.5, max_layers=0.5, criterion="magnitude", layer_criterion="last")
+    report = hf_prune.prune(model, config, calibration_data=_batches())
+    assert len(report.layers_removed) <= 3
+    assert encoder_flops(model, 128).total / dense_flops == pytest.approx(0.5, abs=0.01)
+
+
+def test_depth_search_errors_are_early_and_clear(tmp_path):
+    with pytest.raises(ValueError, match=r"layers=0\.25 fixes the depth and max_layers=0\.5 searches it"):
+        PruningConfig(layers=0.25, max_layers=0.5, target_flops=0.5)
+    with pytest.raises(ValueError, match=r"max_layers=0.5 needs target_flops or target_params .*got target_latency"):
+        PruningConfig(max_layers=0.5, target_latency=0.5)
+    with pytest.raises(ValueError, match=r"max_layers=0.5 needs target_flops or target_params .*got None"):
+        PruningConfig(max_layers=0.5, heads=0.5)
+    with pytest.raises(ValueError, match="max_layers"):
+        PruningConfig(max_layers=1.0, target_flops=0.5)
+    model = _llama()
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        hf_prune.prune(model, PruningConfig(max_layers=0.5, target_flops=0.5, layer_criterion="last"))
+    args = tf.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=r"max_layers=0\.5 .*not scheduled by the trainer"):
+        config = PruningConfig(max_layers=0.5, target_flops=0.5)
+        hf_prune.PruningTrainer(model=_llama(), args=args, pruning_config=config, calibration_dataset=_batches())
