@@ -206,16 +206,16 @@ def _check_in_group(
     assert all(s.kv_heads == shapes[0].kv_heads and s.heads == shapes[0].heads - s.kv_heads for s in kept), (
         f"check_adapter: in-group removal left shapes {kept}"
     )
-    with torch.no_grad():
-        got = _output(model(**inputs))
-        _close(got, _output(reference(**inputs)), atol, "query heads removed inside groups vs zeroed")
-    with tempfile.TemporaryDirectory() as folder:
-        save_pretrained(model, folder)
-        for loaded in (from_pretrained(folder, type(model)), type(model).from_pretrained(folder)):
-            with torch.no_grad():
-                _close(_output(loaded.eval()(**inputs)), got, 0.0, f"reload after in-group removal ({type(loaded)})")
-    if causal:
-        _same_generation(model, reference, inputs, generate_kwargs, "after in-group removal")
+    _matches_and_reloads(
+        model,
+        reference,
+        inputs,
+        causal,
+        atol,
+        generate_kwargs,
+        "query heads removed inside groups vs zeroed",
+        "after in-group removal",
+    )
 
 
 def _check_depth(
@@ -233,13 +233,37 @@ def _check_depth(
     _skip_block(adapter.layers(reference)[gone])
     prune_layers(model, [gone])
     assert len(adapter.layers(model)) == n - 1 and adapter.num_layers(model.config) == n - 1, "block count"
+    _matches_and_reloads(
+        model,
+        reference,
+        inputs,
+        causal,
+        atol,
+        generate_kwargs,
+        "model without a block vs the dense model skipping it",
+        "without a block",
+    )
+
+
+def _matches_and_reloads(
+    model: nn.Module,
+    reference: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    causal: bool,
+    atol: float,
+    generate_kwargs: Mapping[str, Any] | None,
+    what: str,
+    when: str,
+) -> None:
+    """``model`` computes what ``reference`` does, reloads bit-exactly (hf_prune's and the stock loader) and, for
+    LMs, generates the same tokens."""
     with torch.no_grad():
         got = _output(model(**inputs))
-        _close(got, _output(reference(**inputs)), atol, "model without a block vs the dense model skipping it")
+        _close(got, _output(reference(**inputs)), atol, what)
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder)
         for loaded in (from_pretrained(folder, type(model)), type(model).from_pretrained(folder)):
             with torch.no_grad():
-                _close(_output(loaded.eval()(**inputs)), got, 0.0, f"reload of the shallower model ({type(loaded)})")
+                _close(_output(loaded.eval()(**inputs)), got, 0.0, f"reload {when} ({type(loaded).__name__})")
     if causal:
-        _same_generation(model, reference, inputs, generate_kwargs, "without a block")
+        _same_generation(model, reference, inputs, generate_kwargs, when)
