@@ -301,7 +301,9 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
     if config.layers or config.max_layers:
         # depth is decided once, before training (the trainer schedules widths and masks, not blocks); a keep-target
         # covers depth and width together, so the trainer gets what the removed blocks leave of it
-        batches = calibration_set(calibration, model, config.batch_size, config.max_samples, collator)
+        batches = None
+        if config.needs_data:
+            batches = calibration_set(calibration, model, config.batch_size, config.max_samples, collator)
         _, config = depth_step(model, config, batches)
         if not (config.structured or config.effective_sparsity):  # nothing else to prune: measure it now
             after_pruning.update(evaluate_model(recipe, model, evaluation, tokenizer))
