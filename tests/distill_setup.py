@@ -43,6 +43,8 @@ def training_args(out, batch: int, accumulation: int, **kw) -> tf.TrainingArgume
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
-        optim="adamw_torch",
+        # SGD: the update is lr x gradient, so comparing weights compares gradients. Adam divides by the gradient's
+        # own magnitude, which turns float32 summation-order noise in a near-zero gradient into a full-size step.
+        optim="sgd",
         **kw,
     )
