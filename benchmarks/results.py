@@ -68,6 +68,11 @@ def iter_rows(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
                 what = row.get("value", row.get("sparsity"))
                 pattern = f" {row['pattern']}" if "pattern" in row else ""
                 yield f"{name}: {row.get('kind', row.get('criterion'))}{pattern} {what:.2g}", row
+    elif kind == "decoder":
+        for row in result.get("rows", []):
+            yield f"{row['cut']:g}x {row['method']}", row
+        if result.get("unstructured"):
+            yield "50% unstructured", result["unstructured"]
     else:
         for i, row in enumerate(result.get("rows", [])):
             yield f"{row.get('model') or row.get('tool') or 'row'} #{i}", row
@@ -323,6 +328,53 @@ def render_curves(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_decoder(result: dict[str, Any]) -> list[str]:
+    s = result["settings"]
+    lines = [
+        "## Decoder LM: SmolLM2-135M width, depth and width+depth pruning with recovery",
+        "",
+        *_header(result),
+        f"WikiText-2 test perplexity over {result['eval_tokens']} tokens (512-token windows); dense "
+        f"{result['dense_perplexity']:.2f}. Cuts are of the transformer blocks' FLOPs at {s['seq_len']} tokens; "
+        f"{s['calibration_blocks']} calibration blocks of {s['seq_len']} WikiText-2 train tokens. `refit` adds "
+        "hf_prune's least-squares refit of the shrunk output projections (block by block). Recovery, the same for "
+        f"every row: {s['recovery_steps']} steps x {s['recovery_batch']} packed train blocks "
+        f"({s['recovery_tokens']:,} tokens), AdamW lr {s['learning_rate']:g} with linear decay, loss "
+        f"{1 - s['distill_alpha']:g} x cross-entropy + {s['distill_alpha']:g} x token-level KL to the dense model; "
+        "it starts from the refit model where there is one. Baselines (see `benchmarks/decoder.py`): Torch-Pruning "
+        "MetaPruner with L2 magnitude and the same FFN-channel fraction in every layer; ShortGPT's Block Influence, "
+        "lowest blocks dropped.",
+        "",
+        "| cut | method | blocks | FLOPs kept | params | one-shot ppl | refit ppl | recovered ppl | prune time "
+        "| recovery time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        last = r.get("refit", r["oneshot"])
+        refit = f"{r['refit']['perplexity']:.2f}" if "refit" in r else "n/a"
+        recovered = f"{r['recovered']['perplexity']:.2f}" if "recovered" in r else ""
+        seconds = r["oneshot"]["seconds"] + (r["refit"]["seconds"] if "refit" in r else 0)
+        lines.append(
+            f"| {r['cut']:g}x | {r['method']} | {last['blocks']} | {last['flops_keep']:.3f} | "
+            f"{last['params'] / 1e6:.1f}M | {r['oneshot']['perplexity']:.2f} | {refit} | {recovered} | "
+            f"{seconds:.0f} s | {'' if 'recovery_seconds' not in r else format(r['recovery_seconds'], '.0f') + ' s'} |"
+        )
+    u = result.get("unstructured")
+    if u:
+        rec = ""
+        if "recovered" in u:
+            rec = (
+                f", {u['recovered']['perplexity']:.2f} after the same recovery (masks kept: "
+                f"{u['recovered_sparsity']:.1%} of the block weights zero, {u['recovery_seconds']:.0f} s)"
+            )
+        lines += [
+            "",
+            f"50% unstructured (magnitude, per matrix): {u['oneshot']['perplexity']:.2f} one-shot{rec}.",
+        ]
+    lines += ["", f"Peak resident memory of the run: {result['peak_rss_mb']} MB.", ""]
+    return lines
+
+
 def render_peers(result: dict[str, Any]) -> list[str]:
     # imported lazily: peers.py imports this module (circular at import time otherwise)
     import sys
@@ -340,6 +392,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "recovery": render_recovery,
     "curves": render_curves,
     "peers": render_peers,
+    "decoder": render_decoder,
 }
 
 
@@ -424,6 +477,26 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"| SmolLM2-135M WikiText-2, 50% unstructured one-shot | perplexity {extra}{act:.1f} activation-aware "
                 f"(Wanda), {mag:.1f} magnitude (dense {m['dense_perplexity']:.1f}) "
                 f"| {_cmd(results['oneshot'], m['rows'])} |"
+            )
+    if "decoder" in results:
+        r = results["decoder"]
+        for cut in dict.fromkeys(x["cut"] for x in r["rows"] if "recovered" in x):
+            rows = [x for x in r["rows"] if x["cut"] == cut and "recovered" in x]
+            ours = [x for x in rows if x["method"] in ("width", "depth", "width+depth")]
+            if not ours:
+                continue
+            best = min(ours, key=lambda x: x["recovered"]["perplexity"])
+            start = best.get("refit", best["oneshot"])["perplexity"]
+            others = "; ".join(
+                f"{x['method']} {x['recovered']['perplexity']:.1f}"
+                for x in rows
+                if x["method"] not in ("width", "depth", "width+depth")
+            )
+            lines.append(
+                f"| SmolLM2-135M WikiText-2, {cut:g}x block-FLOPs cut + recovery "
+                f"({r['settings']['recovery_tokens']:,} tokens, best of {len(ours)} hf_prune methods) "
+                f"| perplexity {best['method']} {best['recovered']['perplexity']:.1f} (from {start:.1f} one-shot); "
+                f"same budget: {others} (dense {r['dense_perplexity']:.1f}) | {_cmd(r, rows)} |"
             )
     if "recovery" in results:
         r = results["recovery"]

@@ -31,6 +31,7 @@ FULL = [
     ("recovery", ["recovery.py"]),
     ("curves", ["curves.py", "--recover"]),
     ("peers", ["peers.py"]),
+    ("decoder", ["decoder.py"]),
 ]
 QUICK = [
     ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
@@ -41,6 +42,7 @@ QUICK = [
     ("trainer_overhead", ["trainer_overhead.py", "--steps", "10", "--warmup", "3", "--rounds", "1"]),
     ("recovery", ["recovery.py", "--n-train", "1000", "--only", "dense", "2x"]),
     ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", "--n-train", "1000"]),
+    ("decoder", ["decoder.py", "--quick"]),
 ]
 
 
