@@ -375,6 +375,38 @@ def render_decoder(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_memory(result: dict[str, Any]) -> list[str]:
+    s = result["settings"]
+    gib = 1024**3
+    shape = s["shape"]
+    lines = [
+        "## Peak memory of one-shot pruning, projected to a 7B Llama",
+        "",
+        *_header(result),
+        f"A random Llama with hidden {shape['hidden_size']}, FFN {shape['intermediate_size']}, "
+        f"{shape['num_attention_heads']} heads ({s['dtype']}, on {s['device']}), built with "
+        f"{' and '.join(str(m['blocks']) for m in result['rows'][0]['measured'])} blocks; "
+        f"{s['calibration']} calibration sequences of {s['seq_len']} tokens, batch {s['batch_size']}. Peak memory "
+        "above the weights is fitted as fixed + per-block through the two depths and projected to 32 blocks, where "
+        f"the weights take {result['weights_bytes_32_blocks'] / gib:.1f} GiB.",
+        "",
+        "| pass | measured peak above weights | fixed | per block | projected peak above weights, 32 blocks "
+        "| projected total, 32 blocks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        measured = ", ".join(
+            f"{m['peak_above_weights_bytes'] / gib:.2f} GiB ({m['blocks']} blocks)" for m in r["measured"]
+        )
+        projected = r["projected_peak_above_weights_bytes_32_blocks"]
+        lines.append(
+            f"| {r['pass']} | {measured} | {r['fixed_bytes'] / gib:.2f} GiB | {r['per_block_bytes'] / gib:.3f} GiB "
+            f"| {projected / gib:.1f} GiB | {(projected + result['weights_bytes_32_blocks']) / gib:.1f} GiB |"
+        )
+    lines.append("")
+    return lines
+
+
 def render_peers(result: dict[str, Any]) -> list[str]:
     # imported lazily: peers.py imports this module (circular at import time otherwise)
     import sys
@@ -393,6 +425,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "curves": render_curves,
     "peers": render_peers,
     "decoder": render_decoder,
+    "memory": render_memory,
 }
 
 
