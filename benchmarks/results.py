@@ -127,8 +127,9 @@ def _header(result: dict[str, Any]) -> list[str]:
         else:
             lines += [f"{title} ({run_id}): {text}  " for run_id, text in texts.items()]
     for run_id, r in runs.items():
-        if r.get("legacy"):
-            lines.append(f"{run_id}: {r['legacy']}  ")
+        for key in ("legacy", "note"):
+            if r.get(key):
+                lines.append(f"{run_id}: {r[key]}  ")
     return [*lines, ""]
 
 
@@ -531,6 +532,18 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"| perplexity {best['method']} {best['recovered']['perplexity']:.1f} (from {start:.1f} one-shot); "
                 f"same budget: {others} (dense {r['dense_perplexity']:.1f}) | {_cmd(r, rows)} |"
             )
+    if "memory" in results:
+        r = results["memory"]
+        weights = r["weights_bytes_32_blocks"]
+        parts = ", ".join(
+            f"{x['pass']} {(x['projected_peak_above_weights_bytes_32_blocks'] + weights) / 1024**3:.1f} GiB"
+            for x in r["rows"]
+        )
+        s = r["settings"]
+        lines.append(
+            f"| Peak memory per pass, Llama-2-7B shape ({s['dtype']}, {s['calibration']} x {s['seq_len']} calibration "
+            f"tokens), projected from 2 and 4 blocks on {s['device']} | {parts} | {_cmd(r)} |"
+        )
     if "recovery" in results:
         r = results["recovery"]
         rows = {x["variant"]: x for x in r["rows"]}

@@ -32,6 +32,7 @@ FULL = [
     ("curves", ["curves.py", "--recover"]),
     ("peers", ["peers.py"]),
     ("decoder", ["decoder.py"]),
+    ("memory", ["memory.py"]),
 ]
 QUICK = [
     ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
@@ -43,6 +44,7 @@ QUICK = [
     ("recovery", ["recovery.py", "--n-train", "1000", "--only", "dense", "2x"]),
     ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", "--n-train", "1000"]),
     ("decoder", ["decoder.py", "--quick"]),
+    ("memory", ["memory.py", "--quick"]),
 ]
 
 
