@@ -520,7 +520,9 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             if not ours:
                 continue
             best = min(ours, key=lambda x: x["recovered"]["perplexity"])
-            start = best.get("refit", best["oneshot"])["perplexity"]
+            start = f"{best['oneshot']['perplexity']:.1f}"
+            if "refit" in best:
+                start += f", with refit {best['refit']['perplexity']:.1f}"
             others = "; ".join(
                 f"{x['method']} {x['recovered']['perplexity']:.1f}"
                 for x in rows
@@ -529,7 +531,7 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| SmolLM2-135M WikiText-2, {cut:g}x block-FLOPs cut + recovery "
                 f"({r['settings']['recovery_tokens']:,} tokens, best of {len(ours)} hf_prune methods) "
-                f"| perplexity {best['method']} {best['recovered']['perplexity']:.1f} (from {start:.1f} one-shot); "
+                f"| perplexity {best['method']} {best['recovered']['perplexity']:.1f} (one-shot {start}); "
                 f"same budget: {others} (dense {r['dense_perplexity']:.1f}) | {_cmd(r, rows)} |"
             )
     if "memory" in results:
