@@ -11,6 +11,7 @@ import lzma
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -116,7 +117,8 @@ class Run:
 
     def __init__(self, script: str, argv: Sequence[str] | None, seeds: Sequence[int] = (0,)) -> None:
         args = list(argv if argv is not None else sys.argv[1:])
-        self.command = " ".join(["python", f"benchmarks/{script}", *args])
+        # shlex.join: an argument with a space (a method named "Torch-Pruning uniform") must stay one argument
+        self.command = shlex.join(["python", f"benchmarks/{script}", *args])
         self.seeds = list(seeds)
         self.start = time.time()
         self.commit = _git("rev-parse", "HEAD") or None
