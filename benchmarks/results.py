@@ -699,13 +699,49 @@ def _git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, timeout=30)
 
 
+# Commits that touch what a benchmark depends on without being able to change a number it measures (e.g. how the
+# command line is recorded). Listed by hand, one per line with its reason, like git's .git-blame-ignore-revs: without
+# this, a one-line reporting fix in common.py would mark hours of measurements stale. Every entry is printed by
+# ``--check`` so a reader can audit it; a commit that changes pruning, training or timing code never belongs here.
+NEUTRAL_FILE = HERE / "neutral_commits.txt"
+
+
+def neutral_commits(path: Path | None = None) -> dict[str, str]:
+    """``{full sha: reason}`` from ``benchmarks/neutral_commits.txt`` (``<sha> <reason>`` lines, ``#`` comments)."""
+    path = NEUTRAL_FILE if path is None else path
+    out: dict[str, str] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        sha, _, reason = line.partition(" ")
+        full = _git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}").stdout.strip()
+        if not full:
+            raise ValueError(f"{path.name}: {sha!r} is not a commit of this repository")
+        if not reason.strip():
+            raise ValueError(f"{path.name}: {sha} has no reason")
+        out[full] = reason.strip()
+    return out
+
+
+def later_changes(commit: str, benchmark: str) -> list[str] | None:
+    """Commits after ``commit`` (which must be an ancestor of HEAD) that changed what ``benchmark`` depends on, less
+    the neutral ones; None where ``commit`` is not an ancestor of HEAD (then only a diff can tell)."""
+    if _git("merge-base", "--is-ancestor", commit, "HEAD").returncode != 0:
+        return None
+    changed = _git("log", "--format=%H", f"{commit}..HEAD", "--", *depends_on(benchmark)).stdout.split()
+    neutral = neutral_commits()
+    return [c for c in changed if c not in neutral]
+
+
 def stale_runs(result: dict[str, Any]) -> list[str]:
     """One line per run whose rows may not describe today's code: measured before the last change to what the
     benchmark depends on, on a dirty tree, or with no commit recorded. Empty where git cannot tell (no history)."""
     if _git("rev-parse", "HEAD").returncode != 0:
         return []
     kind = result.get("benchmark", "?")
-    last = _git("log", "-1", "--format=%H", "--", *depends_on(kind)).stdout.strip()
     rows_of: dict[str, list[str]] = {}
     for label, row in iter_rows(result):
         rows_of.setdefault(row.get("run", "?"), []).append(label)
@@ -718,9 +754,14 @@ def stale_runs(result: dict[str, Any]) -> list[str]:
             why.append("no commit recorded")
         if run.get("dirty"):
             why.append("measured on a dirty tree")
-        if commit and last and _git("merge-base", "--is-ancestor", last, commit).returncode != 0:
-            changed = _git("log", "--format=%h", f"{commit}..{last}", "--", *depends_on(kind)).stdout.split()
-            why.append(f"{len(changed) or 'some'} later change(s) to {', '.join(depends_on(kind))} (last {last[:12]})")
+        if commit:
+            changed = later_changes(commit, kind)
+            if changed is None:
+                if _git("diff", "--quiet", commit, "HEAD", "--", *depends_on(kind)).returncode != 0:
+                    why.append(f"measured on {commit[:12]}, not an ancestor of HEAD, whose {kind} code differs")
+            elif changed:
+                deps = ", ".join(depends_on(kind))
+                why.append(f"{len(changed)} later change(s) to {deps} (last {changed[0][:12]})")
         if why:
             out.append(f"{kind} run {run_id} ({len(labels)} rows: {', '.join(labels)}): {'; '.join(why)}")
     return out
@@ -733,7 +774,14 @@ def same_code(run: dict[str, Any], commit: str | None, benchmark: str) -> bool:
         return False
     if run["commit"] == commit:
         return True
-    return _git("diff", "--quiet", run["commit"], commit, "--", *depends_on(benchmark)).returncode == 0
+    if _git("diff", "--quiet", run["commit"], commit, "--", *depends_on(benchmark)).returncode == 0:
+        return True
+    # differing only by neutral commits (reporting fixes) is the same code
+    neutral = neutral_commits()
+    if _git("merge-base", "--is-ancestor", run["commit"], commit).returncode != 0:
+        return False
+    changed = _git("log", "--format=%H", f"{run['commit']}..{commit}", "--", *depends_on(benchmark)).stdout.split()
+    return all(c in neutral for c in changed)
 
 
 def check(
@@ -743,6 +791,10 @@ def check(
     a row naming no run, a hand-typed figure in the README); stale lists rows to re-measure (:func:`stale_runs`)."""
     errors: list[str] = []
     stale: list[str] = []
+    try:
+        neutral_commits()
+    except ValueError as exc:
+        errors.append(str(exc))
     results = load_results(results_dir)
     for name, result in results.items():
         runs = result.get("runs", {})
@@ -774,6 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render_results())
         return 0
     errors, stale = check()
+    for sha, reason in neutral_commits().items() if not any("neutral_commits" in e for e in errors) else ():
+        print(f"neutral (not counted as a change): {sha[:12]} {reason}")
     for line in stale:
         print(f"stale: {line}")
     for line in errors:

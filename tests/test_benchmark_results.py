@@ -195,3 +195,32 @@ def test_a_benchmark_script_writes_rows_that_name_their_run(tmp_path):
     assert record["commit"] and len(rows[0][1]["round_ratios"]) == 2
     assert (BENCH / "RESULTS.md").read_text() == before
     assert any("PruningTrainer ms/step" in line for line in module.render_trainer_overhead(result))
+
+
+def test_neutral_commits_are_not_counted_as_changes_and_bad_entries_fail(tmp_path, monkeypatch):
+    module = _results_module()
+    deps = module.depends_on("latency")
+    last = subprocess.run(
+        ["git", "log", "-1", "--format=%H", "--", *deps], cwd=BENCH.parent, capture_output=True, text=True
+    ).stdout.strip()
+    parent = subprocess.run(
+        ["git", "rev-parse", f"{last}^"], cwd=BENCH.parent, capture_output=True, text=True
+    ).stdout.strip()
+    if not last or not parent:
+        pytest.fail("the tests run from a git checkout with history (CI clones the repository)")
+    listed = tmp_path / "neutral_commits.txt"
+    listed.write_text("# none\n")
+    monkeypatch.setattr(module, "NEUTRAL_FILE", listed)
+    assert last in module.later_changes(parent, "latency")
+    run = {"commit": parent, "dirty": False}
+    assert not module.same_code(run, last, "latency")
+    listed.write_text(f"{last[:10]} only how the command is recorded\n")
+    assert module.neutral_commits() == {last: "only how the command is recorded"}
+    assert last not in module.later_changes(parent, "latency")
+    assert module.same_code(run, last, "latency")
+    listed.write_text("0123456789abcdef only reporting\n")
+    with pytest.raises(ValueError, match="0123456789abcdef"):
+        module.neutral_commits()
+    listed.write_text(f"{last}\n")
+    with pytest.raises(ValueError, match="no reason"):
+        module.neutral_commits()
