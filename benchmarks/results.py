@@ -728,12 +728,12 @@ def neutral_commits(path: Path | None = None) -> dict[str, str]:
     return out
 
 
-def later_changes(commit: str, benchmark: str) -> list[str] | None:
-    """Commits after ``commit`` (which must be an ancestor of HEAD) that changed what ``benchmark`` depends on, less
-    the neutral ones; None where ``commit`` is not an ancestor of HEAD (then only a diff can tell)."""
-    if _git("merge-base", "--is-ancestor", commit, "HEAD").returncode != 0:
+def later_changes(commit: str, benchmark: str, until: str = "HEAD") -> list[str] | None:
+    """Commits after ``commit`` up to ``until`` (``commit`` must be its ancestor) that changed what ``benchmark``
+    depends on, less the neutral ones; None where ``commit`` is not an ancestor (then only a diff can tell)."""
+    if _git("merge-base", "--is-ancestor", commit, until).returncode != 0:
         return None
-    changed = _git("log", "--format=%H", f"{commit}..HEAD", "--", *depends_on(benchmark)).stdout.split()
+    changed = _git("log", "--format=%H", f"{commit}..{until}", "--", *depends_on(benchmark)).stdout.split()
     neutral = neutral_commits()
     return [c for c in changed if c not in neutral]
 
@@ -779,11 +779,7 @@ def same_code(run: dict[str, Any], commit: str | None, benchmark: str) -> bool:
     if _git("diff", "--quiet", run["commit"], commit, "--", *depends_on(benchmark)).returncode == 0:
         return True
     # differing only by neutral commits (reporting fixes) is the same code
-    neutral = neutral_commits()
-    if _git("merge-base", "--is-ancestor", run["commit"], commit).returncode != 0:
-        return False
-    changed = _git("log", "--format=%H", f"{run['commit']}..{commit}", "--", *depends_on(benchmark)).stdout.split()
-    return all(c in neutral for c in changed)
+    return later_changes(run["commit"], benchmark, until=commit) == []
 
 
 def check(
@@ -828,7 +824,11 @@ def main(argv: list[str] | None = None) -> int:
         print(render_results())
         return 0
     errors, stale = check()
-    for sha, reason in neutral_commits().items() if not any("neutral_commits" in e for e in errors) else ():
+    try:
+        neutral = neutral_commits()
+    except ValueError:  # already among the errors check() reports
+        neutral = {}
+    for sha, reason in neutral.items():
         print(f"neutral (not counted as a change): {sha[:12]} {reason}")
     for line in stale:
         print(f"stale: {line}")
