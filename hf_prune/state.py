@@ -15,8 +15,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .architectures import ArchAdapter, LayerConfig, LayerShape, get_adapter
+from .runtime import MANIFEST_KEY, STATE_KEY
 
-STATE_KEY = "hf_prune"
 FORMAT_VERSION = 1
 
 
@@ -103,7 +103,9 @@ def current_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
     if state is None:
         return fresh_state(model, adapter)
     check_state(model, state)
-    return copy.deepcopy(state)
+    state = copy.deepcopy(state)
+    state.pop(MANIFEST_KEY, None)  # describes a saved folder (hub.save_pretrained writes it afresh), not these modules
+    return state
 
 
 def record_state(model: nn.Module, adapter: ArchAdapter, state: dict[str, Any]) -> None:

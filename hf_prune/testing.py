@@ -13,7 +13,9 @@ layer emptied) and asserts, raising ``AssertionError`` with what differed:
    so a wrong part layout or a forgotten projection cannot pass;
 2. **the request is not vacuous:** pruning changed the outputs and removed parameters;
 3. **save/reload:** ``hf_prune.save_pretrained`` then ``hf_prune.from_pretrained`` gives identical outputs and the
-   recorded shapes;
+   recorded shapes; so does the stock auto class with ``trust_remote_code=True`` through the folder's
+   ``hf_prune_modeling.py`` (the non-uniform shapes need it), and the folder has no remote code when the stock config
+   describes the shapes;
 4. **generation** (``causal=True``): greedy ``generate`` with the KV cache gives the zeroed model's tokens;
 5. **bad input:** an out-of-range request raises ``ValueError`` and leaves the model untouched;
 6. **depth:** removing a block equals the dense model with that block skipped (a hook hands its input through), the
@@ -28,17 +30,21 @@ The project's own test suite runs it for every registered model type (``tests/te
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from .architectures import get_adapter
 from .architectures.base import head_feature_index, out_in
 from .hub import from_pretrained, save_pretrained
 from .measure import count_parameters
+from .runtime import MODELING_FILE
 from .surgery import prune_layers, prune_structure
 
 __all__ = ["check_adapter", "conformance_request", "zero_heads_and_neurons"]
@@ -138,6 +144,8 @@ def check_adapter(
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder)
         loaded = from_pretrained(folder, type(model)).eval()
+        assert (Path(folder) / MODELING_FILE).exists(), "non-uniform shapes saved without hf_prune_modeling.py"
+        _check_stock_loading(model, folder, inputs, got)
     assert loaded.config.hf_prune["layers"] == model.config.hf_prune["layers"], "reloaded shapes differ"
     with torch.no_grad():
         _close(_output(loaded(**inputs)), got, 0.0, "reloaded model vs the pruned model")
@@ -245,6 +253,28 @@ def _check_depth(
     )
 
 
+def _check_stock_loading(
+    model: nn.Module, folder: str, inputs: Mapping[str, torch.Tensor], expected: torch.Tensor
+) -> None:
+    """The saved ``folder`` loads with transformers alone: through the auto class named in its ``auto_map`` with
+    ``trust_remote_code=True`` when it carries ``hf_prune_modeling.py``, else with the stock class."""
+    name = type(model).__name__
+    if (Path(folder) / MODELING_FILE).exists():
+        auto_map = json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}
+        autos = [k for k, v in auto_map.items() if v.endswith(f".{name}")]
+        assert autos, f"auto_map {auto_map} names no {name}"
+        loaded = getattr(transformers, autos[0]).from_pretrained(folder, trust_remote_code=True)
+        assert type(loaded).__module__.startswith("transformers_modules."), "remote code was not used"
+        how = f"{autos[0]}.from_pretrained(trust_remote_code=True)"
+    else:
+        assert "auto_map" not in json.loads((Path(folder) / "config.json").read_text()), "auto_map without its file"
+        loaded = type(model).from_pretrained(folder)
+        how = f"{name}.from_pretrained"
+    assert type(loaded).__name__ == name, f"{how} built a {type(loaded).__name__}"
+    with torch.no_grad():
+        _close(_output(loaded.eval()(**inputs)), expected, 0.0, f"{how} vs the pruned model")
+
+
 def _matches_and_reloads(
     model: nn.Module,
     reference: nn.Module,
@@ -265,5 +295,6 @@ def _matches_and_reloads(
         for loaded in (from_pretrained(folder, type(model)), type(model).from_pretrained(folder)):
             with torch.no_grad():
                 _close(_output(loaded.eval()(**inputs)), got, 0.0, f"reload {when} ({type(loaded).__name__})")
+        _check_stock_loading(model, folder, inputs, got)  # uniform shapes: no remote code written
     if causal:
         _same_generation(model, reference, inputs, generate_kwargs, when)

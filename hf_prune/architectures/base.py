@@ -21,6 +21,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+# shared with the file saved next to pruned models (see runtime.py), so both read shapes and configs alike
+from ..runtime import LayerConfig as LayerConfig
+from ..runtime import num_features
+
 Side = Literal["out", "in"]
 Unit = Literal["q", "kv", "ffn"]
 UNITS: tuple[str, ...] = ("q", "kv", "ffn")
@@ -203,51 +207,6 @@ class ArchAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_types={self.model_types})"
-
-
-class LayerConfig:
-    """One block's view of the model config with a few fields overridden, for families whose forward reads a
-    per-layer size from the shared config (Phi-3's attention slices its fused ``qkv`` output at
-    ``config.num_attention_heads * head_dim``). Every other attribute is read live from the model's config, so later
-    changes there (``_attn_implementation``) still reach the block."""
-
-    def __init__(self, base: PretrainedConfig, **overrides: object) -> None:
-        if isinstance(base, LayerConfig):
-            overrides = {**base._overrides, **overrides}
-            base = base._base
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_overrides", overrides)
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            overrides = object.__getattribute__(self, "_overrides")
-        except AttributeError:  # half-built (copy/pickle): no fallback yet
-            raise AttributeError(name) from None
-        if name in overrides:
-            return overrides[name]
-        return getattr(object.__getattribute__(self, "_base"), name)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in self._overrides:
-            self._overrides[name] = value
-        else:
-            setattr(self._base, name, value)
-
-    def rebased(self, base: PretrainedConfig) -> LayerConfig:
-        """The same overrides over another config (when the model gets a config of its own)."""
-        return LayerConfig(base, **self._overrides)
-
-    def __repr__(self) -> str:
-        return f"LayerConfig({type(self._base).__name__}, overrides={self._overrides})"
-
-
-def num_features(module: nn.Module, side: Side) -> int:
-    """Number of output/input features of a Linear or GPT-2 Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.out_features if side == "out" else module.in_features
-    if isinstance(module, Conv1D):  # stores weight as (in, out); nf = out, nx = in
-        return module.nf if side == "out" else module.nx
-    raise TypeError(f"hf_prune cannot slice {type(module).__name__}; expected nn.Linear or Conv1D")
 
 
 def out_in(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:

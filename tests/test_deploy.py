@@ -1,0 +1,201 @@
+"""Deployment: pruned folders that load without hf_prune, and compact storage of sparse weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers as tf
+
+import hf_prune
+from hf_prune.runtime import MODELING_FILE
+from hf_prune.sparse_io import SPARSE_INDEX, pack_bits, unpack_bits
+
+from .families import FAMILIES, make_inputs, make_model
+
+# hf_prune made unimportable, as on a machine where it is not installed
+_NO_HF_PRUNE = "import sys; sys.modules['hf_prune'] = None\n"
+
+
+def _run_without_hf_prune(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_HF_PRUNE + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _non_uniform_bert(cls=tf.BertForSequenceClassification):
+    model = make_model(FAMILIES["bert"], cls)
+    hf_prune.prune_heads(model, {0: [0, 1, 2, 3], 1: [2]})  # layer 0 loses every head
+    hf_prune.prune_ffn(model, {1: list(range(8)), 2: list(range(40))})  # layer 2 loses every neuron
+    return model
+
+
+def test_a_non_uniform_model_loads_and_runs_where_hf_prune_cannot_be_imported(tmp_path):
+    model = _non_uniform_bert()
+    inputs = make_inputs(FAMILIES["bert"])
+    hf_prune.save_pretrained(model, tmp_path / "m")
+    ours = hf_prune.from_pretrained(tmp_path / "m", tf.AutoModelForSequenceClassification).eval()
+    with torch.no_grad():
+        want = ours(**inputs).logits
+    torch.save({"inputs": inputs, "want": want}, tmp_path / "io.pt")
+    out = _run_without_hf_prune(
+        f"""
+        import torch, transformers as tf
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        try:
+            import hf_prune
+        except ImportError:
+            print("no hf_prune")
+        model = tf.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True)
+        with torch.no_grad():
+            got = model.eval()(**io["inputs"]).logits
+        print(type(model).__name__, type(model).__module__.split(".")[0], torch.equal(got, io["want"]))
+        base = tf.AutoModel.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True)
+        print(type(base).__name__, base.config.hf_prune["layers"])
+        """
+    )
+    lines = out.splitlines()
+    assert lines[0] == "no hf_prune"
+    assert lines[1] == "BertForSequenceClassification transformers_modules True"
+    assert lines[2].startswith("BertModel ") and str(model.config.hf_prune["layers"][0]["heads"]) in lines[2]
+
+
+def test_the_saved_config_names_the_runtime_for_every_task_head_and_memory_stays_clean(tmp_path):
+    model = _non_uniform_bert()
+    hf_prune.save_pretrained(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForSequenceClassification"] == "hf_prune_modeling.BertForSequenceClassification"
+    assert saved["auto_map"]["AutoModelForMaskedLM"] == "hf_prune_modeling.BertForMaskedLM"
+    assert saved["hf_prune"]["modules"]["encoder.layer.0.attention.self"]["empty"]["kind"] == "attention"
+    # the in-memory model keeps a stock config: no auto_map, no manifest (the next save describes it afresh)
+    assert not hasattr(model.config, "auto_map") and "modules" not in model.config.hf_prune
+    reloaded = hf_prune.from_pretrained(tmp_path / "m", tf.BertForSequenceClassification)
+    assert not hasattr(reloaded.config, "auto_map") and "modules" not in reloaded.config.hf_prune
+    # pruned further, it is described afresh
+    hf_prune.prune_heads(reloaded, {2: [1]})
+    hf_prune.save_pretrained(reloaded, tmp_path / "m2")
+    saved2 = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert saved2["hf_prune"]["modules"]["encoder.layer.2.attention.self"]["attrs"]["num_attention_heads"] == 3
+    # the shipped file is hf_prune.runtime itself, which imports neither hf_prune nor anything but torch/transformers
+    text = (tmp_path / "m" / MODELING_FILE).read_text()
+    imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
+    assert imports <= {"__future__", "typing", "torch", "transformers"}, imports
+
+
+def test_uniform_pruning_needs_no_remote_code(tmp_path):
+    model = make_model(FAMILIES["llama"], tf.LlamaForCausalLM)
+    hf_prune.prune_ffn(model, {i: list(range(8)) for i in range(3)})
+    hf_prune.save_pretrained(model, tmp_path / "m")
+    assert not (tmp_path / "m" / MODELING_FILE).exists()
+    assert "auto_map" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    inputs = make_inputs(FAMILIES["llama"])
+    stock = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(stock(**inputs).logits, model.eval()(**inputs).logits)
+
+
+def test_a_model_loaded_through_the_runtime_can_be_pruned_and_saved_again(tmp_path):
+    model = _non_uniform_bert()
+    hf_prune.save_pretrained(model, tmp_path / "m")
+    remote = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", trust_remote_code=True).eval()
+    hf_prune.prune_ffn(remote, {0: [0, 1]})
+    inputs = make_inputs(FAMILIES["bert"])
+    hf_prune.save_pretrained(remote, tmp_path / "m2")
+    again = hf_prune.from_pretrained(tmp_path / "m2", tf.AutoModelForSequenceClassification).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, remote(**inputs).logits)
+    assert [s["ffn"] for s in again.config.hf_prune["layers"]] == [38, 32, 0]
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 1001])
+def test_bit_packing_round_trips(numel):
+    mask = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 7) // 8
+    assert torch.equal(unpack_bits(packed, numel), mask)
+
+
+def _sparsify(model: torch.nn.Module, density: float, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in hf_prune.get_adapter(model).all_block_linears(model):
+            linear.weight.mul_(torch.rand(linear.weight.shape, generator=g) < density)
+
+
+def _bert_base_proportions(**kw) -> tf.BertConfig:
+    # BERT-base proportions (embeddings ~22% of the weights) at 1/6 the width: file-size ratios as for BERT-base
+    return tf.BertConfig(
+        vocab_size=5087, hidden_size=128, num_hidden_layers=12, num_attention_heads=2, intermediate_size=512, **kw
+    )
+
+
+def _files_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".safetensors"))
+
+
+def test_a_90_percent_sparse_bert_is_stored_in_at_most_035_of_the_dense_file_and_reloads_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(_bert_base_proportions()).eval()
+    _sparsify(model, 0.1)
+    hf_prune.save_pretrained(model, tmp_path / "dense")
+    hf_prune.save_pretrained(model, tmp_path / "sparse", sparse=True)
+    ratio = _files_bytes(tmp_path / "sparse") / _files_bytes(tmp_path / "dense")
+    assert ratio <= 0.35, ratio
+    assert not (tmp_path / "sparse" / "model.safetensors").exists()
+    loaded = hf_prune.from_pretrained(tmp_path / "sparse", tf.BertForSequenceClassification)
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # a stock loader stops instead of initialising random weights
+    with pytest.raises(OSError, match=r"model\.safetensors|pytorch_model\.bin"):
+        tf.BertForSequenceClassification.from_pretrained(tmp_path / "sparse")
+
+
+def test_sparse_files_shrink_with_density_and_keep_dtype_sharding_and_structure(tmp_path):
+    sizes = {}
+    for density in (0.5, 0.3, 0.1):
+        torch.manual_seed(0)
+        model = tf.BertForSequenceClassification(_bert_base_proportions()).eval()
+        _sparsify(model, density)
+        hf_prune.save_pretrained(model, tmp_path / f"d{density}", sparse=True)
+        sizes[density] = _files_bytes(tmp_path / f"d{density}")
+    assert sizes[0.5] > sizes[0.3] > sizes[0.1]
+    # structured + 2:4 sparse, bfloat16, sharded: restored exactly, shapes and all
+    model = _non_uniform_bert()
+    hf_prune.prune(model, hf_prune.PruningConfig(pattern="2:4", sparsity_scope="layer"))
+    model = model.to(torch.bfloat16)
+    hf_prune.save_pretrained(model, tmp_path / "shards", sparse=True, max_shard_size="20KB")
+    assert (tmp_path / "shards" / SPARSE_INDEX).exists()
+    assert not (tmp_path / "shards" / MODELING_FILE).exists()  # stock loaders cannot read the sparse layout
+    loaded = hf_prune.from_pretrained(tmp_path / "shards", tf.BertForSequenceClassification, dtype=torch.bfloat16)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    inputs = make_inputs(FAMILIES["bert"])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**inputs).logits, model.eval()(**inputs).logits)
+
+
+def test_a_sparse_causal_lm_keeps_its_generation_config(tmp_path):
+    model = make_model(FAMILIES["llama"], tf.LlamaForCausalLM)
+    model.generation_config.max_new_tokens = 7
+    _sparsify(model, 0.2)
+    hf_prune.save_pretrained(model, tmp_path / "m", sparse=True)
+    loaded = hf_prune.from_pretrained(tmp_path / "m", tf.AutoModelForCausalLM)
+    assert loaded.generation_config.max_new_tokens == 7
+    inputs = make_inputs(FAMILIES["llama"], padded=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**inputs).logits, model.eval()(**inputs).logits)
+
+
+def test_sparse_and_safe_serialization_false_conflict(tmp_path):
+    model = make_model(FAMILIES["bert"])
+    with pytest.raises(ValueError, match="safe_serialization"):
+        hf_prune.save_pretrained(copy.deepcopy(model), tmp_path / "m", sparse=True, safe_serialization=False)
+    assert not (tmp_path / "m").exists()
