@@ -113,6 +113,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    report = export_onnx(args.model, args.output, int8=args.int8, atol=args.atol)
+    what = "int8 (ONNX Runtime dynamic quantization)" if report.int8 else "float32"
+    print(f"wrote {report.path} ({what}, {report.size_bytes / 2**20:.1f} MiB, {report.exporter}, {report.seconds} s)")
+    check = "batch x sequence " + " and ".join(f"{b} x {s}" for b, s in report.checked_shapes)
+    if report.int8:
+        print(
+            f"ONNX Runtime vs PyTorch on {check}: max |difference| {report.max_abs_diff:.3g} (outputs up to "
+            f"{report.output_scale:.3g}), same argmax for {report.agreement:.1%}; re-measure accuracy on your task"
+        )
+    else:
+        print(f"ONNX Runtime vs PyTorch on {check}: max |difference| {report.max_abs_diff:.3g} (tolerance met)")
+    return 0
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
     if not script.exists():
@@ -155,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=_cmd_evaluate)
 
+    export = sub.add_parser("export", help="export a saved (pruned) model to ONNX, optionally int8, and check it")
+    export.add_argument("model", help="a folder saved by hf_prune.save_pretrained or a recipe run")
+    export.add_argument("--output", required=True, help="folder to write model.onnx (+ config, tokenizer, report)")
+    export.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 quantization")
+    export.add_argument(
+        "--atol", type=float, default=1e-4, help="float32 check: max |ONNX - PyTorch| / max(1, output scale)"
+    )
+    export.set_defaults(func=_cmd_export)
+
     bench = sub.add_parser("benchmark", help="run benchmarks/run_all.py (arguments are passed through)")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_cmd_benchmark)
@@ -168,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

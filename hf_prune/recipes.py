@@ -14,7 +14,7 @@ Sections (see ``recipes/demo.yaml`` for a complete example)::
     pruning:    any PruningConfig field
     training:   any TrainingArguments field (recovery)
     evaluation: metrics, latency_batch, latency_seq_len, latency_repeats
-    output:     dir, push_to_hub, repo_id, private
+    output:     dir, push_to_hub, repo_id, private, sparse, export (onnx | onnx-int8)
     seed
 """
 
@@ -33,6 +33,7 @@ import yaml
 from transformers import TrainingArguments
 
 from .config import PruningConfig, closest
+from .export import check_export_format
 from .metrics import SUPPORTED as SUPPORTED_METRICS
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -108,6 +109,8 @@ class OutputSection:
     push_to_hub: bool = False
     repo_id: str | None = None
     private: bool = True
+    sparse: bool = False  # store sparse weights as values + bitmask (hf_prune.save_pretrained(sparse=True))
+    export: str | None = None  # "onnx" or "onnx-int8": also write onnx/model.onnx, evaluated and timed
 
 
 @dataclass
@@ -303,6 +306,10 @@ def load_recipe(path_or_dict: str | os.PathLike | dict[str, Any], overrides: lis
     output = OutputSection(**_check_section("output", data.get("output"), OutputSection, source, lines))
     if output.push_to_hub and not output.repo_id:
         raise RecipeError(f"{_where(source, lines, ('output', 'push_to_hub'))}: push_to_hub needs output.repo_id")
+    try:
+        output.export = check_export_format(output.export)
+    except ValueError as err:
+        raise RecipeError(f"{_where(source, lines, ('output', 'export'))}: {err}") from None
     pruning_values = _check_section("pruning", data.get("pruning"), PruningConfig, source, lines)
     # FLOPs targets are counted at the task's sequence length unless the recipe says otherwise
     pruning_values.setdefault("seq_len", data_section.max_length)

@@ -94,6 +94,57 @@ def summary_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _loading_section(report: dict[str, Any], auto_class: str) -> str:
+    """Model-card instructions for the way this folder loads (``report["loading"]``, set when it was saved)."""
+    with_hf_prune = f"""```python
+import hf_prune
+from transformers import {auto_class}
+model = hf_prune.from_pretrained("<this repo>", {auto_class})
+```
+"""
+    loading = report.get("loading", "hf_prune")
+    size = report.get("size_bytes", {})
+    stored = (
+        f"Weights on disk: {size['saved'] / 2**20:.1f} MiB ({size.get('saved_format', 'dense')}).\n\n"
+        if "saved" in size
+        else ""
+    )
+    if loading == "stock":
+        return (
+            f"{stored}The per-layer shapes are uniform, so the stock config describes them and transformers alone "
+            f"loads the model:\n\n```python\nfrom transformers import {auto_class}\n"
+            f'model = {auto_class}.from_pretrained("<this repo>")\n```\n\n'
+            "or, equally, with hf_prune (which also keeps its pruning record):\n\n" + with_hf_prune
+        )
+    if loading == "remote-code":
+        return (
+            f"{stored}The layers were pruned to different sizes (recorded in `config.json` under `hf_prune`). Without "
+            "hf_prune installed, transformers loads it through the small `hf_prune_modeling.py` saved next to the "
+            "weights (it restores the per-layer shapes, then runs the stock classes; read it before trusting it):"
+            f"\n\n```python\nfrom transformers import {auto_class}\nmodel = {auto_class}.from_pretrained"
+            f'("<this repo>", trust_remote_code=True)\n```\n\n`pipeline(..., trust_remote_code=True)` works the '
+            "same way. With hf_prune installed no remote code is needed:\n\n" + with_hf_prune
+        )
+    return (
+        f"{stored}The sparse weights are stored as non-zero values plus a bitmask (`model.sparse.safetensors`), "
+        "which only hf_prune reads; it restores the exact dense tensors:\n\n" + with_hf_prune
+    )
+
+
+def _export_section(report: dict[str, Any]) -> str:
+    export = report.get("export")
+    if not export:
+        return ""
+    lat, metrics = export["latency_ms"], export["metrics"]
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "not measured"
+    return (
+        f"\n### ONNX ({export['format']})\n`{export['path']}` ({export['size_bytes'] / 2**20:.1f} MiB, "
+        f"{export['exporter']}): {scores} on the evaluation split; CPU latency {lat['onnxruntime_cpu']:.1f} ms "
+        f"in ONNX Runtime vs {lat['pytorch_cpu']:.1f} ms for the pruned model in PyTorch ({lat['speedup']:.2f}x), "
+        "measured by the run that produced this model.\n"
+    )
+
+
 def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
     task = report["recipe"].get("model", {}).get("task", "sequence-classification")
     data = ModelCardData(
@@ -131,14 +182,8 @@ This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) {rep
 - Criterion `{cfg["criterion"]}`, scope `{cfg["scope"]}`, schedule `{cfg["schedule"]}`; distillation alpha
   {cfg["distill_alpha"]}.
 
-Per-layer shapes are stored in `config.json` (`hf_prune`). Load with:
-
-```python
-import hf_prune
-from transformers import {auto_class}
-model = hf_prune.from_pretrained("<this repo>", {auto_class})
-```
-
+## How to load it
+{_loading_section(report, auto_class)}{_export_section(report)}
 ## Results (measured by the run that produced this model)
 {chr(10).join(_metrics_rows(report))}
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import math
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from .config import closest
 from .evaluation import mean_loss, predict_logits
 from .hub import save_pretrained, write_atomic_dir
 from .masks import sparsity_report
-from .measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
+from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, saved_size_bytes
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
 from .quantized import float_weights
@@ -273,7 +275,7 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
         report = _report(recipe, dense, model, resolved_path, trainer, latency)
         report["metrics"] = {"dense": metrics_dense, "after_pruning": after_pruning, "after_recovery": metrics_final}
         report["wall_time_s"] = {**walls, "total": time.time() - start}
-        _write_output(recipe, model, tokenizer, report, out_dir)
+        _write_output(recipe, model, tokenizer, report, out_dir, evaluation, _latency_inputs(recipe, tokenizer, model))
     if push if push is not None else recipe.output.push_to_hub:
         push_folder(out_dir, recipe.output.repo_id, recipe.output.private)
     report["output_dir"] = str(out_dir)
@@ -364,20 +366,82 @@ def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: 
     }
 
 
-def _write_output(recipe: Recipe, model, tokenizer, report: dict[str, Any], out_dir: Path) -> None:
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.endswith(".safetensors"))
+
+
+def _export(recipe: Recipe, model, tokenizer, evaluation, folder: Path, latency_inputs) -> dict[str, Any]:
+    """``output.export``: write ``folder/onnx``, evaluate it on the evaluation split and time it against PyTorch."""
+    from .export import export_onnx, onnx_logits, onnx_session, time_onnx
+
+    cpu_model = copy.deepcopy(model).float().cpu().eval()
+    result = export_onnx(cpu_model, folder / "onnx", int8=recipe.output.export == "onnx-int8", tokenizer=tokenizer)
+    session = onnx_session(result.path)
+    collate = tf.DataCollatorWithPadding(tokenizer) if recipe.model.task != "causal-lm" else tf.default_data_collator
+    columns = [c for c in evaluation.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels")]
+    loader = torch.utils.data.DataLoader(evaluation.select_columns(columns), batch_size=32, collate_fn=collate)
+    if recipe.model.task == "causal-lm":
+        nll, tokens = 0.0, 0
+        for logits, batch in onnx_logits(session, loader):
+            labels = batch["input_ids"][:, 1:]
+            flat = logits[:, :-1].flatten(0, 1).float()
+            loss = torch.nn.functional.cross_entropy(flat, labels.flatten(), reduction="sum")
+            nll, tokens = nll + float(loss), tokens + labels.numel()
+        metrics = {"perplexity": math.exp(nll / tokens)} if "perplexity" in recipe.evaluation.metrics else {}
+    else:
+        preds, labels = [], []
+        for logits, batch in onnx_logits(session, loader):
+            preds += logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+        names = [m for m in recipe.evaluation.metrics if m != "perplexity"]
+        metrics = classification_metrics(names, preds, labels, num_labels=model.config.num_labels)
+    inputs = {k: v.cpu() for k, v in latency_inputs.items()}
+    onnx_ms = statistics.median(time_onnx(session, inputs, repeats=recipe.evaluation.latency_repeats))
+    torch_ms = measure_latency(cpu_model, inputs, recipe.evaluation.latency_repeats).median_ms
+    return {
+        "format": recipe.output.export,
+        "path": "onnx/model.onnx",
+        "size_bytes": result.size_bytes,
+        "metrics": metrics,
+        "check": {"max_abs_diff": result.max_abs_diff, "atol": result.atol, "agreement": result.agreement},
+        "latency_ms": {"onnxruntime_cpu": onnx_ms, "pytorch_cpu": torch_ms, "speedup": torch_ms / onnx_ms},
+        "exporter": result.exporter,
+    }
+
+
+def _write_output(
+    recipe: Recipe, model, tokenizer, report: dict[str, Any], out_dir: Path, evaluation=None, latency_inputs=None
+) -> None:
     """Build the whole output folder in a temporary sibling, then move it into place in one rename."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer)
+        save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer, sparse=recipe.output.sparse)
+        report["size_bytes"]["saved"] = _weights_bytes(tmp / "model-staging")
+        report["size_bytes"]["saved_format"] = "sparse (values + bitmask)" if recipe.output.sparse else "dense"
+        report["loading"] = _loading(tmp / "model-staging")
         for item in (tmp / "model-staging").iterdir():
             shutil.move(str(item), tmp / item.name)
         (tmp / "model-staging").rmdir()
+        if recipe.output.export:
+            with _timed(report["wall_time_s"], "export"):
+                report["export"] = _export(recipe, model, tokenizer, evaluation, tmp, latency_inputs)
         write_report(tmp, report, recipe)
         write_atomic_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _loading(folder: Path) -> str:
+    """How the saved model folder loads: ``stock`` (plain from_pretrained), ``remote-code`` (stock auto classes with
+    trust_remote_code, through hf_prune_modeling.py) or ``hf_prune`` (hf_prune.from_pretrained only: sparse layout)."""
+    from .runtime import MODELING_FILE
+    from .sparse_io import sparse_files
+
+    if sparse_files(folder):
+        return "hf_prune"
+    return "remote-code" if (folder / MODELING_FILE).exists() else "stock"
 
 
 def push_folder(folder: Path, repo_id: str | None, private: bool = True) -> str:

@@ -199,3 +199,86 @@ def test_sparse_and_safe_serialization_false_conflict(tmp_path):
     with pytest.raises(ValueError, match="safe_serialization"):
         hf_prune.save_pretrained(copy.deepcopy(model), tmp_path / "m", sparse=True, safe_serialization=False)
     assert not (tmp_path / "m").exists()
+
+
+# ---- ONNX export -------------------------------------------------------------------------------------------
+def _exported(tmp_path, model, int8=False):
+    from hf_prune.export import export_onnx
+
+    hf_prune.save_pretrained(model, tmp_path / "m")
+    return export_onnx(tmp_path / "m", tmp_path / ("int8" if int8 else "fp32"), int8=int8)
+
+
+@pytest.mark.parametrize(
+    ("family", "cls"),
+    [("bert", tf.BertForSequenceClassification), ("llama", tf.LlamaForCausalLM), ("gpt2", tf.GPT2LMHeadModel)],
+)
+def test_onnx_export_of_a_non_uniform_model_matches_pytorch_on_new_shapes(tmp_path, family, cls):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
+    from hf_prune.export import onnx_session, run_onnx
+
+    model = make_model(FAMILIES[family], cls)
+    from hf_prune.surgery import prune_structure
+    from hf_prune.testing import conformance_request
+
+    prune_structure(model, *conformance_request(model))  # uneven layers, one attention and one FFN emptied
+    report = _exported(tmp_path, model)
+    assert report.max_abs_diff <= 1e-4 * max(1.0, report.output_scale) and report.outputs[0] == "logits"
+    assert (tmp_path / "fp32" / "config.json").exists() and (tmp_path / "fp32" / "export_report.json").exists()
+    # a batch and length the export never saw
+    inputs = make_inputs(FAMILIES[family], batch=4, seq=19)
+    with torch.no_grad():
+        want = model.eval()(**inputs).logits
+    got = run_onnx(onnx_session(report.path), inputs)[0]
+    valid = inputs["attention_mask"].bool()
+    if want.dim() == 3:
+        want, got = want[valid], got[valid]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_int8_onnx_and_torch_int8_shrink_the_model_and_mostly_agree(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
+    from hf_prune.export import onnx_session, run_onnx, torch_int8
+
+    torch.manual_seed(0)
+    config = _bert_base_proportions(num_labels=3)
+    config.num_hidden_layers = 4
+    model = tf.BertForSequenceClassification(config).eval()
+    hf_prune.prune_heads(model, {0: [0], 2: [1]})
+    fp32 = _exported(tmp_path, model)
+    int8 = _exported(tmp_path, model, int8=True)
+    assert int8.int8 and int8.atol is None and int8.size_bytes < 0.4 * fp32.size_bytes
+    assert int8.agreement >= 0.5 and int8.max_abs_diff < 0.5 * max(1.0, int8.output_scale)
+    inputs = {k: v.clamp(max=config.vocab_size - 1) for k, v in make_inputs(FAMILIES["bert"], batch=8).items()}
+    with torch.no_grad():
+        want = model(**inputs).logits
+        quantized = torch_int8(model)
+        got_torch = quantized(**inputs).logits
+    got_onnx = run_onnx(onnx_session(int8.path), inputs)[0]
+    for got in (got_torch, got_onnx):
+        assert got.shape == want.shape and (got - want).abs().max() < 0.5 * max(1.0, float(want.abs().max()))
+    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in quantized.modules())
+
+
+def test_cli_export_writes_the_graph_and_says_how_close_it_is(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
+    from hf_prune.cli import main
+
+    hf_prune.save_pretrained(_non_uniform_bert(), tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--output", str(tmp_path / "onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx (float32" in out and "(tolerance met)" in out
+    saved = json.loads((tmp_path / "onnx" / "export_report.json").read_text())
+    assert saved["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert saved["checked_shapes"] == [[3, 11], [2, 23]]
+    assert main(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_without_onnx_installed_says_what_to_install(tmp_path, monkeypatch):
+    from hf_prune import export
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"pip install 'hf_prune\[onnx\]'"):
+        export.export_onnx(_non_uniform_bert(), tmp_path / "o")
+    assert not (tmp_path / "o").exists()

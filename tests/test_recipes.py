@@ -385,3 +385,47 @@ def test_recipe_with_depth_pruning_removes_blocks_before_training(tmp_path, tiny
     model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
     assert len(hf_prune.get_adapter(model).layers(model)) == 1
     assert hf_prune.count_parameters(model) == saved["params"]["pruned"]
+
+
+def test_recipe_saves_sparse_weights_and_exports_an_onnx_model_it_evaluates(tmp_path, tiny_model_dir):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["dense_training"] = None
+    data["pruning"].update({"sparsity": 0.8})
+    data["output"].update({"sparse": True, "export": "onnx"})
+    report = runner.run_recipe(load_recipe(write(tmp_path, data)))
+    out = Path(report["output_dir"])
+    assert (out / "model.sparse.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert report["loading"] == "hf_prune" and report["size_bytes"]["saved_format"].startswith("sparse")
+    model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
+    block = sum(m.weight.numel() * 4 for m in hf_prune.get_adapter(model).all_block_linears(model))
+    # 80% zeros in the blocks' weights: each costs 4 bytes dense, about 0.2 x 4 + 1/8 stored
+    assert report["size_bytes"]["saved"] < report["size_bytes"]["pruned"] - 0.7 * block
+    assert (out / "onnx" / "model.onnx").exists() and (out / "onnx" / "tokenizer.json").exists()
+    export = report["export"]
+    # the float32 graph reproduces the PyTorch model, so the evaluation split scores the same
+    assert export["metrics"] == pytest.approx(report["metrics"]["after_recovery"])
+    assert export["check"]["max_abs_diff"] < 1e-4 and export["latency_ms"]["onnxruntime_cpu"] > 0
+    card = (out / "README.md").read_text()
+    assert "model.sparse.safetensors" in card and "### ONNX (onnx)" in card
+    assert hf_prune.count_parameters(model) == report["params"]["pruned"]
+
+
+def test_a_non_uniform_recipe_output_says_how_to_load_it_without_hf_prune(tmp_path, tiny_model_dir):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["dense_training"] = None
+    report = runner.run_recipe(load_recipe(write(tmp_path, data)))
+    out = Path(report["output_dir"])
+    uniform = len(set(report["plan"]["kept_heads"])) == 1 and len(set(report["plan"]["kept_ffn"])) == 1
+    expected = "stock" if uniform and report["plan"]["kept_heads"][0] == 4 else "remote-code"
+    assert report["loading"] == expected
+    card = (out / "README.md").read_text()
+    assert ("trust_remote_code=True" in card) == (expected == "remote-code")
+    assert (out / "hf_prune_modeling.py").exists() == (expected == "remote-code")
+
+
+@pytest.mark.parametrize("value", ["onnx-int4", "tflite"])
+def test_an_unknown_export_format_is_refused_with_the_allowed_ones(tmp_path, value):
+    data = {"model": {"name_or_path": "offline:minilm"}, "output": {"dir": "x", "export": value}}
+    with pytest.raises(RecipeError, match=rf"output\.export={value!r} is not allowed; use one of onnx, onnx-int8"):
+        load_recipe(write(tmp_path, data))
