@@ -418,6 +418,15 @@ def render_peers(result: dict[str, Any]) -> list[str]:
     return render(result)
 
 
+def render_deploy(result: dict[str, Any]) -> list[str]:
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from deploy import render_deploy as render
+
+    return render(result)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "latency": render_latency,
     "oneshot": render_oneshot,
@@ -427,6 +436,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "peers": render_peers,
     "decoder": render_decoder,
     "memory": render_memory,
+    "deploy": render_deploy,
 }
 
 

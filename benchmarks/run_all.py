@@ -35,6 +35,7 @@ FULL = [
     ("peers", ["peers.py"]),
     ("decoder", ["decoder.py"]),
     ("memory", ["memory.py"]),
+    ("deploy", ["deploy.py"]),
 ]
 QUICK = [
     ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
@@ -47,6 +48,7 @@ QUICK = [
     ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", "--n-train", "1000"]),
     ("decoder", ["decoder.py", "--quick"]),
     ("memory", ["memory.py", "--quick"]),
+    ("deploy", ["deploy.py", "--quick", "--n-train", "1000", "--repeats", "3"]),
 ]
 
 
