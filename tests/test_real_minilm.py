@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,3 +59,22 @@ def test_real_minilm_non_uniform_surgery_is_exact_and_reloads(minilm, tmp_path):
     loaded = hf_prune.from_pretrained(out, AutoModelForSequenceClassification).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, got.logits, atol=0, rtol=0)
+
+    # the same folder in a process where hf_prune cannot be imported: transformers alone, through the saved
+    # hf_prune_modeling.py, gives hf_prune's own reload bit for bit, and a pipeline runs on it
+    with torch.no_grad():
+        torch.save({"batch": dict(batch), "logits": loaded(**batch).logits}, tmp_path / "io.pt")
+    code = f"""
+import sys; sys.modules["hf_prune"] = None
+import torch, transformers as tf
+io = torch.load({str(tmp_path / "io.pt")!r})
+model = tf.AutoModelForSequenceClassification.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    print(torch.equal(model(**io["batch"]).logits, io["logits"]))
+classify = tf.pipeline("text-classification", model={str(out)!r}, trust_remote_code=True)
+print(classify("a gripping , beautifully made film .")[0]["label"])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split()
+    assert lines[0] == "True" and lines[1] in ("LABEL_0", "LABEL_1")
