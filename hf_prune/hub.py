@@ -232,6 +232,24 @@ def save_pretrained(
     return target
 
 
+def add_remote_code(model: PreTrainedModel, folder: str | os.PathLike) -> bool:
+    """Make a folder a stock ``save_pretrained`` wrote (a Trainer checkpoint, ``trainer.save_model``) load without
+    hf_prune, as :func:`save_pretrained` does: rewrite its ``config.json`` with the manifest and ``auto_map`` and add
+    ``hf_prune_modeling.py``. True when the model needed them (non-uniform shapes)."""
+    try:
+        portable = portable_files(model)
+    except NotPortable as exc:
+        logger.warning(f"hf_prune: {folder} will load with hf_prune.from_pretrained only ({exc})")
+        return False
+    if not portable.needs_remote_code:
+        return False
+    folder = Path(folder)
+    with _portable_config(model.config, portable):
+        model.config.save_pretrained(folder)
+    (folder / MODELING_FILE).write_text(modeling_source())
+    return True
+
+
 def write_atomic_dir(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``, replacing any existing folder as late as possible."""
     backup = None

@@ -40,7 +40,9 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
+from .hub import add_remote_code
 from .quantized import float_weights
+from .runtime import MANIFEST_KEY
 from .state import STATE_KEY, pruning_state
 from .surgery import apply_layer_shapes
 
@@ -201,6 +203,12 @@ class PruningMixin:
         super().log(logs, *args, **kwargs)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        # checkpoints and save_model() load without hf_prune too, like hf_prune.save_pretrained's folders
+        # (_save runs on the process that writes: args.should_save)
+        add_remote_code(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = model if model is not None else self.model
         state = _checkpoint_state(resume_from_checkpoint)
@@ -230,7 +238,10 @@ def _checkpoint_state(folder: str | os.PathLike) -> dict[str, Any] | None:
     config_file = Path(folder) / "config.json"
     if not config_file.exists():
         return None
-    return json.loads(config_file.read_text()).get(STATE_KEY)
+    state = json.loads(config_file.read_text()).get(STATE_KEY)
+    if isinstance(state, dict):
+        state.pop(MANIFEST_KEY, None)  # describes the folder for stock loaders; the model gets a fresh one on save
+    return state
 
 
 class PruningTrainer(PruningMixin, Trainer):

@@ -269,6 +269,12 @@ def test_saved_model_reloads_with_stock_keys_and_real_zeros(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model.eval()(**batch).logits, atol=0, rtol=0)
     assert sparsity_report(reloaded)["overall"] == pytest.approx(sparsity_report(model)["overall"])
+    # BERT's config cannot state pruned head counts, so save_model also wrote the remote code for stock loaders
+    assert (tmp_path / "final" / "hf_prune_modeling.py").exists()
+    stock = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "final", trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(stock.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    assert "modules" not in model.config.hf_prune and not hasattr(model.config, "auto_map")
 
 
 @pytest.mark.parametrize("save_step", [3, 5])
