@@ -344,6 +344,8 @@ def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, tiny_model_dir,
     folder, repo, files = calls["upload"]
     assert folder == report["output_dir"] and repo == "me/tiny-pruned"
     assert "README.md" in files and "model.safetensors" in files
+    # a non-uniform result uploads the file that lets transformers alone load it
+    assert report["loading"] == "remote-code" and "hf_prune_modeling.py" in files
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
