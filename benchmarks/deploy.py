@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import statistics
 import sys
 import tempfile
@@ -239,9 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         rows += measure_model("BERT-base (random)", bert_base(), None, None, args.repeats, args.quick)
     result = {"benchmark": "deploy", "threads": torch.get_num_threads(), "shapes": [list(s) for s in SHAPES]}
     result["rows"] = rows
-    run_id = add_run(result, this_run.record())
+    record = this_run.record()
+    for package in ("onnx", "onnxruntime"):
+        record["versions"][package] = importlib.metadata.version(package)
     for row in rows:
-        row["run"] = run_id
+        row["run"] = add_run(result, record) if row is rows[0] else rows[0]["run"]
     publish(args.output, result)
     print("\n".join(render_deploy(result)))
     print(f"wrote {args.output}")
