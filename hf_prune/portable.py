@@ -135,10 +135,11 @@ def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
         if spec:
             manifest[path] = spec
     prefix = getattr(model, "base_model_prefix", "")
+    stock_tensors = twin.state_dict()
     outside = [
         n
         for n, t in model.state_dict().items()
-        if not n.startswith(f"{prefix}.") and n in twin.state_dict() and twin.state_dict()[n].shape != t.shape
+        if not n.startswith(f"{prefix}.") and n in stock_tensors and stock_tensors[n].shape != t.shape
     ]
     if outside and model.base_model is not model:
         raise NotPortable(f"tensors outside the base model changed shape: {outside[:3]}")
