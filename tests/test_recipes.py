@@ -428,6 +428,10 @@ def test_a_non_uniform_recipe_output_says_how_to_load_it_without_hf_prune(tmp_pa
 
 @pytest.mark.parametrize("value", ["onnx-int4", "tflite"])
 def test_an_unknown_export_format_is_refused_with_the_allowed_ones(tmp_path, value):
-    data = {"model": {"name_or_path": "offline:minilm"}, "output": {"dir": "x", "export": value}}
+    data = {
+        "model": {"name_or_path": "offline:minilm"},
+        "data": {"files": {"train": "a.tsv", "validation": "b.tsv"}, "text_columns": ["sentence"]},
+        "output": {"dir": "x", "export": value},
+    }
     with pytest.raises(RecipeError, match=rf"output\.export={value!r} is not allowed; use one of onnx, onnx-int8"):
         load_recipe(write(tmp_path, data))
