@@ -19,6 +19,7 @@ Needs the ``onnx`` extra: ``pip install "hf_prune[onnx]"`` (onnx, onnxruntime, o
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import shutil
@@ -226,8 +227,6 @@ def quantize_int8(src: Path, dst: Path) -> None:
 def torch_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with PyTorch dynamic int8 ``nn.Linear`` layers (``torch.ao`` dynamic quantization), for
     users who stay in PyTorch on CPU. Pruned shapes need nothing special: every Linear is quantized as it is."""
-    import copy
-
     from torch.ao.quantization import quantize_dynamic
 
     return quantize_dynamic(copy.deepcopy(model).float().cpu().eval(), {nn.Linear}, dtype=torch.qint8)
@@ -262,7 +261,12 @@ def export_onnx(
     if isinstance(model, (str, Path)):
         source = Path(model)
         model = load_for_export(source)
-    model = model.float().cpu().eval()
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        # the graph is traced and checked in float32 on CPU (where ONNX Runtime runs it here); a copy, so the
+        # caller's GPU or half-precision model stays where and what it was
+        model = copy.deepcopy(model).float().cpu()
+    was_training = model.training
+    model.eval()
     target = Path(output_dir).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -327,6 +331,8 @@ def export_onnx(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        model.train(was_training)
     return report
 
 

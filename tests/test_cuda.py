@@ -13,7 +13,7 @@ import hf_prune
 from hf_prune import PruningConfig, PruningTrainer, prune
 from hf_prune.distributed import all_reduce_sum
 
-from .families import FAMILIES, make_model
+from .families import FAMILIES, make_inputs, make_model
 from .test_calibration import model_and_examples, ready_batches
 from .test_distributed import check_ranks_agree, launch
 from .test_trainer import toy_data
@@ -96,6 +96,47 @@ def test_trainer_prunes_distills_and_masks_on_cuda(tmp_path, dtype):
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     live = {id(p) for p in model.parameters()}
     assert all(id(p) in live for g in inner.param_groups for p in g["params"])
+
+
+def _non_uniform_cuda_bert(dtype):
+    model = make_model(FAMILIES["bert"], tf.BertForSequenceClassification)
+    hf_prune.prune_heads(model, {0: [0, 1, 2, 3], 1: [2]})
+    hf_prune.prune_ffn(model, {2: list(range(40))})
+    return model.to("cuda", dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cuda_model_saves_portable_and_sparse_and_reloads_onto_the_gpu(tmp_path, dtype):
+    model = _non_uniform_cuda_bert(dtype)
+    inputs = {k: v.cuda() for k, v in make_inputs(FAMILIES["bert"]).items()}
+    hf_prune.save_pretrained(model, tmp_path / "portable")
+    stock = tf.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "portable", trust_remote_code=True, device_map="cuda", dtype=dtype
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(stock(**inputs).logits, model(**inputs).logits)
+    prune(model, PruningConfig(sparsity=0.6, sparsity_scope="global"))
+    hf_prune.save_pretrained(model, tmp_path / "sparse", sparse=True)
+    back = hf_prune.from_pretrained(tmp_path / "sparse", tf.AutoModelForSequenceClassification, device_map="cuda")
+    want = model.state_dict()
+    got = back.state_dict()
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].device.type == "cuda" and got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
+
+
+def test_onnx_export_of_a_cuda_model_matches_it_and_leaves_it_on_the_gpu(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from hf_prune.export import export_onnx, onnx_session, run_onnx
+
+    model = _non_uniform_cuda_bert(torch.float32)
+    report = export_onnx(model, tmp_path / "onnx", int8=True)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    inputs = make_inputs(FAMILIES["bert"], batch=4, seq=19)
+    with torch.no_grad():
+        want = model(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
+    got = run_onnx(onnx_session(report.path), inputs)[0]
+    assert got.shape == want.shape and (got - want).abs().max() < 0.5 * max(1.0, float(want.abs().max()))
 
 
 def test_reduction_helper_outside_a_process_group_is_a_copy_on_the_same_device():

@@ -236,6 +236,16 @@ def test_onnx_export_of_a_non_uniform_model_matches_pytorch_on_new_shapes(tmp_pa
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
+def test_exporting_a_model_object_leaves_the_callers_model_as_it_was(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
+    from hf_prune.export import export_onnx
+
+    model = _non_uniform_bert().to(torch.bfloat16).train()
+    report = export_onnx(model, tmp_path / "onnx")
+    assert report.max_abs_diff <= 1e-4 * max(1.0, report.output_scale)
+    assert model.training and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_int8_onnx_and_torch_int8_shrink_the_model_and_mostly_agree(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
     from hf_prune.export import onnx_session, run_onnx, torch_int8
