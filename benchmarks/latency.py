@@ -88,7 +88,8 @@ def run(name: str, batch: int, seq_len: int, repeats: int) -> dict:
 
 def sizes(name: str) -> dict:
     """Bytes on disk (safetensors, float32) of the dense model, the structured 50/50 model and a 50% unstructured
-    model. hf_prune stores unstructured zeros densely (no sparse format): they cost the same bytes as dense."""
+    model, saved the stock way: unstructured zeros cost the same bytes as dense there (``sparse=True`` is measured in
+    the deployment benchmark)."""
     torch.manual_seed(0)
     dense = tf.AutoModel.from_config(CONFIGS[name]()).eval()
     structured = copy.deepcopy(dense)

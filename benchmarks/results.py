@@ -165,8 +165,9 @@ def render_latency(result: dict[str, Any]) -> list[str]:
     ]
     if result.get("sizes"):
         lines += [
-            "On-disk size (safetensors, float32). Unstructured zeros are stored densely (hf_prune offers no sparse "
-            "storage format), so they do not shrink the file:",
+            "On-disk size (safetensors, float32) as a stock `save_pretrained` writes it: unstructured zeros are "
+            "stored densely and do not shrink the file (`hf_prune.save_pretrained(..., sparse=True)` stores them as "
+            "values + bitmask: see the deployment table):",
             "",
             "| model | dense | structured 50/50 | 50% unstructured |",
             "|---|---|---|---|",
