@@ -614,6 +614,29 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"{row['batch']} x {row['seq_len']}) | {row['ratio']:.2f}x (rounds {rounds})"
                 f" | {_cmd(r, [row])} |"
             )
+    if "deploy" in results:
+        r = results["deploy"]
+        rows = r["rows"]
+        pick = {(x["model"], x["variant"], x["format"]): x for x in rows}
+        for model in dict.fromkeys(x["model"] for x in rows):
+            onnx = pick.get((model, "2x", "ONNX Runtime int8"))
+            pruned = pick.get((model, "2x", "PyTorch float32"))
+            sparse = pick.get((model, "sparse-90", "PyTorch float32 (sparse file)"))
+            parts = []
+            if onnx is not None:
+                acc = (
+                    f", dev accuracy {onnx['accuracy']:.2%} (pruned PyTorch {pruned['accuracy']:.2%})"
+                    if onnx.get("accuracy") is not None and pruned is not None
+                    else ""
+                )
+                parts.append(
+                    f"2x cut + ONNX Runtime int8: {onnx['speedup_b1x64']:.2f}x faster than dense PyTorch at batch "
+                    f"1 x 64 ({onnx['speedup_b32x64']:.2f}x at 32 x 64), {onnx['size_vs_dense']:.2f} of the file{acc}"
+                )
+            if sparse is not None:
+                parts.append(f"90% sparse saved with `sparse=True`: {sparse['size_vs_dense']:.2f} of the file")
+            if parts:
+                lines.append(f"| Deploy, {model} (CPU) | {'; '.join(parts)} | {_cmd(r)} |")
     if "curves" in results and results["curves"].get("plots"):
         r = results["curves"]
         lines.append("")
