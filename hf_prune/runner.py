@@ -268,14 +268,13 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
         model.eval()
         # The Trainer moved the model to its device (a GPU where there is one); time both models there.
         dense.to(model_device(model))
+        latency_inputs = _latency_inputs(recipe, tokenizer, model)
         with _timed(walls, "latency"):
-            latency = compare_latency(
-                dense, model, _latency_inputs(recipe, tokenizer, model), repeats=recipe.evaluation.latency_repeats
-            )
+            latency = compare_latency(dense, model, latency_inputs, repeats=recipe.evaluation.latency_repeats)
         report = _report(recipe, dense, model, resolved_path, trainer, latency)
         report["metrics"] = {"dense": metrics_dense, "after_pruning": after_pruning, "after_recovery": metrics_final}
         report["wall_time_s"] = {**walls, "total": time.time() - start}
-        _write_output(recipe, model, tokenizer, report, out_dir, evaluation, _latency_inputs(recipe, tokenizer, model))
+        _write_output(recipe, model, tokenizer, report, out_dir, evaluation, latency_inputs)
     if push if push is not None else recipe.output.push_to_hub:
         push_folder(out_dir, recipe.output.repo_id, recipe.output.private)
     report["output_dir"] = str(out_dir)
