@@ -178,11 +178,14 @@ def glue_tsv(data_dir: Path, task: str):
     return load_dataset("csv", data_files=files, delimiter="\t", quoting=csv.QUOTE_NONE)
 
 
-def sst2(data_dir: Path, n_train: int | None = None, seed: int = 0):
-    """GLUE SST-2 from ``data_dir/sst2`` (train subset shuffled with ``seed``) as a DatasetDict."""
+def sst2(data_dir: Path, n_train: int | None = None, seed: int = 0, n_eval: int | None = None):
+    """GLUE SST-2 from ``data_dir/sst2`` (train subset shuffled with ``seed``; the first ``n_eval`` dev sentences,
+    all 872 by default) as a DatasetDict."""
     ds = glue_tsv(data_dir, "sst2")
     if n_train is not None:
         ds["train"] = ds["train"].shuffle(seed=seed).select(range(min(n_train, len(ds["train"]))))
+    if n_eval is not None:
+        ds["validation"] = ds["validation"].select(range(min(n_eval, len(ds["validation"]))))
     return ds
 
 
@@ -215,6 +218,11 @@ def bench_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(**{**base, **overrides})
 
 
+def add_n_eval(parser: Any) -> None:
+    """The ``--n-eval`` option of the MiniLM benchmarks (results record the dev size they used)."""
+    parser.add_argument("--n-eval", type=int, default=None, help="SST-2 dev sentences evaluated (default: all 872)")
+
+
 def cache_dir(name: str, data_dir: Path, *files: str) -> Path:
     """``CACHE_DIR/name-<digest>``: the digest of the training files keys the cache, so a model fine-tuned on other
     data (another --data-dir, an updated file) is never reused."""
@@ -222,11 +230,14 @@ def cache_dir(name: str, data_dir: Path, *files: str) -> Path:
     return CACHE_DIR / f"{name}-{digest}"
 
 
-def finetuned_minilm_sst2(data_dir: Path, n_train: int = 8000, epochs: float = 1.0, seed: int = 0):
-    """MiniLM fine-tuned on ``n_train`` SST-2 sentences (cached under CACHE_DIR); returns (model, tok, data)."""
+def finetuned_minilm_sst2(
+    data_dir: Path, n_train: int = 8000, epochs: float = 1.0, seed: int = 0, n_eval: int | None = None
+):
+    """MiniLM fine-tuned on ``n_train`` SST-2 sentences (cached under CACHE_DIR); returns (model, tok, data), the
+    data's validation split cut to ``n_eval`` sentences when given (the smoke runs: 10 s per full-dev evaluation)."""
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    data = tokenize_sst2(sst2(data_dir, n_train, seed), tokenizer)
+    data = tokenize_sst2(sst2(data_dir, n_train, seed, n_eval), tokenizer)
     cache = cache_dir(f"minilm-sst2-{n_train}-e{epochs}-s{seed}", data_dir, "sst2/train.tsv")
     if not (cache / "config.json").exists():
         torch.manual_seed(seed)

@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     DEFAULT_DATA_DIR,
     Run,
     accuracy,
+    add_n_eval,
     bench_args,
     cache_dir,
     finetuned_minilm_sst2,
@@ -85,9 +86,11 @@ def _oneshot(model, config: PruningConfig, calibration, data) -> tuple[float, ob
     return accuracy(pruned, data["validation"]), report
 
 
-def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities, n_train: int = 8000) -> dict:
+def task_rows(
+    task: str, data_dir: Path, recover: bool, cuts, sparsities, n_train: int = 8000, n_eval: int | None = None
+) -> dict:
     if task == "sst2":
-        model, _, data = finetuned_minilm_sst2(data_dir, n_train)
+        model, _, data = finetuned_minilm_sst2(data_dir, n_train, n_eval=n_eval)
     else:
         model, _, data = finetuned_minilm_rte(data_dir)
     dense_acc = accuracy(model, data["validation"])
@@ -119,7 +122,12 @@ def task_rows(task: str, data_dir: Path, recover: bool, cuts, sparsities, n_trai
                 point["sparsity_after_recovery"] = sparsity_report(fresh)["overall"]
             points.append(point)
             print(task, point, flush=True)
-    return {"dense_accuracy": dense_acc, "points": points, "recovered": recover}
+    return {
+        "dense_accuracy": dense_acc,
+        "dev_sentences": len(data["validation"]),
+        "points": points,
+        "recovered": recover,
+    }
 
 
 def llm_rows(data_dir: Path, sparsities, calib_seqs: int, eval_tokens: int) -> dict:
@@ -220,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recover", action="store_true", help="also recover each point for one epoch")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--n-train", type=int, default=8000, help="SST-2 training sentences (RTE uses all)")
+    add_n_eval(parser)
     parser.add_argument("--quick", action="store_true", help="2x/50%% points only, fewer eval tokens")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "curves.json")
     args = parser.parse_args(argv)
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = {}
     for task in args.tasks:
         part_start = time.time()
-        part = task_rows(task, args.data_dir, args.recover, cuts, sparsities, args.n_train)
+        part = task_rows(task, args.data_dir, args.recover, cuts, sparsities, args.n_train, args.n_eval)
         parts[task] = {**part, "wall_time_s": time.time() - part_start}
     if not args.skip_llm:
         part_start = time.time()

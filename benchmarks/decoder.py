@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "decoder.json")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.cuts, args.recover_cuts, args.steps, args.calibration, args.eval_tokens = [1.5], [1.5], 4, 8, 4096
+    if args.quick:  # every method and pass once, on as few tokens as exercise them
+        args.cuts, args.recover_cuts, args.steps, args.batch = [1.5], [1.5], 2, 2
+        args.seq_len, args.calibration, args.eval_tokens = 128, 4, 2048
     run = Run("decoder.py", argv)
     base, tokenizer = load_smollm2()
     test_ids = wikitext_ids(tokenizer, args.data_dir, "test", args.eval_tokens)

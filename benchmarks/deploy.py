@@ -42,7 +42,7 @@ from hf_prune.export import export_onnx, onnx_session, run_onnx, time_onnx, torc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, Run, accuracy, finetuned_minilm_sst2  # noqa: E402
+from common import DEFAULT_DATA_DIR, Run, accuracy, add_n_eval, finetuned_minilm_sst2  # noqa: E402
 from results import add_run, publish  # noqa: E402
 
 SHAPES = ((1, 64), (32, 64))
@@ -227,18 +227,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
     parser.add_argument("--repeats", type=int, default=12, help="timed runs per engine and shape (in 3 rounds)")
     parser.add_argument("--n-train", type=int, default=8000)
+    add_n_eval(parser)
     parser.add_argument("--quick", action="store_true", help="dense and 2x only, MiniLM fine-tuned briefly")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "deploy.json")
     args = parser.parse_args(argv)
     this_run = Run("deploy.py", argv)
     rows: list[dict[str, Any]] = []
     if "minilm" in args.models:
-        model, _, data = finetuned_minilm_sst2(args.data_dir, n_train=args.n_train)
+        model, _, data = finetuned_minilm_sst2(args.data_dir, n_train=args.n_train, n_eval=args.n_eval)
         calibration = data["train"].select(range(CALIBRATION))
         rows += measure_model("MiniLM (SST-2)", model, calibration, data["validation"], args.repeats, args.quick)
     if "bert-base" in args.models:
         rows += measure_model("BERT-base (random)", bert_base(), None, None, args.repeats, args.quick)
     result = {"benchmark": "deploy", "threads": torch.get_num_threads(), "shapes": [list(s) for s in SHAPES]}
+    if "minilm" in args.models:
+        result["dev_sentences"] = len(data["validation"])
     result["rows"] = rows
     record = this_run.record()
     for package in ("onnx", "onnxruntime"):

@@ -99,8 +99,11 @@ def measure(name: str, blocks: int, args: dict[str, Any]) -> dict[str, Any]:
         row = run_pass(name, blocks, args)
         torch.cuda.empty_cache()
         return row
-    # a process of its own: ru_maxrss never goes down, so a pass's peak is only visible from a fresh process
-    ctx = multiprocessing.get_context("spawn")
+    # a process of its own: ru_maxrss never goes down, so a pass's peak is only visible from a fresh process.
+    # Forked from a server that imported torch and transformers once (not spawned: each spawn re-imported them,
+    # ~6 s a pass on 2 cores); the peak is still measured above the child's own baseline after building its model.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "hf_prune"])
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, name, blocks, args))
     proc.start()

@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     DEFAULT_DATA_DIR,
     Run,
     accuracy,
+    add_n_eval,
     finetuned_minilm_sst2,
     perplexity,
     wikitext_ids,
@@ -63,8 +64,10 @@ def _minilm_row(model, config: PruningConfig, calibration, validation) -> dict:
     return row
 
 
-def minilm_rows(data_dir: Path, n_train: int, calib: int, criteria=CRITERIA) -> tuple[dict, list[dict]]:
-    model, _, data = finetuned_minilm_sst2(data_dir, n_train)
+def minilm_rows(
+    data_dir: Path, n_train: int, calib: int, criteria=CRITERIA, n_eval: int | None = None
+) -> tuple[dict, list[dict]]:
+    model, _, data = finetuned_minilm_sst2(data_dir, n_train, n_eval=n_eval)
     dense_acc = accuracy(model, data["validation"])
     print(f"dense MiniLM SST-2 dev accuracy {dense_acc:.4f}")
     calibration = data["train"].select(range(calib))
@@ -79,7 +82,8 @@ def minilm_rows(data_dir: Path, n_train: int, calib: int, criteria=CRITERIA) -> 
             target_flops=keep, criterion="fisher", scope="global", max_samples=calib, reconstruct=True
         )
         rows.append(_minilm_row(model, config, calibration, data["validation"]))
-    return {"dense_accuracy": dense_acc, "n_train": n_train, "calibration_samples": calib}, rows
+    meta = {"dense_accuracy": dense_acc, "n_train": n_train, "dev_sentences": len(data["validation"])}
+    return {**meta, "calibration_samples": calib}, rows
 
 
 def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, list[dict]]:
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--n-train", type=int, default=8000)
+    add_n_eval(parser)
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=16384)
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = {}
     if not args.skip_minilm:
         part = time.time()
-        meta, rows = minilm_rows(args.data_dir, args.n_train, args.calibration, args.criteria)
+        meta, rows = minilm_rows(args.data_dir, args.n_train, args.calibration, args.criteria, args.n_eval)
         parts["minilm"] = {**meta, "wall_time_s": time.time() - part, "rows": rows}
     if not args.skip_llm:
         part = time.time()

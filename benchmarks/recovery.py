@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     DEFAULT_DATA_DIR,
     Run,
     accuracy,
+    add_n_eval,
     bench_args,
     cache_dir,
     finetuned_minilm_sst2,
@@ -96,9 +97,11 @@ def _teacher_dir(data_dir: Path, n_train: int, seed: int) -> Path:
     return cache_dir(f"minilm-sst2-{n_train}-e1-s0-plus1-dense-seed{seed}", data_dir, "sst2/train.tsv")
 
 
-def run(name: str, config: PruningConfig | None, data_dir: Path, n_train: int, seed: int = 0) -> dict:
+def run(
+    name: str, config: PruningConfig | None, data_dir: Path, n_train: int, seed: int = 0, n_eval: int | None = None
+) -> dict:
     """One recovery epoch from the cached 1-epoch model; ``seed`` drives the data order (and dropout)."""
-    model, tokenizer, data = finetuned_minilm_sst2(data_dir, n_train)
+    model, tokenizer, data = finetuned_minilm_sst2(data_dir, n_train, n_eval=n_eval)
     flops_before = hf_prune.encoder_flops(model, 64).total
     teacher = None
     if config is not None and config.distill_alpha > 0:
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--n-train", type=int, default=8000)
+    add_n_eval(parser)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to (re)run; others are kept")
     parser.add_argument(
         "--seeds",
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     current = {name: None if c is None else c.to_dict() for name, (c, _) in variants().items()}
     # a previous row is kept only if it was measured with the variant's current configuration and data
-    same_data = previous.get("n_train", args.n_train) == args.n_train
+    dev = args.n_eval or 872  # SST-2's dev set; rows measured on another dev size are not pooled
+    same_data = previous.get("n_train", args.n_train) == args.n_train and previous.get("dev_sentences", 872) == dev
     rows = {r["variant"]: r for r in previous["rows"] if same_data and current.get(r["variant"], "?") == _config(r)}
     runs = previous.get("runs", {})
     if not this_run.dirty:
@@ -208,14 +213,15 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 rows[name] = {**rows[name], "runs": kept}
     run_id = None
-    dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train)
+    dense_model, _, data = finetuned_minilm_sst2(args.data_dir, args.n_train, n_eval=args.n_eval)
     start_accuracy = accuracy(dense_model, data["validation"])
     for seed in args.seeds:
         for name, (config, description) in variants().items():
             if args.only and name not in args.only:
                 continue
-            measured = run(name, config, args.data_dir, args.n_train, seed)
+            measured = run(name, config, args.data_dir, args.n_train, seed, args.n_eval)
             result = {"benchmark": "recovery", "runs": runs, "start_accuracy": start_accuracy, "n_train": args.n_train}
+            result["dev_sentences"] = len(data["validation"])
             # the run's header is rewritten after every measurement (its wall time grows): an interrupted run
             # keeps what it measured, with a true header
             if run_id is None:
