@@ -14,9 +14,11 @@ model), for:
   a third of the attention at a time on this model, so attention is left whole), and ShortGPT block dropping
   (Block Influence ``1 - cos(h_in, h_out)`` per block on the calibration tokens, lowest first), implemented here
   from the paper so that it shares nothing with hf_prune's depth criteria;
-* the 50% unstructured magnitude model (per layer), one-shot and recovered with its masks kept.
+* 50% unstructured models, one-shot and recovered with their zeros kept as masks: ``magnitude`` (per matrix) and
+  ``obs`` (activation-aware per output row with the OBS weight update, SparseGPT-style: the best one-shot model,
+  which the recovery starts from; the trainer's row-wise magnitude masks at step 0 are exactly its zeros).
 
-    python benchmarks/decoder.py [--cuts 1.25 1.5 2] [--recover-cuts 1.5] [--steps 30] [--quick]
+    python benchmarks/decoder.py [--cuts 1.25 1.5 2] [--recover-cuts 1.5] [--steps 30] [--unstructured obs] [--quick]
 
 The recovery budget (steps x batch x block tokens) and every setting are stored with the results.
 """
@@ -48,6 +50,17 @@ from common import DEFAULT_DATA_DIR, Run, bench_args, perplexity, wikitext_ids  
 from results import add_run, publish  # noqa: E402
 
 CUTS = (1.25, 1.5, 2.0)
+UNSTRUCTURED = {  # 50% sparse one-shot models, by name; the argument is the number of calibration blocks
+    "magnitude": lambda n: PruningConfig(sparsity=0.5, sparsity_scope="layer", sparsity_criterion="magnitude"),
+    "obs": lambda n: PruningConfig(
+        sparsity=0.5,
+        sparsity_scope="row",
+        sparsity_criterion="activation",
+        reconstruct=True,
+        max_samples=n,
+        batch_size=4,
+    ),
+}
 
 
 def peak_rss_mb() -> float:
@@ -177,14 +190,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=32, help="calibration blocks")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 test tokens (512-token windows)")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of the method names")
-    parser.add_argument("--skip-unstructured", action="store_true")
+    parser.add_argument(
+        "--unstructured", nargs="*", default=list(UNSTRUCTURED), help=f"50%% sparse models: {list(UNSTRUCTURED)}"
+    )
+    parser.add_argument("--skip-unstructured", action="store_true", help="the same as --unstructured with nothing")
     parser.add_argument("--quick", action="store_true", help="smoke run: one cut, few steps, few tokens")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "decoder.json")
     args = parser.parse_args(argv)
-    if args.quick:  # every method and pass once, on as few tokens as exercise them
+    if args.skip_unstructured:
+        args.unstructured = []
+    unknown = sorted(set(args.unstructured) - set(UNSTRUCTURED))
+    if unknown:
+        parser.error(f"unknown --unstructured {unknown}; allowed: {list(UNSTRUCTURED)}")
+    if args.quick:  # every pass once, on as few tokens as exercise them (the refit is underdetermined here)
         args.cuts, args.recover_cuts, args.steps, args.batch = [1.5], [1.5], 2, 2
-        args.seq_len, args.calibration, args.eval_tokens = 128, 4, 2048
+        args.seq_len, args.calibration, args.eval_tokens = 128, 2, 1024
+        args.unstructured = ["obs"]
+        # no separate width row: width+depth runs the same width cut after its depth search (which may keep every block)
+        args.methods = args.methods or ["depth", "width+depth", "Torch-Pruning uniform", "ShortGPT"]
     run = Run("decoder.py", argv)
     base, tokenizer = load_smollm2()
     test_ids = wikitext_ids(tokenizer, args.data_dir, "test", args.eval_tokens)
@@ -259,25 +283,36 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             del pruned
 
-    unstructured = None
-    if not args.skip_unstructured:
+    unstructured = []
+    for criterion in args.unstructured:
         model = copy.deepcopy(base)
-        config = PruningConfig(sparsity=0.5, sparsity_scope="layer", sparsity_criterion="magnitude")
-        report = prune(model, config)
-        unstructured = {"sparsity": report.sparsity, "oneshot": measure(model)}
-        del model
+        start = time.time()
+        config = UNSTRUCTURED[criterion](args.calibration)
+        report = prune(model, config, calibration_data=calibration)
+        entry: dict[str, Any] = {"criterion": criterion, "sparsity": report.sparsity, "oneshot": measure(model)}
+        entry["oneshot"]["seconds"] = round(time.time() - start, 1)
         if args.recover_cuts:
-            # the dense model again: the trainer cuts at step 0 (the same magnitude masks) and keeps the masks
-            model = copy.deepcopy(base)
-            config = PruningConfig(
-                sparsity=0.5, sparsity_scope="layer", sparsity_criterion="magnitude", start_step=0, distill_alpha=0.5
+            # recovery starts from the one-shot model; the trainer's magnitude masks at step 0, in the same scope,
+            # select exactly its zeros (half of each matrix or row is zero, and zeros are the smallest magnitudes)
+            keep_zeros = PruningConfig(
+                sparsity=0.5,
+                sparsity_scope=config.sparsity_scope,
+                sparsity_criterion="magnitude",
+                start_step=0,
+                distill_alpha=0.5,
             )
-            unstructured["recovery_seconds"] = round(recover(model, teacher, blocks, args, config), 1)
-            unstructured["recovered"] = measure(model)
-            zero = sum(int((m.weight == 0).sum()) for m in model.model.layers.modules() if isinstance(m, nn.Linear))
-            total = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, nn.Linear))
-            unstructured["recovered_sparsity"] = zero / total
-        print("unstructured", unstructured, flush=True)
+            before = {n: m.weight == 0 for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+            entry["recovery_seconds"] = round(recover(model, teacher, blocks, args, keep_zeros), 1)
+            entry["recovered"] = measure(model)
+            after = {n: m.weight == 0 for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+            entry["recovered_sparsity"] = sum(int(a.sum()) for a in after.values()) / sum(
+                a.numel() for a in after.values()
+            )
+            # the masks the recovery kept are the one-shot model's zeros (checked, not assumed)
+            entry["zeros_kept"] = all(bool((before[n] <= after[n]).all()) for n in before)
+        unstructured.append(entry)
+        print("unstructured", entry, flush=True)
+        del model
 
     settings = {
         "seq_len": args.seq_len,
@@ -306,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         measured = {(r["cut"], r["method"]) for r in rows}
         kept = [r for r in previous.get("rows", []) if (r["cut"], r["method"]) not in measured]
         result["runs"] = previous.get("runs", {})
-        result["unstructured"] = unstructured or previous.get("unstructured")
+        redone = {u["criterion"] for u in unstructured}
+        earlier = previous.get("unstructured") or []
+        earlier = [earlier] if isinstance(earlier, dict) else earlier  # one magnitude entry, before "criterion"
+        kept_u = [{"criterion": "magnitude", **u} for u in earlier if u.get("criterion", "magnitude") not in redone]
+        result["unstructured"] = kept_u + unstructured
         result["peak_rss_mb"] = max(result["peak_rss_mb"], previous.get("peak_rss_mb", 0))
     run_id = add_run(result, run.record())
-    for row in [*rows, *([unstructured] if unstructured else [])]:
+    for row in [*rows, *unstructured]:
         row["run"] = run_id
     order = {name: i for i, name in enumerate(names)}
     result["rows"] = sorted(kept + rows, key=lambda r: (r["cut"], order.get(r["method"], len(order))))

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     if "minilm" in args.models:
         model, _, data = finetuned_minilm_sst2(args.data_dir, n_train=args.n_train, n_eval=args.n_eval)
-        calibration = data["train"].select(range(CALIBRATION))
+        calibration = data["train"].select(range(min(CALIBRATION, len(data["train"]))))
         rows += measure_model("MiniLM (SST-2)", model, calibration, data["validation"], args.repeats, args.quick)
     if "bert-base" in args.models:
         rows += measure_model("BERT-base (random)", bert_base(), None, None, args.repeats, args.quick)

@@ -71,8 +71,8 @@ def iter_rows(result: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     elif kind == "decoder":
         for row in result.get("rows", []):
             yield f"{row['cut']:g}x {row['method']}", row
-        if result.get("unstructured"):
-            yield "50% unstructured", result["unstructured"]
+        for u in decoder_unstructured(result):
+            yield f"50% unstructured {u['criterion']}", u
     else:
         for i, row in enumerate(result.get("rows", [])):
             yield f"{row.get('model') or row.get('tool') or 'row'} #{i}", row
@@ -330,6 +330,12 @@ def render_curves(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def decoder_unstructured(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The decoder benchmark's 50% sparse entries (one magnitude dict before it had several)."""
+    found = result.get("unstructured") or []
+    return [{"criterion": "magnitude", **u} for u in ([found] if isinstance(found, dict) else found)]
+
+
 def render_decoder(result: dict[str, Any]) -> list[str]:
     s = result["settings"]
     lines = [
@@ -361,8 +367,11 @@ def render_decoder(result: dict[str, Any]) -> list[str]:
             f"{last['params'] / 1e6:.1f}M | {r['oneshot']['perplexity']:.2f} | {refit} | {recovered} | "
             f"{seconds:.0f} s | {'' if 'recovery_seconds' not in r else format(r['recovery_seconds'], '.0f') + ' s'} |"
         )
-    u = result.get("unstructured")
-    if u:
+    described = {
+        "magnitude": "magnitude, per matrix",
+        "obs": "activation-aware per output row with the OBS weight update",
+    }
+    for u in decoder_unstructured(result):
         rec = ""
         if "recovered" in u:
             rec = (
@@ -371,7 +380,8 @@ def render_decoder(result: dict[str, Any]) -> list[str]:
             )
         lines += [
             "",
-            f"50% unstructured (magnitude, per matrix): {u['oneshot']['perplexity']:.2f} one-shot{rec}.",
+            f"50% unstructured ({described.get(u['criterion'], u['criterion'])}): "
+            f"{u['oneshot']['perplexity']:.2f} one-shot{rec}.",
         ]
     lines += ["", f"Peak resident memory of the run: {result['peak_rss_mb']} MB.", ""]
     return lines
