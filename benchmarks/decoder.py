@@ -47,7 +47,7 @@ from hf_prune.quantized import float_weights
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import DEFAULT_DATA_DIR, Run, bench_args, perplexity, wikitext_ids  # noqa: E402
-from results import add_run, publish  # noqa: E402
+from results import add_run, decoder_unstructured, publish  # noqa: E402
 
 CUTS = (1.25, 1.5, 2.0)
 UNSTRUCTURED = {  # 50% sparse one-shot models, by name; the argument is the number of calibration blocks
@@ -167,6 +167,11 @@ def recover(
         ).train()
     model.eval()
     return time.time() - start
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where every block Linear's weight is zero."""
+    return {n: m.weight == 0 for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
 
 
 def train_blocks(train_ids: torch.Tensor, seq_len: int, n: int) -> Any:
@@ -301,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                 start_step=0,
                 distill_alpha=0.5,
             )
-            before = {n: m.weight == 0 for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+            before = zero_masks(model)
             entry["recovery_seconds"] = round(recover(model, teacher, blocks, args, keep_zeros), 1)
             entry["recovered"] = measure(model)
-            after = {n: m.weight == 0 for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+            after = zero_masks(model)
             entry["recovered_sparsity"] = sum(int(a.sum()) for a in after.values()) / sum(
                 a.numel() for a in after.values()
             )
@@ -342,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in previous.get("rows", []) if (r["cut"], r["method"]) not in measured]
         result["runs"] = previous.get("runs", {})
         redone = {u["criterion"] for u in unstructured}
-        earlier = previous.get("unstructured") or []
-        earlier = [earlier] if isinstance(earlier, dict) else earlier  # one magnitude entry, before "criterion"
-        kept_u = [{"criterion": "magnitude", **u} for u in earlier if u.get("criterion", "magnitude") not in redone]
+        kept_u = [u for u in decoder_unstructured(previous) if u["criterion"] not in redone]
         result["unstructured"] = kept_u + unstructured
         result["peak_rss_mb"] = max(result["peak_rss_mb"], previous.get("peak_rss_mb", 0))
     run_id = add_run(result, run.record())

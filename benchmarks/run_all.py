@@ -12,7 +12,7 @@ Data come from the repository's ``data/`` (xz-compressed where large), or ``--da
 ``--quick`` checks that every benchmark runs end to end from a clone; its numbers are not results: the MiniLM it
 prunes is fine-tuned on 256 sentences (near chance on SST-2) and evaluated on 200 dev sentences, the decoder
 benchmark calibrates on 256 tokens (its refit is underdetermined there) and recovers for 2 steps, the memory
-benchmark uses a narrow model and deploy times MiniLM only. From a fresh clone with no ``../shared`` beside it
+benchmark uses a narrow model and deploy times MiniLM only. From a fresh clone with no sibling folders
 (cold caches, after ``make install``) the whole quick run took 518 s on 2 CPU cores (AMD EPYC) at 1ee4cd1:
 latency 38, oneshot 43 (fine-tuning included), trainer_overhead 28, recovery 47, curves 42, decoder 204,
 memory 31, deploy 74.
