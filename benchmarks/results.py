@@ -99,6 +99,14 @@ def _machine_text(m: dict[str, Any]) -> str:
     return f"{cpu}{m['cpu_cores']} cores, {m.get('torch_threads', '?')} torch threads{gpu}"
 
 
+def machine_kind(machine: dict[str, Any], device: str = "cpu") -> str:
+    """What a timing belongs to: the GPU for CUDA rows, else the CPU model and the torch thread count. Latency
+    results keep one set of rows per kind, so a run on another machine adds its rows instead of replacing them."""
+    if device.startswith("cuda"):
+        return f"GPU {machine.get('gpu') or '?'}"
+    return f"{machine.get('cpu_model') or '?'}, {machine.get('torch_threads', '?')} threads"
+
+
 def _header(result: dict[str, Any]) -> list[str]:
     """The runs that measured a section's rows: command, commit, date, machine, wall time; versions and data
     checksums below (once when every run shares them)."""
@@ -438,6 +446,32 @@ def render_deploy(result: dict[str, Any]) -> list[str]:
     return render(result)
 
 
+def render_latency_targets(result: dict[str, Any]) -> list[str]:
+    runs = result.get("runs", {})
+    lines = [
+        "## target_latency: met on this machine, and at what cost",
+        "",
+        *_header(result),
+        "Each row prunes a fresh copy of the model with `target_latency` (fisher, global, least-squares refit, "
+        "512 calibration sentences, latency table at the row's batch x sequence) and re-times it against the dense "
+        "model, interleaved in the same process; `met` = within 5% of the target. `prune s` is the whole `prune()` "
+        "call; `table: cold` starts with no cached latency table (what a first run pays), `cached` reads the table a "
+        "cold run left in the disk cache (every later run on that machine).",
+        "",
+        "| machine | device | model | batch x seq | target | keep (search) | keep (re-timed) | met | FLOPs cut "
+        "| searches | table | prune s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result.get("rows", []):
+        kind = machine_kind(runs[row["run"]]["machine"], row["device"])
+        lines.append(
+            f"| {kind} | {row['device']} | {row['model']} | {row['batch']} x {row['seq_len']} | {row['target']:g} "
+            f"| {row['search_keep']:.3f} | {row['keep']:.3f} | {'yes' if row['met'] else '**no**'} "
+            f"| {row['flops_ratio']:.2f}x | {row['searches']} | {row['table_cache']} | {row['prune_s']:.0f} |"
+        )
+    return [*lines, ""]
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "latency": render_latency,
     "oneshot": render_oneshot,
@@ -448,6 +482,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "decoder": render_decoder,
     "memory": render_memory,
     "deploy": render_deploy,
+    "latency_targets": render_latency_targets,
 }
 
 

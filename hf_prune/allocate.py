@@ -376,10 +376,13 @@ def allocate(
     scores: Scores,
     config: PruningConfig,
     latency: LatencyTable | None = None,
+    warn: bool = True,
 ) -> PruningPlan:
     """Turn per-layer scores into a plan meeting ``config``'s targets (see module docstring).
 
     A pure function of the scores, the costs and the budget: ``model`` is only read for its current shapes.
+    ``warn=False`` leaves a missed target to the caller to report (the latency search tries budgets it never
+    promised the user).
     ``latency`` is the measured table ``config.target_latency`` is priced with (profile one with
     :func:`~hf_prune.latency_model.profile_latency`); :func:`hf_prune.step.plan_structure` profiles it and checks
     the plan against the clock.
@@ -420,7 +423,8 @@ def allocate(
         units = alloc.heads_by_fraction(config.heads) if config.heads else full_units
         ffn = alloc.ffn_by_total(round((1 - config.ffn) * sum(full_ffn))) if config.ffn else full_ffn
         meta = {"heads": config.heads, "ffn": config.ffn}
-    alloc.warn_unmet(units, ffn, meta)
+    if warn:
+        alloc.warn_unmet(units, ffn, meta)
     plan = alloc.to_plan(units, ffn)
     plan.meta = {"criterion": scores.criterion, "scope": config.scope, "head_unit": alloc.units.mode, **meta}
     return plan

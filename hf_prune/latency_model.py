@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,13 +40,65 @@ from .architectures import LayerShape, get_adapter
 from .calibration import model_device, no_cache
 from .config import check_int
 from .jsonable import JsonMixin
-from .measure import compare_latency, measure_latency
+from .measure import compare_latency, device_name, measure_latency
 from .surgery import apply_layer_shapes
 from .units import HeadUnits, head_unit_mode
 
 logger = logging.get_logger(__name__)
 
-_CACHE: dict[tuple, LatencyTable] = {}
+_CACHE: dict[str, LatencyTable] = {}
+TABLE_FORMAT = 2  # bump when the sweep changes, so tables measured the old way are not reused
+CACHE_ENV = "HF_PRUNE_LATENCY_CACHE"
+
+
+def latency_cache_dir() -> Path | None:
+    """Where measured latency tables are kept between runs: ``$HF_PRUNE_LATENCY_CACHE`` if set (``0``, ``off`` or
+    an empty value turns the disk cache off), else ``$HF_HOME/hf_prune/latency`` (``~/.cache/huggingface/...``)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "false", "none") else Path(value).expanduser()
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "hf_prune" / "latency"
+
+
+def _cache_file(key: dict[str, Any]) -> Path | None:
+    folder = latency_cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / f"{key['model_type']}-{key['device']}-{digest}.json"
+
+
+def _read_cached(key: dict[str, Any]) -> LatencyTable | None:
+    path = _cache_file(key)
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:  # a digest collision or a hand-edited file
+            return None
+        table = LatencyTable.from_dict(data["table"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning(f"hf_prune: ignoring the unreadable latency table {path} ({exc})")
+        return None
+    logger.info(f"hf_prune: latency table read from {path} (measured {data.get('measured', '?')})")
+    return table
+
+
+def _write_cached(key: dict[str, Any], table: LatencyTable) -> None:
+    path = _cache_file(key)
+    if path is None:
+        return
+    record = {"key": key, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "table": table.to_dict()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # written whole then renamed: two runs profiling at once never leave a half-written table to the other
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump(record, f, indent=1)
+        os.replace(f.name, path)
+    except OSError as exc:  # a read-only home must not fail the pruning
+        logger.warning(f"hf_prune: could not cache the latency table in {path.parent} ({exc})")
 
 
 def _interp(xs: list[int], ys: list[float], x: float) -> float:
@@ -142,44 +200,67 @@ def _median_ms(model: nn.Module, inputs: dict[str, Any], repeats: int, warmup: i
 
 
 def _grid(full: int, points: int, multiple: int) -> list[int]:
-    """``0``, ``full`` and about ``points`` evenly spaced values between them, rounded to ``multiple``."""
+    """``0``, the smallest non-zero width, ``full`` and about ``points`` evenly spaced values between them, rounded
+    to ``multiple``.
+
+    Why the smallest width: zero means the branch is gone (no kernels at all, :mod:`hf_prune.runtime`), while one
+    head or ``multiple`` neurons pay every kernel launch, norm and activation of the branch. Interpolating between
+    0 and the next grid point priced such a sliver at a few percent of that step, so plans that left a layer with
+    one head or a handful of neurons ran slower than the table said.
+    """
     if full <= points:
         return list(range(full + 1))
     values = {min(full, multiple * round(full * i / points / multiple)) for i in range(points + 1)}
-    return sorted(values | {0, full})
+    return sorted(values | {0, min(multiple, full), full})
 
 
-def _monotone(values: list[float]) -> list[float]:
-    # Timing noise can make a smaller shape look slower; a table that rewards keeping more would let the search
-    # keep it for free, so every entry is lifted to the largest one below it.
-    out, best = [], float("-inf")
+def _isotonic(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence (least squares; pool-adjacent-violators).
+
+    Timing noise can make a narrower shape look slower. A table that rewards keeping more would let the search keep
+    it for free, so the sweep must be monotone; pooling averages a noisy pair instead of lifting every later entry
+    to one spike (a running maximum did that, and one slow sample flattened the table for every wider shape). Not
+    ``sklearn.isotonic``: hf_prune does not depend on scikit-learn for ten lines.
+    """
+    blocks: list[list[float]] = []  # [sum, count]
     for v in values:
-        best = max(best, v)
-        out.append(best)
-    return out
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
 
 
 def profile_latency(
     model: nn.Module,
     batch_size: int = 8,
     seq_len: int = 128,
-    points: int = 16,
-    repeats: int = 5,
-    warmup: int = 2,
+    points: int = 8,
+    repeats: int = 2,
+    warmup: int = 1,
     multiple: int = 8,
     use_cache: bool = True,
     progress: bool = True,
     head_unit: str = "auto",
 ) -> LatencyTable:
-    """Time ``model`` with every layer cut to each head count and to ~``points`` FFN widths; see the module doc.
+    """Time ``model`` with every layer cut to ~``points`` head counts and ~``points`` FFN widths; see the module doc.
 
     Two deep copies are made one after the other (memory: one extra model) and shrunk in place from full width
-    down to zero, each shape timed ``repeats`` times on dummy token inputs of ``batch_size`` x ``seq_len``; the
-    full-width latency is the median of three timings of ``model`` itself (before, between and after the sweeps).
-    FFN widths are rounded to ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.units`).
-    A layer already narrower than a sweep's width keeps its own. The
-    table is cached per model family, layer shapes, head unit, device, dtype, thread count and input size (the
-    PruningCallback measures once, on the model it starts from, and reuses that table at every event).
+    down to zero, each shape timed ``repeats`` times (after ``warmup`` untimed passes) on dummy token inputs of
+    ``batch_size`` x ``seq_len``; the full-width latency is the median of three timings of ``model`` itself (before,
+    between and after the sweeps). Each sweep is made monotone by isotonic regression. FFN widths are rounded to
+    ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.units`). A layer already narrower
+    than a sweep's width keeps its own.
+
+    Why few points and repeats: the table only prices options for the search; :func:`hf_prune.step.plan_structure`
+    times the chosen shapes against the model itself and corrects the budget, so table noise costs at most a search,
+    while every timed pass costs the user time (MiniLM at 32 x 64 on 2 CPU cores: 0.4 s a pass).
+
+    Cached per model family, layer shapes, head unit, hardware (:func:`~hf_prune.measure.device_name`), device,
+    dtype, thread count, torch version and input size: in memory for the process (the PruningCallback measures once
+    and reuses the table at every event) and, with ``use_cache``, as JSON files in :func:`latency_cache_dir`, so
+    the next run on the same kind of machine skips the profiling.
 
     Raises:
         ValueError: a bad size, or a model with no head or no FFN neuron left in any layer.
@@ -197,25 +278,35 @@ def profile_latency(
     device, dtype = model_device(model), next(model.parameters()).dtype
     shapes = adapter.layer_shapes(model)
     head_units = HeadUnits(head_unit_mode(model, head_unit))
-    key = (
-        head_units.mode,
-        model.config.model_type,
-        adapter.hidden_size(model.config),
-        str(shapes),
-        str(device),
-        str(dtype),
-        torch.get_num_threads(),
-        batch_size,
-        seq_len,
-        points,
-        multiple,
-    )
-    if use_cache and key in _CACHE:
-        return _CACHE[key]
+    key = {
+        "format": TABLE_FORMAT,
+        "model_type": model.config.model_type,
+        "hidden_size": adapter.hidden_size(model.config),
+        "head_unit": head_units.mode,
+        "shapes": [[s.heads, s.kv_heads, s.ffn] for s in shapes],
+        "device": device.type,
+        "hardware": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "points": points,
+        "multiple": multiple,
+        "repeats": repeats,
+    }
+    memory_key = json.dumps(key, sort_keys=True)
+    if use_cache:
+        if memory_key in _CACHE:
+            return _CACHE[memory_key]
+        cached = _read_cached(key)
+        if cached is not None:
+            _CACHE[memory_key] = cached
+            return cached
     max_units, max_ffn = max(head_units.count(s) for s in shapes), max(s.ffn for s in shapes)
     if max_units == 0 or max_ffn == 0:
         raise ValueError("latency profiling needs a model with at least one head and one FFN neuron")
-    units, widths = _grid(max_units, 16, 1), _grid(max_ffn, points, multiple)
+    units, widths = _grid(max_units, points, 1), _grid(max_ffn, points, multiple)
     inputs = dummy_inputs(model, batch_size, seq_len, device)
 
     def cut(s: LayerShape, u: int, ffn: int) -> LayerShape:
@@ -232,7 +323,7 @@ def profile_latency(
     reference: list[float] = []  # the model as given, timed before, between and after the sweeps
     try:
         with torch.inference_mode():
-            reference.append(_median_ms(model, inputs, repeats, warmup + 3))
+            reference.append(_median_ms(model, inputs, repeats, warmup + 1))
             for sweep in sweeps:
                 work = copy.deepcopy(model)
                 measured = []
@@ -248,7 +339,7 @@ def profile_latency(
         bar.close()
     full = sorted(reference)[len(reference) // 2]
     # a cut model timed slower than the full one is noise: cap it so both tables end at the same full latency
-    unit_ms, ffn_ms = (_monotone([*(min(v, full) for v in t), full]) for t in timings)
+    unit_ms, ffn_ms = (_isotonic([*(min(v, full) for v in t), full]) for t in timings)
     table = LatencyTable(
         num_layers=len(shapes),
         units=units,
@@ -273,12 +364,14 @@ def profile_latency(
         summary["ffn_ms_per_layer"],
     )
     if use_cache:
-        _CACHE[key] = table
+        _CACHE[memory_key] = table
+        _write_cached(key, table)
     return table
 
 
-def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, seq_len: int, repeats: int = 12) -> float:
-    """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own, timed interleaved on a copy."""
+def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, seq_len: int, repeats: int = 6) -> float:
+    """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own: a copy is cut and the two are timed
+    alternately, ``repeats`` passes each, so drift and other load hit both (one untimed pass each first)."""
     check_int("measure_keep: repeats", repeats, 1)
     device = model_device(model)
     was_training = model.training
@@ -286,7 +379,7 @@ def measure_keep(model: nn.Module, shapes: list[LayerShape], batch_size: int, se
     try:
         work = apply_layer_shapes(copy.deepcopy(model), shapes)
         inputs = dummy_inputs(model, batch_size, seq_len, device)
-        result = compare_latency(model, work, inputs, repeats=repeats)
+        result = compare_latency(model, work, inputs, repeats=repeats, warmup=1, rounds=repeats, round_warmup=0)
     finally:
         model.train(was_training)
     return 1.0 / result["speedup"]

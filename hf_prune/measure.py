@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import tempfile
 import time
@@ -118,6 +119,24 @@ class LatencyResult:
         }
 
 
+def device_name(device: torch.device | str) -> str:
+    """The hardware a timing on ``device`` belongs to: the GPU's name, else the CPU model (``/proc/cpuinfo``'s
+    ``model name`` on Linux, ``platform.processor()`` elsewhere). Latency tables are cached per this name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _timing_device(model: nn.Module | Callable[..., Any], inputs: Mapping[str, Any]) -> torch.device | None:
     if isinstance(model, nn.Module):
         return model_device(model)
@@ -169,10 +188,12 @@ def compare_latency(
     repeats: int = 20,
     warmup: int = 3,
     rounds: int = 3,
+    round_warmup: int | None = None,
 ) -> dict[str, Any]:
     """Dense vs pruned latency measured in interleaved rounds, so drift (thermal, other load) hits both.
 
-    Returns medians over all samples and ``speedup = dense_median / pruned_median``. Both models must live on
+    ``warmup`` untimed passes precede each model's first round and ``round_warmup`` (default: ``warmup``) its later
+    ones. Returns medians over all samples and ``speedup = dense_median / pruned_median``. Both models must live on
     the same device: a ratio across devices says nothing about pruning.
     """
     devices = {str(model_device(m)) for m in (dense, pruned) if isinstance(m, nn.Module)}
@@ -181,9 +202,10 @@ def compare_latency(
     dense_samples: list[float] = []
     pruned_samples: list[float] = []
     per_round = max(1, repeats // rounds)
-    for _ in range(rounds):
-        dense_samples += measure_latency(dense, inputs, per_round, warmup).samples_ms
-        pruned_samples += measure_latency(pruned, inputs, per_round, warmup).samples_ms
+    for i in range(rounds):
+        w = warmup if i == 0 or round_warmup is None else round_warmup
+        dense_samples += measure_latency(dense, inputs, per_round, w).samples_ms
+        pruned_samples += measure_latency(pruned, inputs, per_round, w).samples_ms
     d, p = statistics.median(dense_samples), statistics.median(pruned_samples)
     return {
         "dense_ms": d,
