@@ -464,6 +464,14 @@ def render_latency_targets(result: dict[str, Any]) -> list[str]:
     ]
     for row in result.get("rows", []):
         kind = machine_kind(runs[row["run"]]["machine"], row["device"])
+        if row.get("refused"):
+            reachable = re.search(r"target_latency >= [0-9.]+", row["refused"])
+            lines.append(
+                f"| {kind} | {row['device']} | {row['model']} | {row['batch']} x {row['seq_len']} | {row['target']:g} "
+                f"| refused before pruning: out of reach{f' ({reachable.group(0)})' if reachable else ''} "
+                f"| | | | | {row['table_cache']} | {row['prune_s']:.0f} |"
+            )
+            continue
         lines.append(
             f"| {kind} | {row['device']} | {row['model']} | {row['batch']} x {row['seq_len']} | {row['target']:g} "
             f"| {row['search_keep']:.3f} | {row['keep']:.3f} | {'yes' if row['met'] else '**no**'} "

@@ -20,6 +20,7 @@ from .measure import compare_latency, count_parameters, encoder_flops, measure_l
 from .oneshot import PruningReport, prune
 from .plan import PruningPlan
 from .state import pruning_state
+from .step import LatencyTargetError
 from .surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
 from .trainer import PruningCallback, PruningMixin, PruningTrainer
 
@@ -29,6 +30,7 @@ __all__ = [
     "ArchAdapter",
     "CalibrationSet",
     "LatencyTable",
+    "LatencyTargetError",
     "LayerShape",
     "Param",
     "Proj",

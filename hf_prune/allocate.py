@@ -79,12 +79,7 @@ class _Allocator:
         self.head_scores = [h.detach().float().cpu() for h in scores.heads]
         self.unit_scores = [self.units.unit_scores(s, h) for s, h in zip(self.shapes, self.head_scores, strict=True)]
         self.ffn_scores = [f.detach().float().cpu() for f in scores.ffn]
-        self.min_units = [
-            min(self.units.count(s), math.ceil(config.min_heads_per_layer / self.units.heads_per_unit(s)))
-            if self.units.heads_per_unit(s)
-            else 0
-            for s in self.shapes
-        ]
+        self.min_units = min_units(self.shapes, self.units, config)
 
     # ---- costs ------------------------------------------------------------------------------------------
     def cost(self, shape: LayerShape, target: str) -> float:
@@ -369,6 +364,25 @@ class _Allocator:
                         else f"(ffn_multiple={self.config.ffn_multiple})"
                     )
                 )
+
+
+def min_units(shapes: list[LayerShape], units: HeadUnits, config: PruningConfig) -> list[int]:
+    """Per layer, the fewest head units ``config.min_heads_per_layer`` allows (0 where a layer has none left)."""
+    return [
+        min(units.count(s), math.ceil(config.min_heads_per_layer / units.heads_per_unit(s)))
+        if units.heads_per_unit(s)
+        else 0
+        for s in shapes
+    ]
+
+
+def latency_floor(model: nn.Module, config: PruningConfig, latency: LatencyTable) -> float:
+    """The smallest fraction of ``model``'s latency width pruning can reach as ``latency`` prices it: every layer at
+    its fewest allowed head units and no FFN neuron (embeddings, norms, residuals and per-layer overhead stay)."""
+    shapes = get_adapter(model).layer_shapes(model)
+    units = HeadUnits(head_unit_mode(model, config.head_unit))
+    floor = [units.shape(s, u, 0) for s, u in zip(shapes, min_units(shapes, units, config), strict=True)]
+    return latency.model_ms(floor) / latency.model_ms(shapes)
 
 
 def allocate(

@@ -29,7 +29,7 @@ from .masks import MaskApplier, sparsity_report
 from .measure import count_parameters, encoder_flops, prunable_parameters
 from .optim import remap_optimizer
 from .schedules import Event, build_events, resolve_window
-from .step import mask_step, structural_step
+from .step import check_latency_reachable, mask_step, structural_step
 from .surgery import record_slices
 from .units import HeadUnits, head_unit_mode
 
@@ -120,6 +120,9 @@ class PruningCallback(TrainerCallback):
             self._resumed_state(args, state, model)
         if not self.original:
             self.original = self._counts(model)
+        if self.config.keep_target == "latency" and state.global_step == 0:
+            # an unreachable target fails now, not at the last pruning event after hours of training
+            check_latency_reachable(model, self.config, self._latency_table(model))
         if state.global_step == 0:
             self._run_due_events(model, state.global_step)
         return control

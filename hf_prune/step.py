@@ -9,6 +9,7 @@ Under data-parallel training every statistic is summed over processes (``distrib
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .allocate import allocate
+from .allocate import allocate, latency_floor
 from .architectures import get_adapter
 from .calibration import CalibrationSet, model_device, no_cache
 from .config import PruningConfig
@@ -38,6 +39,29 @@ logger = logging.get_logger(__name__)
 LATENCY_TOLERANCE = 0.05  # the promise: the measured keep lands within 5% of target_latency, or a warning says why
 LATENCY_AIM = 0.02  # the search stops this close, so the pruned model re-timed later stays inside the tolerance
 LATENCY_SEARCHES = 6
+
+
+class LatencyTargetError(ValueError):
+    """``target_latency`` is out of reach of width pruning on this machine at the timed input; raised before the
+    model is changed."""
+
+
+def check_latency_reachable(model: nn.Module, config: PruningConfig, latency: LatencyTable) -> float:
+    """The table's floor for ``model`` (see :func:`~hf_prune.allocate.latency_floor`); raises
+    :class:`LatencyTargetError` when it is more than ``LATENCY_TOLERANCE`` above ``config.target_latency``."""
+    keep = config.target_latency
+    floor = latency_floor(model, config, latency)
+    if keep is not None and floor > keep * (1 + LATENCY_TOLERANCE):
+        lowest = math.ceil(100 * floor / (1 + LATENCY_TOLERANCE)) / 100
+        raise LatencyTargetError(
+            f"target_latency={keep:g} is out of reach on {latency.device} at batch {latency.batch_size} x "
+            f"{latency.seq_len}: with every layer at its minimum ({config.min_heads_per_layer} head(s), no FFN "
+            f"neuron) the measured latency table still puts the model at {floor:.3f} of its latency (embeddings, "
+            f"norms, residuals and per-layer overhead stay). Allowed: target_latency >= {lowest:.2f} here; or time "
+            "a larger batch/sequence (latency_batch_size, seq_len), where width matters more; or remove whole "
+            "blocks (layers=...), which removes their overhead too. The model was not changed."
+        )
+    return floor
 
 
 def depth_keep(model: nn.Module, removed: list[int], config: PruningConfig) -> float:
@@ -250,6 +274,7 @@ def plan_structure(
         latency = profile_latency(
             model, config.latency_batch_size, config.seq_len, multiple=config.ffn_multiple, head_unit=config.head_unit
         )
+    check_latency_reachable(model, config, latency)
     if not verify_latency:
         return allocate(model, scores, config, latency)
     return _latency_search(model, scores, config, latency)
@@ -302,10 +327,8 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
     assert keep is not None
     tried: list[_Try] = []
     budget: float | None = keep
-    floor = 0.0
     while budget is not None and len(tried) < LATENCY_SEARCHES:
         plan = allocate(model, scores, replace(config, target_latency=min(1.0, budget)), latency, warn=False)
-        floor = plan.meta.get("latency_floor", 0.0)
         shapes = plan.shapes_after(model)
         same = next((t for t in tried if t.shapes == shapes), None)
         measured = (
@@ -325,8 +348,8 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
         )
         if abs(measured - keep) <= LATENCY_AIM * keep:
             break
-        if floor > keep * (1 + LATENCY_TOLERANCE) or (budget >= 1.0 and measured < keep):
-            break  # re-aiming cannot help: nothing narrower is priced lower, or nothing wider exists
+        if budget >= 1.0 and measured < keep:
+            break  # nothing wider exists
         budget = _next_budget(tried, keep)
     close = [t for t in tried if abs(t.measured - keep) <= LATENCY_TOLERANCE * keep]
     under = [t for t in tried if t.measured <= keep]
@@ -337,7 +360,7 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
     else:
         best = min(tried, key=lambda t: t.measured)
     if not close:
-        _explain_missed_latency(config, latency, tried, best, floor)
+        _explain_missed_latency(config, latency, tried, best)
     plan = best.plan
     table = plan.meta.pop("latency_table", None)
     plan.meta.update(
@@ -354,20 +377,13 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
     return plan
 
 
-def _explain_missed_latency(
-    config: PruningConfig, latency: LatencyTable, tried: list[_Try], best: _Try, floor: float
-) -> None:
+def _explain_missed_latency(config: PruningConfig, latency: LatencyTable, tried: list[_Try], best: _Try) -> None:
     keep = config.target_latency
-    where = f"{latency.device} at batch {latency.batch_size} x {latency.seq_len}"
-    if floor > keep * (1 + LATENCY_TOLERANCE):
+    if all(t.measured > keep for t in tried):
         reason = (
-            f"the measured table puts every layer at its minimum ({config.min_heads_per_layer} head(s), no FFN "
-            f"neuron) at {floor:.3f} of the dense latency (embeddings, norms, residuals and per-layer overhead stay); "
-            "a larger timed batch/sequence lets width matter more, and depth pruning (layers=...) removes the "
-            "per-layer overhead too"
+            f"every plan tried ran slower than the target (the table put the narrowest at {tried[-1].predicted:.3f}, "
+            "it measured slower); the fastest measured is kept"
         )
-    elif all(t.measured > keep for t in tried):
-        reason = "every plan tried ran slower than the target; the narrowest measured is kept"
     else:
         faster = max((t.measured for t in tried if t.measured < keep), default=None)
         slower = min((t.measured for t in tried if t.measured > keep), default=None)
@@ -379,9 +395,12 @@ def _explain_missed_latency(
             else f"no plan within {LATENCY_TOLERANCE:.0%} was found in {len(tried)} searches"
         )
     logger.warning(
-        "hf_prune: target_latency=%s not met on %s: the pruned model measures %.3f of the dense latency; %s",
+        "hf_prune: target_latency=%s not met on %s at batch %d x %d: the pruned model measures %.3f of the dense "
+        "latency; %s",
         keep,
-        where,
+        latency.device,
+        latency.batch_size,
+        latency.seq_len,
         best.measured,
         reason,
     )

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -336,17 +337,50 @@ def test_correction_loop_stops_and_warns_when_the_target_cannot_be_met(monkeypat
     assert f"{plan.meta['measured_keep']:.3f}" in warnings[0] and "every plan tried ran slower" in warnings[0]
 
 
-def test_a_target_below_the_tables_floor_says_why_and_stops_searching(monkeypatch):
-    """Fixed costs dominate (the tiny model at a tiny input): no width cut gets near 0.5, and the message says so."""
+def test_a_target_below_the_tables_floor_is_refused_with_the_reachable_target_and_the_model_untouched(monkeypatch):
+    """Fixed costs dominate (the tiny model at a tiny input): no width cut gets near 0.5. Cutting every layer to its
+    minimum for a few percent of speed would wreck the model for nothing, so the search stops before any change and
+    says what is reachable."""
     model = tiny()
     t = table([22.0, 22.2, 22.4, 22.6, 22.8, 23.0], units_ms=[22.0, 22.25, 22.5, 22.75, 23.0])
     calls = _stub_timing(monkeypatch, t, lambda predicted: predicted)
-    warnings = []
-    monkeypatch.setattr(STEP_MODULE.logger, "warning", lambda msg, *a: warnings.append(msg % a))
     config = PruningConfig(target_latency=0.5, criterion="fisher", scope="global", ffn_multiple=8)
-    plan = plan_structure(model, scores_for(model), config, latency=t)
     floor = t.model_ms([LayerShape(1, 1, 0)] * 3) / t.full_ms
-    assert plan.meta["latency_floor"] == pytest.approx(floor) and floor > 0.9
-    assert len(calls) == plan.meta["latency_searches"] == 1  # re-aiming cannot pass the floor
-    assert len(warnings) == 1 and "not met" in warnings[0] and f"at {floor:.3f} of the dense latency" in warnings[0]
-    assert all(s.ffn == 0 and s.heads == 1 for s in _plan_shapes(model, plan))  # the narrowest the table allows
+    assert floor > 0.9
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(hf_prune.LatencyTargetError) as info:
+        plan_structure(model, scores_for(model), config, latency=t)
+    message = str(info.value)
+    assert "target_latency=0.5 is out of reach" in message and f"{floor:.3f}" in message
+    assert f"target_latency >= {math.ceil(100 * floor / 1.05) / 100:.2f}" in message and "layers=" in message
+    assert calls == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same table, a target it can reach
+    plan = plan_structure(model, scores_for(model), dataclasses.replace(config, target_latency=0.97), latency=t)
+    assert plan.meta["measured_keep"] == pytest.approx(0.97, rel=0.05)
+
+
+def test_the_trainer_refuses_an_unreachable_latency_target_before_training(tmp_path, monkeypatch):
+    import hf_prune.callback as callback_module
+
+    from .test_trainer import args, toy_data, toy_model
+
+    model = toy_model()
+    shapes = hf_prune.get_adapter(model).layer_shapes(model)
+    flat = LatencyTable(
+        num_layers=len(shapes),
+        units=[0, shapes[0].heads],
+        unit_ms=[99.0, 100.0],
+        ffn=[0, shapes[0].ffn],
+        ffn_ms=[98.0, 100.0],
+        batch_size=2,
+        seq_len=12,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+    )
+    monkeypatch.setattr(callback_module, "profile_latency", lambda *a, **k: flat)
+    config = PruningConfig(target_latency=0.5, criterion="fisher", schedule="iterative", seq_len=12)
+    trainer = hf_prune.PruningTrainer(model=model, args=args(tmp_path), train_dataset=toy_data(), pruning_config=config)
+    with pytest.raises(hf_prune.LatencyTargetError, match="out of reach"):
+        trainer.train()
+    assert trainer.state.global_step == 0
