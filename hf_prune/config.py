@@ -49,8 +49,9 @@ class PruningConfig(JsonMixin):
             fast on this machine at ``latency_batch_size`` x ``seq_len``). A latency table is timed on copies of
             the model on its own device (:func:`~hf_prune.latency_model.profile_latency`), the allocation keeps
             the most important heads/neurons whose predicted latency fits, and the chosen shapes are timed and
-            the budget corrected (:func:`~hf_prune.allocate.allocate`). Widths past a slow kernel threshold are
-            avoided, which a FLOPs target cannot see.
+            the budget searched until the measurement is within 5% (:func:`hf_prune.step.plan_structure`). Widths
+            past a slow kernel threshold are avoided, which a FLOPs target cannot see. A target below what width
+            pruning can reach there raises :class:`~hf_prune.step.LatencyTargetError` before any change.
         latency_batch_size: batch size the latency table is measured at (match your serving batch).
         criterion: ``"magnitude"`` (weights only), ``"taylor"`` (first-order head/neuron mask gradients,
             Michel et al. 2019), ``"fisher"`` (mask Fisher information, Kwon et al. 2022) or ``"random"``.

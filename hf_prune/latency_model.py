@@ -370,18 +370,20 @@ def profile_latency(
 
 
 def measure_keep(
-    model: nn.Module, shapes: list[LayerShape], batch_size: int, seq_len: int, repeats: int | None = None
+    model: nn.Module,
+    shapes: list[LayerShape],
+    batch_size: int,
+    seq_len: int,
+    repeats: int | None = None,
+    seconds: float = 2.0,
 ) -> float:
     """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own: a copy is cut and the two are timed
-    in 3 interleaved rounds (one untimed pass, then ``repeats / 3`` timed passes in a row, per model and round), so
-    drift and other load hit both.
+    alternately, one pass each in turn after one untimed pass each, so drift and other load hit both alike.
 
-    Passes in a row, not alternating single passes: a served model runs back to back, and a smaller model keeps more
-    of its weights in cache between its own passes. Timed alternately, each pass found the other model's weights in
-    cache, and plans measured about 5-12% slower than the same model re-timed afterwards (16-core Xeon, 4 threads).
-
-    ``repeats`` defaults to enough passes for about 2 s of timing (a GPU's millisecond passes are noisy one by one),
-    at least 6 and at most 30.
+    Alternating single passes agreed with rounds of passes in a row (the benchmarks' way) within the noise, about
+    +-3%, on a 16-core Xeon at 4 threads and on an H100, and cost fewer untimed passes. ``repeats`` defaults to enough
+    passes for about ``seconds`` of timing (a GPU's millisecond passes are noisy one by one), at least ``3 * seconds``
+    and at most ``15 * seconds``.
     """
     device = model_device(model)
     was_training = model.training
@@ -391,10 +393,9 @@ def measure_keep(
         inputs = dummy_inputs(model, batch_size, seq_len, device)
         if repeats is None:
             one = measure_latency(model, inputs, repeats=1, warmup=1).median_ms / 1000
-            repeats = min(30, max(6, round(2.0 / (1.5 * max(one, 1e-4)))))
+            repeats = round(min(15 * seconds, max(3 * seconds, seconds / (1.5 * max(one, 1e-4)))))
         check_int("measure_keep: repeats", repeats, 1)
-        rounds = min(3, repeats)
-        result = compare_latency(model, work, inputs, repeats=repeats, warmup=1, rounds=rounds)
+        result = compare_latency(model, work, inputs, repeats=repeats, warmup=1, rounds=repeats, round_warmup=0)
     finally:
         model.train(was_training)
     return 1.0 / result["speedup"]

@@ -39,6 +39,7 @@ logger = logging.get_logger(__name__)
 LATENCY_TOLERANCE = 0.05  # the promise: the measured keep lands within 5% of target_latency, or a warning says why
 LATENCY_AIM = 0.02  # the search stops this close, so the pruned model re-timed later stays inside the tolerance
 LATENCY_SEARCHES = 6
+LATENCY_TIMINGS = 8  # searches plus re-timings of contradicting measurements
 
 
 class LatencyTargetError(ValueError):
@@ -289,27 +290,39 @@ class _Try:
     shapes: list[Any]
 
 
+def _contradicts(t: _Try, budget: float, measured: float, keep: float) -> bool:
+    """A larger budget measured faster than a smaller one, by more than ``LATENCY_AIM`` of the target."""
+    gap = LATENCY_AIM * keep
+    return (t.budget > budget and t.measured < measured - gap) or (t.budget < budget and t.measured > measured + gap)
+
+
 def _next_budget(tried: list[_Try], keep: float) -> float | None:
-    """The next budget to allocate at: inside the bracket of the closest tries below and above the target when
-    there is one (secant, kept off the bracket's ends), else a step from the last try scaled by how far its
-    measurement was off. ``None`` when the bracket has closed (no plan between its ends)."""
+    """The next budget to allocate at, or ``None`` when no untried budget is left between the tries.
+
+    With tries on both sides of the target: inside the bracket of the closest budgets below and above (secant, kept
+    off the bracket's ends so a flat stretch cannot stall it). With tries on one side only: beyond the outermost try
+    (below the smallest budget when every plan was too slow), scaled by how far that try measured off and by at most
+    2x, so one noisy timing cannot throw the search far; stepping from the *last* try instead repeated an earlier
+    budget when noise made a smaller plan measure slower, and the search stopped short (seen on a 16-core Xeon).
+    """
     below = [t for t in tried if t.measured < keep]
     above = [t for t in tried if t.measured > keep]
-    lo = max(below, key=lambda t: t.budget) if below else None
-    hi = min(above, key=lambda t: t.budget) if above else None
-    if lo is not None and hi is not None and lo.budget < hi.budget:
-        width = hi.budget - lo.budget
-        if width < 1e-3:
-            return None
-        guess = lo.budget + (keep - lo.measured) * width / (hi.measured - lo.measured)
-        return min(max(guess, lo.budget + 0.15 * width), hi.budget - 0.15 * width)
-    # one-sided (or noise put a lower budget above a higher one): step from the try nearest the target; the
-    # measured keep moves roughly in proportion to the budget, and a step is limited so one noisy timing cannot
-    # throw the search far
-    last = min(tried, key=lambda t: abs(t.measured - keep))
-    factor = min(max(keep / last.measured, 0.5), 2.0)
-    guess = min(1.0, last.budget * factor)
-    if any(abs(t.budget - guess) < 1e-4 for t in tried):
+    if below and above:
+        lo = max(below, key=lambda t: t.budget)
+        hi = min(above, key=lambda t: t.budget)
+        if lo.budget < hi.budget:
+            width = hi.budget - lo.budget
+            guess = lo.budget + (keep - lo.measured) * width / (hi.measured - lo.measured)
+            guess = min(max(guess, lo.budget + 0.15 * width), hi.budget - 0.15 * width)
+        else:  # noise: a larger budget measured faster than a smaller one; split the difference once
+            guess = (lo.budget + hi.budget) / 2
+    elif above:  # every plan too slow: go below the smallest budget
+        base = min(above, key=lambda t: t.budget)
+        guess = base.budget * min(0.95, max(0.5, keep / base.measured))
+    else:  # every plan faster than needed: go above the largest budget
+        base = max(below, key=lambda t: t.budget)
+        guess = min(1.0, base.budget * max(1.05, min(2.0, keep / base.measured)))
+    if any(abs(t.budget - guess) < 1e-3 for t in tried):
         return None
     return guess
 
@@ -319,23 +332,38 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
 
     The measured keep of the plan allocated at budget ``b`` rises with ``b`` but not in proportion (mixed shapes,
     kernel-size steps, fixed costs) and not smoothly (plans are discrete), so the search brackets the target and
-    interpolates inside the bracket instead of rescaling by the last ratio alone: rescaling crossed the target back
-    and forth and, in three tries, could end on a plan far faster than asked (0.335 for 0.5 measured on a 2-core
-    EPYC) because it kept the best-budget plan *under* the target instead of the one *closest* to it.
+    interpolates inside the bracket instead of rescaling by the last ratio alone. The plan kept is the one measured
+    *closest* to the target; keeping the largest-budget plan under the target (the rule before) could keep a plan far
+    faster than asked, one way to get the 0.335-for-0.5 run reported on a 2-core EPYC.
+
+    A timing that contradicts an earlier one (a smaller budget measured slower by more than ``LATENCY_AIM``) is noise
+    on one of them: the new plan is timed again with twice the passes, then the earlier one if the contradiction
+    stays, and the new timing replaces the old. One outlier left standing would fence the bracket off the target.
     """
     keep = config.target_latency
     assert keep is not None
     tried: list[_Try] = []
     budget: float | None = keep
-    while budget is not None and len(tried) < LATENCY_SEARCHES:
+    timings = 0
+
+    def timed(shapes: list[Any], seconds: float = 2.0) -> float:
+        nonlocal timings
+        timings += 1
+        return measure_keep(model, shapes, config.latency_batch_size, config.seq_len, seconds=seconds)
+
+    while budget is not None and len(tried) < LATENCY_SEARCHES and timings < LATENCY_TIMINGS:
         plan = allocate(model, scores, replace(config, target_latency=min(1.0, budget)), latency, warn=False)
         shapes = plan.shapes_after(model)
         same = next((t for t in tried if t.shapes == shapes), None)
-        measured = (
-            same.measured
-            if same is not None  # the budget moved less than one head or neuron: the same plan, already timed
-            else measure_keep(model, shapes, config.latency_batch_size, config.seq_len)
-        )
+        # the same plan as an earlier try (the budget moved less than one head or neuron) is not timed again
+        measured = same.measured if same is not None else timed(shapes)
+        if same is None:
+            for other in [t for t in tried if _contradicts(t, budget, measured, keep)][:1]:
+                if timings >= LATENCY_TIMINGS:
+                    break
+                measured = timed(shapes, seconds=4.0)
+                if _contradicts(other, budget, measured, keep) and timings < LATENCY_TIMINGS:
+                    other.measured = timed(other.shapes, seconds=4.0)
         predicted = plan.meta.get("achieved_keep", budget)
         tried.append(_Try(budget, predicted, measured, plan, shapes))
         logger.info(
@@ -381,8 +409,8 @@ def _explain_missed_latency(config: PruningConfig, latency: LatencyTable, tried:
     keep = config.target_latency
     if all(t.measured > keep for t in tried):
         reason = (
-            f"every plan tried ran slower than the target (the table put the narrowest at {tried[-1].predicted:.3f}, "
-            "it measured slower); the fastest measured is kept"
+            "every plan tried ran slower than the target (the table put the narrowest tried at "
+            f"{min(t.predicted for t in tried):.3f}); the fastest measured is kept"
         )
     else:
         faster = max((t.measured for t in tried if t.measured < keep), default=None)

@@ -277,7 +277,7 @@ def test_trainer_measures_the_table_once_and_checkpoints_it(tmp_path, monkeypatc
 def _stub_timing(monkeypatch, t: LatencyTable, measured_of):
     calls = []
 
-    def fake_measure_keep(model, shapes, batch_size, seq_len, repeats=12):
+    def fake_measure_keep(model, shapes, batch_size, seq_len, repeats=None, seconds=2.0):
         predicted = t.model_ms(shapes) / t.full_ms
         calls.append(predicted)
         return measured_of(predicted)
@@ -322,6 +322,20 @@ def test_the_search_brackets_a_step_in_speed_and_keeps_the_plan_closest_to_the_t
     assert abs(measured - 0.6) <= STEP_MODULE.LATENCY_TOLERANCE * 0.6
     assert any(_steep_step(c) < 0.5 for c in calls)  # a much faster plan was met on the way and not kept
     assert len(calls) <= plan.meta["latency_searches"] <= STEP_MODULE.LATENCY_SEARCHES
+
+
+def test_a_timing_that_contradicts_an_earlier_one_is_timed_again_before_it_fences_the_search_off(monkeypatch):
+    """The second plan (smaller budget) measures 29% slow by noise, slower than the first: it is re-timed (true
+    value), so the bracket forms around the target and the search ends within the tolerance."""
+    model, t = tiny(), table(LINEAR)
+    noise = iter([1.11, 1.29])
+    calls = _stub_timing(monkeypatch, t, lambda p: p * next(noise, 1.0))
+    config = PruningConfig(target_latency=0.7, criterion="fisher", scope="global", ffn_multiple=1)
+    plan = plan_structure(model, scores_for(model), config, latency=t)
+    measured = [trial["measured"] for trial in plan.meta["latency_trials"]]
+    assert measured[1] == pytest.approx(calls[2], abs=1e-4)  # the re-timing replaced the outlier
+    assert abs(plan.meta["measured_keep"] - 0.7) <= STEP_MODULE.LATENCY_TOLERANCE * 0.7
+    assert len(calls) <= STEP_MODULE.LATENCY_TIMINGS
 
 
 def test_correction_loop_stops_and_warns_when_the_target_cannot_be_met(monkeypatch):
