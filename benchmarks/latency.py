@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -54,7 +57,70 @@ def half_plan(model: torch.nn.Module, seed: int = 0) -> hf_prune.PruningPlan:
     return hf_prune.PruningPlan(heads=heads, ffn=ffn)
 
 
-def run(name: str, batch: int, seq_len: int, repeats: int) -> dict:
+# op name -> what it is, for the per-op breakdown (self CPU time per forward). Composite ops (aten::linear,
+# aten::matmul) hold almost no self time: their kernels (addmm, mm, bmm) carry it.
+_CATEGORIES = (
+    ("matmul", ("addmm", "aten::mm", "bmm", "aten::linear", "aten::matmul", "baddbmm")),
+    ("attention", ("scaled_dot_product", "softmax", "flash_attention")),
+    ("norm", ("layer_norm", "rms_norm", "rsqrt")),
+    ("activation", ("gelu", "silu", "tanh", "relu", "sigmoid")),
+    ("elementwise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::pow", "aten::mean", "aten::neg")),
+    ("embedding", ("embedding", "index_select")),
+    (
+        "layout",
+        (
+            "view",
+            "reshape",
+            "transpose",
+            "permute",
+            "contiguous",
+            "copy_",
+            "cat",
+            "expand",
+            "slice",
+            "select",
+            "unsqueeze",
+            "squeeze",
+            "_to_copy",
+            "aten::to",
+            "empty",
+            "clone",
+            "split",
+            "chunk",
+            "narrow",
+        ),
+    ),
+)
+
+
+def _category(op: str) -> str:
+    return next((cat for cat, keys in _CATEGORIES if any(k in op for k in keys)), "other ops")
+
+
+def op_breakdown(model: torch.nn.Module, inputs: dict, repeats: int) -> dict[str, float]:
+    """Milliseconds per forward by op category (torch.profiler self CPU time), plus ``python + dispatch``: the
+    un-profiled median wall time that no op accounts for (module calls, argument handling, op dispatch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(2):
+            model(**inputs)
+        walls = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**inputs)
+            walls.append((time.perf_counter() - start) * 1000)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(**inputs)
+    parts: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        parts[_category(event.key)] += event.self_cpu_time_total / 1000 / repeats
+    parts["python + dispatch"] = statistics.median(walls) - sum(parts.values())
+    return {k: round(v, 3) for k, v in sorted(parts.items())}
+
+
+def run(name: str, batch: int, seq_len: int, repeats: int, breakdown: bool = False) -> dict:
     torch.manual_seed(0)
     dense = tf.AutoModel.from_config(CONFIGS[name]()).eval()
     pruned = copy.deepcopy(dense)
@@ -78,6 +144,8 @@ def run(name: str, batch: int, seq_len: int, repeats: int) -> dict:
         "speedup_over_flops_ratio": timing["speedup"] / flops_ratio,
         "repeats": timing["repeats"],
     }
+    if breakdown:
+        row["breakdown_ms"] = {"dense": op_breakdown(dense, inputs, 5), "pruned": op_breakdown(pruned, inputs, 5)}
     print(
         f"{name:12s} b={batch} s={seq_len}: dense {row['dense_ms']:.1f} ms, pruned {row['pruned_ms']:.1f} ms, "
         f"speedup {row['speedup']:.2f}x, FLOPs ratio {flops_ratio:.2f}x, "
@@ -111,12 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model (split in 3 rounds)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also record where each forward's time goes, by op category"
+    )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latency.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     this_run = Run("latency.py", argv)
-    rows = [run(m, b, s, args.repeats) for m in args.models for b in args.batch for s in args.seq_len]
+    rows = [run(m, b, s, args.repeats, args.breakdown) for m in args.models for b in args.batch for s in args.seq_len]
     result = {"benchmark": "latency", "rows": rows, "sizes": [sizes(m) for m in args.models]}
     run_id = add_run(result, this_run.record())
     for row in rows:
