@@ -266,8 +266,8 @@ def plan_structure(
     at most ``LATENCY_SEARCHES`` times.
 
     Why the timing: the table predicts from uniform-shape sweeps, and mixed per-layer shapes run at another speed
-    than predicted (slower on the 2-core Xeon and EPYC machines measured: 1.85x for a plan predicted at 2.0x), so the
-    measured ratio, not the prediction, decides.
+    than predicted, either way (1.85x for a plan predicted at 2.0x on a 2-core Xeon; 0.41 of the dense latency for a
+    plan predicted at 0.50 on a 16-core Xeon at 4 threads), so the measured ratio, not the prediction, decides.
     """
     if config.keep_target != "latency":
         return allocate(model, scores, config)
