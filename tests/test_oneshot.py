@@ -414,3 +414,19 @@ def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
     with pytest.raises(ValueError, match="every group must keep the same number"):
         apply_plan_with_compensation(model, hf_prune.PruningPlan(heads={0: [0]}), batches())
     assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+
+
+def test_structured_reconstruct_warns_when_the_refit_is_underdetermined(caplog):
+    """Fewer calibration tokens than a projection's kept inputs: the fit is exact on them and poor elsewhere."""
+    from hf_prune.reconstruct import apply_plan_with_compensation
+
+    caplog.set_level("WARNING")
+    family, model = task_model("llama")
+    plan = _structured_plan("llama")
+    apply_plan_with_compensation(
+        copy.deepcopy(model), plan, [make_inputs(family, batch=8, seq=11, seed=s) for s in range(6)]
+    )
+    assert "underdetermined" not in caplog.text
+    apply_plan_with_compensation(model, plan, [make_inputs(family, batch=1, seq=4, seed=0)])
+    assert "the least-squares refit is underdetermined (layer 0 " in caplog.text
+    assert "from 4 tokens" in caplog.text
