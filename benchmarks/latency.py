@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from hf_prune.measure import compare_latency, count_parameters, encoder_flops, s
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import Run  # noqa: E402
-from results import add_run, publish  # noqa: E402
+from results import add_run, publish, rows_of_other_machines  # noqa: E402
 
 CONFIGS = {
     "bert-base": lambda: tf.BertConfig(),  # 12 layers, hidden 768, 12 heads, FFN 3072
@@ -188,10 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     this_run = Run("latency.py", argv)
     rows = [run(m, b, s, args.repeats, args.breakdown) for m in args.models for b in args.batch for s in args.seq_len]
-    result = {"benchmark": "latency", "rows": rows, "sizes": [sizes(m) for m in args.models]}
-    run_id = add_run(result, this_run.record())
+    record = this_run.record()
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    # rows of other machine kinds stay (RESULTS.md shows them side by side), and so do this kind's rows of models
+    # and shapes not re-measured now
+    measured = {(r["model"], r["batch"], r["seq_len"]) for r in rows}
+    kept = rows_of_other_machines(
+        previous, record, also=lambda r: (r["model"], r["batch"], r["seq_len"]) not in measured
+    )
+    result = {"benchmark": "latency", "runs": previous.get("runs", {}), "sizes": [sizes(m) for m in args.models]}
+    run_id = add_run(result, record)
     for row in rows:
         row["run"] = run_id
+    result["rows"] = kept + rows
     publish(args.output, result)
     return result
 

@@ -41,7 +41,7 @@ from hf_prune.measure import compare_latency, encoder_flops
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import DEFAULT_DATA_DIR, Run, finetuned_minilm_sst2  # noqa: E402
-from results import add_run, machine_kind, publish  # noqa: E402
+from results import add_run, publish, rows_of_other_machines  # noqa: E402
 
 CALIBRATION = 512
 TOLERANCE = 0.05  # hf_prune.step.LATENCY_TOLERANCE, restated: the benchmark checks the promise, not the constant
@@ -143,14 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         row.update(model=args.model, device=device, batch=args.batch, seq_len=args.seq_len)
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    kept = rows_of_other_machines(previous, record, device, also=lambda r: r["model"] != args.model)
     result: dict[str, Any] = {"benchmark": "latency_targets", "runs": previous.get("runs", {})}
     run_id = add_run(result, record)
-    kind = machine_kind(record["machine"], device)
-    kept = [
-        r
-        for r in previous.get("rows", [])
-        if machine_kind(previous["runs"][r["run"]]["machine"], r["device"]) != kind or r["model"] != args.model
-    ]
     result["rows"] = kept + [{**row, "run": run_id} for row in rows]
     publish(args.output, result)
     return result

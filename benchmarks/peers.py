@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import json
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ from hf_prune import PruningConfig
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import DEFAULT_DATA_DIR, Run, accuracy, finetuned_minilm_sst2  # noqa: E402
-from results import _header, add_run, publish  # noqa: E402
+from results import _header, add_run, machine_groups, publish, rows_of_other_machines  # noqa: E402
 
 N_TRAIN = 8000
 CALIBRATION = 512
@@ -358,21 +359,23 @@ def render_peers(result: dict[str, Any]) -> list[str]:
         "weights for unstructured rows. Latency: one batch of "
         f"{result['latency_batch']} x {result['latency_seq_len']} tokens on CPU, dense and pruned interleaved.",
         "",
-        "| tool | method | dev accuracy | params | encoder FLOPs ratio | weights removed | dense ms | pruned ms "
-        "| speedup | prune time | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | tool | method | dev accuracy | params | encoder FLOPs ratio | weights removed | dense ms "
+        "| pruned ms | speedup | prune time | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        if "error" in r:
+    for kind, rows in machine_groups(result):
+        for r in rows:
+            if "error" in r:
+                lines.append(
+                    f"| {kind} | {r['tool']} | {r['method']} | failed | | | | | | | {r['prune_time_s']:.1f} s "
+                    f"| `{r['error']}` |"
+                )
+                continue
             lines.append(
-                f"| {r['tool']} | {r['method']} | failed | | | | | | | {r['prune_time_s']:.1f} s | `{r['error']}` |"
+                f"| {kind} | {r['tool']} | {r['method']} | {r['accuracy']:.2%} | {r['params'] / 1e6:.1f}M "
+                f"| {r['flops_ratio']:.2f}x | {r['weights_removed']:.0%} | {r['dense_ms']:.0f} "
+                f"| {r['pruned_ms']:.0f} | {r['speedup']:.2f}x | {r['prune_time_s']:.1f} s | {_note(r)} |"
             )
-            continue
-        lines.append(
-            f"| {r['tool']} | {r['method']} | {r['accuracy']:.2%} | {r['params'] / 1e6:.1f}M "
-            f"| {r['flops_ratio']:.2f}x | {r['weights_removed']:.0%} | {r['dense_ms']:.0f} | {r['pruned_ms']:.0f} "
-            f"| {r['speedup']:.2f}x | {r['prune_time_s']:.1f} s | {_note(r)} |"
-        )
     lines += [
         "",
         "Weights removed: zero or sliced-away weights of the encoder Linear layers relative to the dense model. "
@@ -380,10 +383,15 @@ def render_peers(result: dict[str, Any]) -> list[str]:
         "zeros remove none).",
         "",
     ]
-    dense = next((r for r in result["rows"] if r.get("tool") == "dense" and "speedup" in r), None)
-    if dense is not None:
+    floors = [
+        f"{d['speedup']:.2f}x ({kind})"
+        for kind, rows in machine_groups(result)
+        for d in rows
+        if d.get("tool") == "dense" and "speedup" in d
+    ]
+    if floors:
         lines += [
-            f"The dense row times the model against an identical copy: its {dense['speedup']:.2f}x is the noise "
+            f"The dense row times the model against an identical copy: its {', '.join(floors)} is the noise "
             "floor of the speedup column.",
             "",
         ]
@@ -414,9 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     record = this_run.record()
     record["versions"] = peer_versions(record["versions"])
+    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    kept = rows_of_other_machines(previous, record)  # other machines' rows stay, side by side in RESULTS.md
+    result["runs"] = previous.get("runs", {})
     run_id = add_run(result, record)
     for row in rows:
         row["run"] = run_id
+    result["rows"] = kept + rows
     publish(args.output, result)
     print("\n".join(render_peers(result)))
     print(f"wrote {args.output}")

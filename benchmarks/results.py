@@ -107,6 +107,32 @@ def machine_kind(machine: dict[str, Any], device: str = "cpu") -> str:
     return f"{machine.get('cpu_model') or '?'}, {machine.get('torch_threads', '?')} threads"
 
 
+def rows_of_other_machines(
+    previous: dict[str, Any], record: dict[str, Any], device: str = "cpu", also: Callable[[dict], bool] | None = None
+) -> list[dict[str, Any]]:
+    """Rows of a previous result to keep beside a new run's: those measured on another machine kind
+    (:func:`machine_kind`), and those ``also(row)`` says the new run does not re-measure. Their runs stay in
+    ``previous["runs"]``, so a run on one machine never erases what another machine measured."""
+    kind = machine_kind(record["machine"], device)
+    runs = previous.get("runs", {})
+    return [
+        r
+        for r in previous.get("rows", [])
+        if r.get("run") in runs
+        and (machine_kind(runs[r["run"]]["machine"], r.get("device", "cpu")) != kind or (also is not None and also(r)))
+    ]
+
+
+def machine_groups(result: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The result's rows grouped by the machine kind of the run that measured them, in order of first appearance."""
+    runs = result.get("runs", {})
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in result.get("rows", []):
+        run = runs.get(r.get("run"), {})
+        groups.setdefault(machine_kind(run.get("machine", {}), r.get("device", "cpu")), []).append(r)
+    return list(groups.items())
+
+
 def _header(result: dict[str, Any]) -> list[str]:
     """The runs that measured a section's rows: command, commit, date, machine, wall time; versions and data
     checksums below (once when every run shares them)."""
@@ -155,16 +181,17 @@ def render_latency(result: dict[str, Any]) -> list[str]:
         "## Latency: dense vs 50% heads + 50% FFN (structured, every layer)",
         "",
         *_header(result),
-        "| model | batch | seq | params dense | params pruned | dense ms | pruned ms | speedup | FLOPs ratio "
-        "| speedup / FLOPs ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | model | batch | seq | params dense | params pruned | dense ms | pruned ms | speedup "
+        "| FLOPs ratio | speedup / FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['seq_len']} | {r['params_dense'] / 1e6:.1f}M "
-            f"| {r['params_pruned'] / 1e6:.1f}M | {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} "
-            f"| {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.2f} |"
-        )
+    for kind, rows in machine_groups(result):
+        for r in rows:
+            lines.append(
+                f"| {kind} | {r['model']} | {r['batch']} | {r['seq_len']} | {r['params_dense'] / 1e6:.1f}M "
+                f"| {r['params_pruned'] / 1e6:.1f}M | {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} "
+                f"| {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.2f} |"
+            )
     lines += [
         "",
         "Latency is the median of interleaved dense/pruned rounds in one process; FLOPs ratio counts the "

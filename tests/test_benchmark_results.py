@@ -224,3 +224,41 @@ def test_neutral_commits_are_not_counted_as_changes_and_bad_entries_fail(tmp_pat
     listed.write_text(f"{last}\n")
     with pytest.raises(ValueError, match="no reason"):
         module.neutral_commits()
+
+
+def test_latency_rows_of_every_machine_kind_stay_side_by_side():
+    """A latency run on one machine replaces that machine's rows only; RESULTS.md lists every machine's rows."""
+    module = _results_module()
+    epyc = {"cpu_model": "AMD EPYC 7B13", "cpu_cores": 2, "torch_threads": 2, "platform": "Linux"}
+    xeon = {"cpu_model": "Intel Xeon 8481C", "cpu_cores": 2, "torch_threads": 2, "platform": "Linux"}
+    header = {"command": "python benchmarks/latency.py", "commit": "abc", "dirty": False}
+
+    def row(model: str, batch: int, run: str) -> dict:
+        return {
+            "model": model,
+            "batch": batch,
+            "seq_len": 32,
+            "params_dense": 1e8,
+            "params_pruned": 6e7,
+            "dense_ms": 10.0,
+            "pruned_ms": 6.0,
+            "speedup": 1.67,
+            "flops_ratio": 2.0,
+            "speedup_over_flops_ratio": 0.83,
+            "run": run,
+        }
+
+    previous = {
+        "benchmark": "latency",
+        "runs": {"r1": {**header, "machine": epyc}, "r2": {**header, "machine": xeon}},
+        "rows": [row("bert-base", 1, "r1"), row("llama-style", 1, "r1"), row("bert-base", 1, "r2")],
+    }
+    kept = module.rows_of_other_machines(previous, {"machine": epyc})
+    assert kept == [previous["rows"][2]]  # the Xeon's row; the EPYC's are re-measured
+    kept = module.rows_of_other_machines(previous, {"machine": epyc}, also=lambda r: r["model"] == "llama-style")
+    assert kept == previous["rows"][1:]
+    # another thread count is another kind, and a CUDA run never replaces CPU rows
+    assert len(module.rows_of_other_machines(previous, {"machine": {**epyc, "torch_threads": 4}})) == 3
+    assert len(module.rows_of_other_machines(previous, {"machine": {**epyc, "gpu": "H100"}}, device="cuda")) == 3
+    text = "\n".join(module.render_latency(previous))
+    assert "| AMD EPYC 7B13, 2 threads | bert-base |" in text and "| Intel Xeon 8481C, 2 threads | bert-base |" in text
