@@ -376,6 +376,7 @@ def measure_keep(
     seq_len: int,
     repeats: int | None = None,
     seconds: float = 2.0,
+    dense_ms: float | None = None,
 ) -> float:
     """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own: a copy is cut and the two are timed
     alternately, one pass each in turn after one untimed pass each, so drift and other load hit both alike.
@@ -383,7 +384,8 @@ def measure_keep(
     Alternating single passes agreed with rounds of passes in a row (the benchmarks' way) within the noise, about
     +-3%, on a 16-core Xeon at 4 threads and on an H100, and cost fewer untimed passes. ``repeats`` defaults to enough
     passes for about ``seconds`` of timing (a GPU's millisecond passes are noisy one by one), at least ``3 * seconds``
-    and at most ``15 * seconds``.
+    and at most ``15 * seconds``, sized from ``dense_ms`` (the dense model's latency, e.g. the table's) when given,
+    else from one extra pass.
     """
     device = model_device(model)
     was_training = model.training
@@ -392,7 +394,7 @@ def measure_keep(
         work = apply_layer_shapes(copy.deepcopy(model), shapes)
         inputs = dummy_inputs(model, batch_size, seq_len, device)
         if repeats is None:
-            one = measure_latency(model, inputs, repeats=1, warmup=1).median_ms / 1000
+            one = (dense_ms if dense_ms is not None else measure_latency(model, inputs, 1, 1).median_ms) / 1000
             repeats = round(min(15 * seconds, max(3 * seconds, seconds / (1.5 * max(one, 1e-4)))))
         check_int("measure_keep: repeats", repeats, 1)
         result = compare_latency(model, work, inputs, repeats=repeats, warmup=1, rounds=repeats, round_warmup=0)

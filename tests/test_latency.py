@@ -277,7 +277,7 @@ def test_trainer_measures_the_table_once_and_checkpoints_it(tmp_path, monkeypatc
 def _stub_timing(monkeypatch, t: LatencyTable, measured_of):
     calls = []
 
-    def fake_measure_keep(model, shapes, batch_size, seq_len, repeats=None, seconds=2.0):
+    def fake_measure_keep(model, shapes, batch_size, seq_len, repeats=None, seconds=2.0, dense_ms=None):
         predicted = t.model_ms(shapes) / t.full_ms
         calls.append(predicted)
         return measured_of(predicted)
