@@ -1,11 +1,18 @@
-"""CPU latency: dense vs structurally pruned (50% heads + 50% FFN in every layer).
+"""CPU latency: dense vs structurally pruned models, and where a forward's time goes.
+
+Two 2x cuts of the transformer blocks' FLOPs: ``width`` removes half of the heads (whole KV groups) and half of the
+FFN neurons of every layer; ``width+depth`` removes every fourth block and a third of the remaining heads and
+neurons. At batch 1 and short sequences a layer's fixed cost (op dispatch, norms, residual adds) does not shrink
+with its width, so width-only cuts lose speedup there and removing blocks does not (``--breakdown`` records the time
+per op category to show it).
 
 Random weights are fine for timing: latency depends on shapes, not values. Speedup is measured in the same run
 as the dense baseline, interleaving dense and pruned rounds, and compared with the FLOPs ratio of the
-transformer blocks (speedup / FLOPs ratio close to 1 means removed FLOPs turned into real time).
+transformer blocks (speedup / FLOPs ratio close to 1 means removed FLOPs turned into real time). Rows are kept per
+machine kind (CPU model and threads): a run on another machine adds its rows beside these.
 
-    python benchmarks/latency.py                       # BERT-base + Llama-style, batch 8, seq 128
-    python benchmarks/latency.py --batch 1 --seq-len 64 --repeats 30
+    python benchmarks/latency.py                       # BERT-base + Llama-style, batch 1/8 x seq 32/64/128
+    python benchmarks/latency.py --batch 1 --seq-len 32 --breakdown --plans width
 """
 
 from __future__ import annotations
@@ -45,17 +52,34 @@ CONFIGS = {
 }
 
 
-def half_plan(model: torch.nn.Module, seed: int = 0) -> hf_prune.PruningPlan:
-    """Remove half of the heads (whole KV groups) and half of the FFN neurons of every layer, at random."""
+def half_plan(model: torch.nn.Module, seed: int = 0, fraction: float = 0.5) -> hf_prune.PruningPlan:
+    """Remove ``fraction`` of the heads (whole KV groups) and of the FFN neurons of every layer, at random."""
     adapter = hf_prune.get_adapter(model)
     g = torch.Generator().manual_seed(seed)
     heads, ffn = {}, {}
     for i, shape in enumerate(adapter.layer_shapes(model)):
         group = shape.heads // shape.kv_heads
-        groups = torch.randperm(shape.kv_heads, generator=g)[: shape.kv_heads // 2].tolist()
+        groups = torch.randperm(shape.kv_heads, generator=g)[: round(shape.kv_heads * fraction)].tolist()
         heads[i] = sorted(h for grp in groups for h in range(grp * group, (grp + 1) * group))
-        ffn[i] = sorted(torch.randperm(shape.ffn, generator=g)[: shape.ffn // 2].tolist())
+        ffn[i] = sorted(torch.randperm(shape.ffn, generator=g)[: round(shape.ffn * fraction)].tolist())
     return hf_prune.PruningPlan(heads=heads, ffn=ffn)
+
+
+def cut(model: torch.nn.Module, plan: str) -> torch.nn.Module:
+    """``width``: half of every layer's heads and FFN neurons (2x the block FLOPs). ``width+depth``: every fourth
+    block removed, then a third of the remaining layers' heads and neurons (about 2x as well): at batch 1 a layer's
+    fixed cost (op dispatch, norms, residuals) does not shrink with its width, and only removing the layer removes
+    it."""
+    if plan == "width":
+        half_plan(model).apply(model)
+        return model
+    n = len(hf_prune.get_adapter(model).layers(model))
+    hf_prune.prune_layers(model, list(range(3, n, 4)))
+    half_plan(model, fraction=1 / 3).apply(model)
+    return model
+
+
+PLANS = ("width", "width+depth")
 
 
 # op name -> what it is, for the per-op breakdown (self CPU time per forward). Composite ops (aten::linear,
@@ -121,11 +145,10 @@ def op_breakdown(model: torch.nn.Module, inputs: dict, repeats: int) -> dict[str
     return {k: round(v, 3) for k, v in sorted(parts.items())}
 
 
-def run(name: str, batch: int, seq_len: int, repeats: int, breakdown: bool = False) -> dict:
+def run(name: str, batch: int, seq_len: int, repeats: int, breakdown: bool = False, plan: str = "width") -> dict:
     torch.manual_seed(0)
     dense = tf.AutoModel.from_config(CONFIGS[name]()).eval()
-    pruned = copy.deepcopy(dense)
-    half_plan(pruned).apply(pruned)
+    pruned = cut(copy.deepcopy(dense), plan)
     inputs = {
         "input_ids": torch.randint(100, 1000, (batch, seq_len)),
         "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
@@ -134,6 +157,7 @@ def run(name: str, batch: int, seq_len: int, repeats: int, breakdown: bool = Fal
     timing = compare_latency(dense, pruned, inputs, repeats=repeats, warmup=2, rounds=3)
     row = {
         "model": name,
+        "plan": plan,
         "batch": batch,
         "seq_len": seq_len,
         "params_dense": count_parameters(dense),
@@ -148,7 +172,8 @@ def run(name: str, batch: int, seq_len: int, repeats: int, breakdown: bool = Fal
     if breakdown:
         row["breakdown_ms"] = {"dense": op_breakdown(dense, inputs, 5), "pruned": op_breakdown(pruned, inputs, 5)}
     print(
-        f"{name:12s} b={batch} s={seq_len}: dense {row['dense_ms']:.1f} ms, pruned {row['pruned_ms']:.1f} ms, "
+        f"{name:12s} {plan:11s} b={batch} s={seq_len}: dense {row['dense_ms']:.1f} ms, "
+        f"pruned {row['pruned_ms']:.1f} ms, "
         f"speedup {row['speedup']:.2f}x, FLOPs ratio {flops_ratio:.2f}x, "
         f"speedup/FLOPs {row['speedup_over_flops_ratio']:.2f}"
     )
@@ -177,9 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--seq-len", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model (split in 3 rounds)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS)
     parser.add_argument(
         "--breakdown", action="store_true", help="also record where each forward's time goes, by op category"
     )
@@ -188,15 +214,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     this_run = Run("latency.py", argv)
-    rows = [run(m, b, s, args.repeats, args.breakdown) for m in args.models for b in args.batch for s in args.seq_len]
+    rows = [
+        run(m, b, s, args.repeats, args.breakdown, p)
+        for m in args.models
+        for p in args.plans
+        for b in args.batch
+        for s in args.seq_len
+    ]
     record = this_run.record()
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-    # rows of other machine kinds stay (RESULTS.md shows them side by side), and so do this kind's rows of models
-    # and shapes not re-measured now
-    measured = {(r["model"], r["batch"], r["seq_len"]) for r in rows}
-    kept = rows_of_other_machines(
-        previous, record, also=lambda r: (r["model"], r["batch"], r["seq_len"]) not in measured
-    )
+
+    def key(r: dict) -> tuple:
+        return r["model"], r.get("plan", "width"), r["batch"], r["seq_len"]
+
+    # rows of other machine kinds stay (RESULTS.md shows them side by side), and so do this kind's rows of models,
+    # plans and shapes not re-measured now
+    measured = {key(r) for r in rows}
+    kept = rows_of_other_machines(previous, record, also=lambda r: key(r) not in measured)
     result = {"benchmark": "latency", "runs": previous.get("runs", {}), "sizes": [sizes(m) for m in args.models]}
     run_id = add_run(result, record)
     for row in rows:

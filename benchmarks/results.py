@@ -178,17 +178,19 @@ def _run_head(result: dict[str, Any]) -> tuple[str, str]:
 
 def render_latency(result: dict[str, Any]) -> list[str]:
     lines = [
-        "## Latency: dense vs 50% heads + 50% FFN (structured, every layer)",
+        "## Latency: dense vs structured 2x cuts (width: 50% heads + 50% FFN in every layer; width+depth: every "
+        "fourth block removed, then a third of the heads and FFN)",
         "",
         *_header(result),
-        "| machine | model | batch | seq | params dense | params pruned | dense ms | pruned ms | speedup "
+        "| machine | model | plan | batch | seq | params dense | params pruned | dense ms | pruned ms | speedup "
         "| FLOPs ratio | speedup / FLOPs ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, rows in machine_groups(result):
         for r in rows:
             lines.append(
-                f"| {kind} | {r['model']} | {r['batch']} | {r['seq_len']} | {r['params_dense'] / 1e6:.1f}M "
+                f"| {kind} | {r['model']} | {r.get('plan', 'width')} | {r['batch']} | {r['seq_len']} "
+                f"| {r['params_dense'] / 1e6:.1f}M "
                 f"| {r['params_pruned'] / 1e6:.1f}M | {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} "
                 f"| {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.2f} |"
             )
@@ -565,18 +567,20 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| benchmark | result | command |", "|---|---|---|"]
     if "latency" in results:
         r = results["latency"]
-        for model in dict.fromkeys(row["model"] for row in r["rows"]):
-            rows = [row for row in r["rows"] if row["model"] == model]
-            speed = sorted(row["speedup"] for row in rows)
-            ratio = sorted(row["speedup_over_flops_ratio"] for row in rows)
-            flops = sorted(row["flops_ratio"] for row in rows)
-            grid = "batch " + "/".join(str(b) for b in dict.fromkeys(row["batch"] for row in rows))
-            grid += " x seq " + "/".join(str(q) for q in dict.fromkeys(row["seq_len"] for row in rows))
-            lines.append(
-                f"| CPU latency, {model} 50% heads + 50% FFN ({grid}) "
-                f"| {_span(speed, 'x')} faster for {_span(flops, 'x')} fewer FLOPs "
-                f"(speedup/FLOPs {_span(ratio)}) | {_cmd(r, rows)} |"
-            )
+        what = {"width": "50% heads + 50% FFN", "width+depth": "1/4 of blocks + 1/3 heads and FFN"}
+        for kind, measured in machine_groups(r):
+            for model, plan in dict.fromkeys((row["model"], row.get("plan", "width")) for row in measured):
+                rows = [row for row in measured if row["model"] == model and row.get("plan", "width") == plan]
+                speed = sorted(row["speedup"] for row in rows)
+                ratio = sorted(row["speedup_over_flops_ratio"] for row in rows)
+                flops = sorted(row["flops_ratio"] for row in rows)
+                grid = "batch " + "/".join(str(b) for b in dict.fromkeys(row["batch"] for row in rows))
+                grid += " x seq " + "/".join(str(q) for q in dict.fromkeys(row["seq_len"] for row in rows))
+                lines.append(
+                    f"| CPU latency ({kind}), {model} {what.get(plan, plan)} ({grid}) "
+                    f"| {_span(speed, 'x')} faster for {_span(flops, 'x')} fewer FLOPs "
+                    f"(speedup/FLOPs {_span(ratio)}) | {_cmd(r, rows)} |"
+                )
     if "oneshot" in results and "minilm" in results["oneshot"]:
         m = results["oneshot"]["minilm"]
         best = {(x["cut"], x["criterion"], x["scope"], x.get("reconstruct", False)): x["accuracy"] for x in m["rows"]}
