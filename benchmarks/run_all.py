@@ -39,6 +39,7 @@ FULL = [
     ("decoder", ["decoder.py"]),
     ("memory", ["memory.py"]),
     ("deploy", ["deploy.py"]),
+    ("latency_targets", ["latency_targets.py"]),
 ]
 # the smoke run's MiniLM: fine-tuned on 256 sentences, evaluated on 200 dev sentences (a full-dev evaluation takes
 # ~10 s on 2 cores, and the quick run makes about twenty)
@@ -52,6 +53,10 @@ QUICK = [
     ("decoder", ["decoder.py", "--quick"]),
     ("memory", ["memory.py", "--quick"]),
     ("deploy", ["deploy.py", "--quick", "--models", "minilm", *MINILM, "--repeats", "3"]),
+    (
+        "latency_targets",
+        ["latency_targets.py", "--model", "minilm-shapes", "--targets", "0.7", "--batch", "8", "--seq-len", "32"],
+    ),
 ]
 
 
