@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,9 @@ class LatencyTable(JsonMixin):
         batch_size, seq_len: the input the model was timed on.
         device, dtype, threads: where it was timed (``threads`` is ``torch.get_num_threads()``).
         head_unit: the head-unit layout ``units`` count in (``"group"`` or ``"query"``).
+        observed: ``[predicted, measured]`` keep of the last plans timed against this table (mixed per-layer shapes
+            run at another speed than the uniform sweeps predict, by a machine-specific amount); the next search
+            starts from them (:meth:`first_budget`).
     """
 
     num_layers: int
@@ -136,6 +139,7 @@ class LatencyTable(JsonMixin):
     dtype: str
     threads: int
     head_unit: str = "group"  # tables saved before query-head units existed counted groups
+    observed: list[list[float]] = field(default_factory=list)
 
     @property
     def full_ms(self) -> float:
@@ -176,12 +180,32 @@ class LatencyTable(JsonMixin):
             "ffn_ms_per_layer": round(self.ffn_part_ms(self.ffn[-1]), 3),
         }
 
+    def first_budget(self, keep: float) -> float:
+        """The allocation budget a latency search tries first for a measured ``keep``: ``keep`` corrected by the
+        earlier plan measured nearest to it (``keep x predicted / measured``), or ``keep`` with no observation."""
+        if not self.observed:
+            return keep
+        predicted, measured = min(self.observed, key=lambda o: abs(o[1] - keep))
+        return min(1.0, max(keep / 4, keep * predicted / measured))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
         return cls(**data)
+
+
+MAX_OBSERVED = 16
+
+
+def record_observations(table: LatencyTable, pairs: list[tuple[float, float]]) -> None:
+    """Append ``(predicted, measured)`` keeps of timed plans to ``table`` (the last :data:`MAX_OBSERVED` stay) and
+    rewrite its disk-cache entry, so the next run on this machine starts its search from them."""
+    table.observed = [*table.observed, *([round(p, 4), round(m, 4)] for p, m in pairs)][-MAX_OBSERVED:]
+    memory_key = next((k for k, t in _CACHE.items() if t is table), None)
+    if memory_key is not None:
+        _write_cached(json.loads(memory_key), table)
 
 
 def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict[str, Any]:

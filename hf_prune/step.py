@@ -28,7 +28,7 @@ from .criteria import Scores, input_norms, structured_scores
 from .depth import select_blocks
 from .distill import is_causal_lm, kl_sum, logit_positions
 from .distributed import all_reduce_sum, all_reduce_sum_many
-from .latency_model import LatencyTable, dummy_inputs, measure_keep, profile_latency
+from .latency_model import LatencyTable, dummy_inputs, measure_keep, profile_latency, record_observations
 from .masks import apply_masks, compute_masks, prunable_linears, to_module_layout, weight_scores
 from .measure import compare_latency, layer_flops, layer_params
 from .plan import PruningPlan
@@ -346,7 +346,7 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
     keep = config.target_latency
     assert keep is not None
     tried: list[_Try] = []
-    budget: float | None = keep
+    budget: float | None = latency.first_budget(keep)
     timings = 0
 
     def timed(shapes: list[Any], seconds: float = 2.0) -> float:
@@ -384,6 +384,7 @@ def _latency_search(model: nn.Module, scores: Scores, config: PruningConfig, lat
         if budget >= 1.0 and measured < keep:
             break  # nothing wider exists
         budget = _next_budget(tried, keep)
+    record_observations(latency, [(t.predicted, t.measured) for t in tried])
     close = [t for t in tried if abs(t.measured - keep) <= LATENCY_TOLERANCE * keep]
     under = [t for t in tried if t.measured <= keep]
     if close:

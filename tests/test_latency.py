@@ -286,6 +286,32 @@ def _stub_timing(monkeypatch, t: LatencyTable, measured_of):
     return calls
 
 
+def test_the_next_search_starts_from_what_this_machine_measured_before(monkeypatch, tmp_path):
+    """Plans run 15% slower than the table predicts: the first run needs a second search, and the next run with the
+    same table (in memory, or read back from the disk cache) aims at the corrected budget and needs one."""
+    from hf_prune import latency_model
+
+    model, t = tiny(), table(LINEAR)
+    calls = _stub_timing(monkeypatch, t, lambda predicted: 1.15 * predicted)
+    config = PruningConfig(target_latency=0.6, criterion="fisher", scope="global", ffn_multiple=8)
+    first = plan_structure(model, scores_for(model), config, latency=t).meta
+    assert first["latency_searches"] == 2 and len(t.observed) == 2
+    assert t.first_budget(0.6) == pytest.approx(0.6 / 1.15, rel=0.03)
+    calls.clear()
+    again = plan_structure(model, scores_for(model), config, latency=t).meta
+    assert again["latency_searches"] == 1 and calls[0] == pytest.approx(0.6 / 1.15, abs=0.02)
+    assert abs(again["measured_keep"] - 0.6) <= STEP_MODULE.LATENCY_AIM * 0.6
+    # kept with the cached table on disk, so a new process starts there too
+    monkeypatch.setenv(latency_model.CACHE_ENV, str(tmp_path))
+    key = {"model_type": "bert", "device": "cpu", "shapes": [[4, 4, 40]]}
+    monkeypatch.setitem(latency_model._CACHE, json.dumps(key, sort_keys=True), t)
+    latency_model.record_observations(t, [(0.5, 0.575)])
+    assert latency_model._read_cached(key).observed == t.observed
+    assert len(t.observed) == 4
+    # no observation: the table is trusted as it is
+    assert table(LINEAR).first_budget(0.6) == 0.6
+
+
 def test_correction_loop_rescales_the_budget_until_the_measurement_meets_the_target(monkeypatch):
     """Mixed shapes run 15% slower than the table predicts: the second search aims lower and lands on target."""
     model, t = tiny(), table(LINEAR)
