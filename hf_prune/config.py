@@ -63,11 +63,13 @@ class PruningConfig(JsonMixin):
         layers: fraction of whole transformer blocks to remove (depth pruning), ``0 <= layers < 1``, before any
             width pruning; see :mod:`hf_prune.depth`. A keep-target counts both: ``layers=0.25, target_flops=0.5``
             keeps half of the dense block FLOPs, the width step removing what the blocks did not.
-        max_layers: let the allocator choose the depth under a ``target_flops`` / ``target_params``: it tries block
-            counts from none to this fraction of the blocks (at most 9 counts, evenly spaced; blocks chosen by
-            ``layer_criterion``), fills the rest of the target with heads and neurons for each, and keeps the count
-            whose pruned model stays closest to the dense one on the calibration data (KL divergence of the outputs).
-            Needs calibration data and one model copy at a time.
+        max_layers: let the allocator choose the depth under a ``target_flops`` / ``target_params`` /
+            ``target_latency``: it tries block counts from none to this fraction of the blocks (at most 9 counts,
+            evenly spaced; blocks chosen by ``layer_criterion``), fills the rest of the target with heads and
+            neurons for each, and keeps the count whose pruned model stays closest to the dense one on the
+            calibration data (KL divergence of the outputs). Under ``target_latency`` each count's blocks are timed,
+            so at small batches, where a block's fixed cost (op dispatch, norms) survives any width cut, removing
+            blocks buys more width back. Needs calibration data and one model copy at a time.
         layer_criterion: which blocks: ``"influence"`` (ShortGPT's Block Influence, 1 - cos between a block's input
             and output; needs calibration data), ``"angular"`` (the consecutive run whose span changes the hidden
             states least, Gromov et al.; needs calibration data) or ``"last"`` (the blocks before the final one).
@@ -232,11 +234,10 @@ class PruningConfig(JsonMixin):
                 f"PruningConfig: layers={self.layers} fixes the depth and max_layers={self.max_layers} searches it; "
                 "set one of them"
             )
-        if self.max_layers and self.keep_target not in ("flops", "params"):
+        if self.max_layers and self.keep_target is None:
             raise ValueError(
-                f"PruningConfig.max_layers={self.max_layers} needs target_flops or target_params to trade blocks "
-                f"against heads and neurons (got {self.keep_target and 'target_' + self.keep_target}); with "
-                "target_latency fix the depth with layers=<fraction>"
+                f"PruningConfig.max_layers={self.max_layers} needs a keep-target (target_flops, target_params or "
+                "target_latency) to trade blocks against heads and neurons"
             )
         if self.pattern != "unstructured":
             m = _NM.match(str(self.pattern))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -179,6 +180,24 @@ class LatencyTable(JsonMixin):
             "attention_ms_per_layer": round(self.attention_ms(self.units[-1]), 3),
             "ffn_ms_per_layer": round(self.ffn_part_ms(self.ffn[-1]), 3),
         }
+
+    def for_depth(self, num_layers: int, full_ms: float) -> LatencyTable:
+        """The table of this model with ``num_layers`` of its blocks left, whose dense latency measured ``full_ms``.
+
+        A sweep point is the full latency minus what cutting every layer saved, and each layer saves the same, so
+        with fewer layers the savings scale by ``num_layers / self.num_layers`` around the new full latency (the
+        measured one: removing a block also removes its fixed cost, which no width sweep sees). No timing needed:
+        the depth search prices each of its candidates with it.
+        """
+        check_int("LatencyTable.for_depth: num_layers", num_layers, 1)
+        scale, full = num_layers / self.num_layers, self.full_ms
+        return dataclasses.replace(
+            self,
+            num_layers=num_layers,
+            unit_ms=[full_ms - scale * (full - v) for v in self.unit_ms],
+            ffn_ms=[full_ms - scale * (full - v) for v in self.ffn_ms],
+            observed=[],
+        )
 
     def first_budget(self, keep: float) -> float:
         """The allocation budget a latency search tries first for a measured ``keep``: ``keep`` corrected by the

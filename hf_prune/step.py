@@ -173,7 +173,8 @@ def divergence_from(reference: nn.Module, model: nn.Module, batches: Iterable[di
 def search_depth(model: nn.Module, config: PruningConfig, calibration: CalibrationSet | None) -> float:
     """The fraction of blocks to remove under ``config``'s keep-target, chosen by how close each candidate stays to
     the dense model on the calibration data (:func:`divergence_from`; see ``PruningConfig.max_layers``); the model is
-    not changed.
+    not changed. Under ``target_latency`` each candidate's blocks are timed and its width is priced with
+    :meth:`~hf_prune.latency_model.LatencyTable.for_depth` of the model's table.
 
     Each candidate block count is cut on a copy: its blocks (``layer_criterion``), then heads and neurons to what
     the target leaves, allocated from scores measured once on the dense model (the removed blocks' entries dropped),
@@ -187,6 +188,11 @@ def search_depth(model: nn.Module, config: PruningConfig, calibration: Calibrati
     scores = structured_scores(model, config.criterion, calibration if needs else None, config.max_samples, config.seed)
     target = config.keep_target
     keep = getattr(config, f"target_{target}")
+    table = None
+    if target == "latency":  # one table for the whole model; each candidate's is derived from it (no re-profiling)
+        table = profile_latency(
+            model, config.latency_batch_size, config.seq_len, multiple=config.ffn_multiple, head_unit=config.head_unit
+        )
     results: list[tuple[int, float]] = []
     for k in tqdm(depth_candidates(n, config.max_layers), desc="depth search", leave=False):
         removed, _ = select_blocks(model, config.layer_criterion, k / n, calibration)
@@ -200,7 +206,10 @@ def search_depth(model: nn.Module, config: PruningConfig, calibration: Calibrati
                 criterion=scores.criterion,
             )
             width = replace(config, max_layers=0.0, **{f"target_{target}": keep / kept})
-            allocate(work, remaining, width).apply(work)
+            # under a latency target the blocks' share was timed (their fixed cost included) and the width is
+            # priced by the table of the shallower model, so at small inputs the search can trade width for depth
+            derived = None if table is None else table.for_depth(n - len(removed), kept * table.full_ms)
+            allocate(work, remaining, width, derived, warn=False).apply(work)
         results.append((k, divergence_from(model, work, calibration)))
         del work
     best = min(results, key=lambda r: r[1])[0]

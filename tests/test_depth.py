@@ -192,9 +192,8 @@ def test_depth_search_with_real_blocks_still_meets_the_target():
 def test_depth_search_errors_are_early_and_clear(tmp_path):
     with pytest.raises(ValueError, match=r"layers=0\.25 fixes the depth and max_layers=0\.5 searches it"):
         PruningConfig(layers=0.25, max_layers=0.5, target_flops=0.5)
-    with pytest.raises(ValueError, match=r"max_layers=0.5 needs target_flops or target_params .*got target_latency"):
-        PruningConfig(max_layers=0.5, target_latency=0.5)
-    with pytest.raises(ValueError, match=r"max_layers=0.5 needs target_flops or target_params .*got None"):
+    PruningConfig(max_layers=0.5, target_latency=0.5)  # the depth search prices blocks by their timing
+    with pytest.raises(ValueError, match=r"max_layers=0.5 needs a keep-target \(target_flops, target_params or"):
         PruningConfig(max_layers=0.5, heads=0.5)
     with pytest.raises(ValueError, match="max_layers"):
         PruningConfig(max_layers=1.0, target_flops=0.5)
@@ -205,3 +204,89 @@ def test_depth_search_errors_are_early_and_clear(tmp_path):
     with pytest.raises(ValueError, match=r"max_layers=0\.5 .*not scheduled by the trainer"):
         config = PruningConfig(max_layers=0.5, target_flops=0.5)
         hf_prune.PruningTrainer(model=_llama(), args=args, pruning_config=config, calibration_dataset=_batches())
+
+
+# ---- depth under a latency target (timing stubbed by an additive cost model: the rule is tested, not the clock) --
+FIXED_MS, BLOCK_MS, HEAD_MS, NEURON_MS = 10.0, 2.0, 1.5, 0.05
+
+
+def _bert(layers: int = 4) -> tf.BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=48
+    )
+    return tf.BertForSequenceClassification(config).eval()
+
+
+def _model_ms(shapes) -> float:
+    """Latency of a model whose every block costs a fixed part plus its heads and neurons, plus a fixed rest."""
+    return FIXED_MS + sum(BLOCK_MS + HEAD_MS * s.heads + NEURON_MS * s.ffn for s in shapes)
+
+
+def _additive_table(layers: int, heads: int = 4, ffn: int = 48):
+    from hf_prune.latency_model import LatencyTable
+
+    full = [hf_prune.LayerShape(heads, heads, ffn)] * layers
+    return (
+        LatencyTable(
+            num_layers=layers,
+            units=list(range(heads + 1)),
+            unit_ms=[_model_ms([hf_prune.LayerShape(u, u, ffn)] * layers) for u in range(heads + 1)],
+            ffn=list(range(0, ffn + 1, 8)),
+            ffn_ms=[_model_ms([hf_prune.LayerShape(heads, heads, n)] * layers) for n in range(0, ffn + 1, 8)],
+            batch_size=1,
+            seq_len=12,
+            device="cpu",
+            dtype="float32",
+            threads=1,
+        )
+        if full
+        else None
+    )
+
+
+def test_a_latency_table_for_fewer_blocks_is_the_shallower_models_table():
+    deep, shallow = _additive_table(4), _additive_table(2)
+    derived = deep.for_depth(2, shallow.full_ms)
+    assert derived.num_layers == 2 and derived.observed == []
+    assert derived.unit_ms == pytest.approx(shallow.unit_ms) and derived.ffn_ms == pytest.approx(shallow.ffn_ms)
+    shapes = [hf_prune.LayerShape(1, 1, 16), hf_prune.LayerShape(3, 3, 40)]
+    assert derived.model_ms(shapes) == pytest.approx(_model_ms(shapes))
+
+
+def test_max_layers_under_target_latency_prices_each_depth_with_its_timed_blocks(monkeypatch):
+    """Each candidate block count is timed (its fixed cost goes with it) and its width is allocated against the
+    table of the shallower model; the pruned model lands on the target."""
+    from hf_prune import step
+
+    model = _bert()
+    adapter = hf_prune.get_adapter(model)
+    dense_ms = _model_ms(adapter.layer_shapes(model))
+
+    monkeypatch.setattr(step, "profile_latency", lambda m, *a, **k: _additive_table(len(adapter.layers(m))))
+    monkeypatch.setattr(
+        step, "depth_keep", lambda m, removed, config: 1 - len(removed) * (dense_ms - FIXED_MS) / 4 / dense_ms
+    )
+    monkeypatch.setattr(
+        step,
+        "measure_keep",
+        lambda m, shapes, *a, **k: _model_ms(shapes) / _model_ms(hf_prune.get_adapter(m).layer_shapes(m)),
+    )
+    priced = []
+    real_allocate = step.allocate
+
+    def allocate(m, scores, config, latency=None, **kw):
+        if latency is not None:
+            priced.append((len(adapter.layers(m)), latency.num_layers, latency.full_ms))
+        return real_allocate(m, scores, config, latency, **kw)
+
+    monkeypatch.setattr(step, "allocate", allocate)
+    config = PruningConfig(target_latency=0.6, max_layers=0.5, criterion="magnitude", layer_criterion="last")
+    report = hf_prune.prune(model, config, calibration_data=_batches())
+    assert report.layers_removed in ([2], [1, 2])  # "last": the blocks before the final one
+    # candidates 1 block (width fills the rest, priced for 3 blocks); 2 blocks alone already reach 0.597
+    assert (3, 3, pytest.approx(_model_ms([hf_prune.LayerShape(4, 4, 48)] * 3))) in priced
+    assert all(layers == table_layers for layers, table_layers, _ in priced)
+    kept = _model_ms(adapter.layer_shapes(model)) / dense_ms
+    assert abs(kept - 0.6) <= step.LATENCY_TOLERANCE * 0.6
+    assert (4, 4, pytest.approx(dense_ms)) in priced  # no block removed: the model's own table
