@@ -143,10 +143,41 @@ def depth_candidates(n_blocks: int, max_layers: float) -> list[int]:
     return sorted({round(i * top / (MAX_DEPTH_CANDIDATES - 1)) for i in range(MAX_DEPTH_CANDIDATES)})
 
 
+REFERENCE_LOGITS_BYTES = 256 * 2**20  # the depth search keeps the dense logits when they fit in this
+
+
 @torch.no_grad()
-def divergence_from(reference: nn.Module, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+def reference_logits(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_bytes: int = REFERENCE_LOGITS_BYTES
+) -> list[torch.Tensor] | None:
+    """``model``'s logits on every batch, or ``None`` as soon as they would pass ``max_bytes`` (an LM's logits are
+    tokens x vocabulary: 1.6 GB for SmolLM2 on 8,192 calibration tokens, a classifier's a few kB)."""
+    out, size = [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs, **no_cache(model)).logits
+            size += logits.numel() * logits.element_size()
+            if size > max_bytes:
+                return None
+            out.append(logits)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def divergence_from(
+    reference: nn.Module,
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    cached: list[torch.Tensor] | None = None,
+) -> float:
     """Mean KL divergence of ``model``'s output distribution from ``reference``'s over the calibration positions that
     carry a prediction (non-padding tokens of an LM, every example of a classifier); 0 when they agree exactly.
+    ``cached`` holds ``reference``'s logits on ``batches`` (:func:`reference_logits`), computed once for a search.
 
     A search among pruned candidates compares them by this rather than by a task loss: it needs no labels, and on a
     model that is not yet trained for the task a cut can lower the loss by chance, but never the divergence.
@@ -157,10 +188,10 @@ def divergence_from(reference: nn.Module, model: nn.Module, batches: Iterable[di
     reference.eval()
     model.eval()
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             valid = logit_positions(inputs, causal)
-            ref = reference(**inputs, **no_cache(reference)).logits
+            ref = cached[i] if cached is not None else reference(**inputs, **no_cache(reference)).logits
             out = model(**inputs, **no_cache(model)).logits
             total += float(kl_sum(out, ref, valid, 1.0))
             count += int(valid.sum()) if valid is not None else ref.shape[0]
@@ -194,6 +225,7 @@ def search_depth(model: nn.Module, config: PruningConfig, calibration: Calibrati
             model, config.latency_batch_size, config.seq_len, multiple=config.ffn_multiple, head_unit=config.head_unit
         )
     results: list[tuple[int, float]] = []
+    dense_logits = reference_logits(model, calibration)  # once, not once per candidate, when they fit in memory
     for k in tqdm(depth_candidates(n, config.max_layers), desc="depth search", leave=False):
         removed, _ = select_blocks(model, config.layer_criterion, k / n, calibration)
         kept = depth_keep(model, removed, config)
@@ -210,7 +242,7 @@ def search_depth(model: nn.Module, config: PruningConfig, calibration: Calibrati
             # priced by the table of the shallower model, so at small inputs the search can trade width for depth
             derived = None if table is None else table.for_depth(n - len(removed), kept * table.full_ms)
             allocate(work, remaining, width, derived, warn=False).apply(work)
-        results.append((k, divergence_from(model, work, calibration)))
+        results.append((k, divergence_from(model, work, calibration, dense_logits)))
         del work
     best = min(results, key=lambda r: r[1])[0]
     logger.info(

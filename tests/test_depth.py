@@ -160,7 +160,7 @@ def test_blocks_alone_past_the_target_remove_no_width(caplog):
 
 def test_depth_search_trades_blocks_against_width_by_calibration_loss(caplog):
     from hf_prune.measure import encoder_flops
-    from hf_prune.step import depth_candidates, divergence_from
+    from hf_prune.step import depth_candidates, divergence_from, reference_logits
 
     model = _llama(layers=6)
     _identity(model, [2, 3])  # two blocks that do nothing: removing them is free, any width cut is not
@@ -173,6 +173,12 @@ def test_depth_search_trades_blocks_against_width_by_calibration_loss(caplog):
     assert encoder_flops(dense, 128).total / encoder_flops(model, 128).total == pytest.approx(1.5)
     assert divergence_from(dense, model, _batches()) == pytest.approx(0.0, abs=1e-6)  # what was removed did nothing
     assert divergence_from(dense, _llama(layers=6), _batches()) > 1e-3  # (a different model is not close)
+    # the search computes the dense logits once when they fit the budget, with the same result
+    other = _llama(layers=6)
+    _identity(other, [1])
+    cached = reference_logits(dense, _batches())
+    assert divergence_from(dense, other, _batches(), cached) == pytest.approx(divergence_from(dense, other, _batches()))
+    assert reference_logits(dense, _batches(), max_bytes=1000) is None
     assert "depth search (blocks removed -> KL from the dense model): 0 -> " in caplog.text and "chose 2" in caplog.text
     assert depth_candidates(6, 0.5) == [0, 1, 2, 3]
     assert depth_candidates(40, 0.5) == [0, 2, 5, 8, 10, 12, 15, 18, 20]
