@@ -101,6 +101,7 @@ def prune_to(dense: torch.nn.Module, calibration: Any, target: float, args: argp
         "searches": meta["latency_searches"],
         "trials": meta["latency_trials"],
         "prune_s": prune_s,
+        "prune_parts_s": {k: round(v, 1) for k, v in report.timings_s.items()},  # scoring, allocation (table + search)
         "dense_ms": timing["dense_ms"],
         "pruned_ms": timing["pruned_ms"],
         "table": meta["latency_table"],
