@@ -176,6 +176,41 @@ def _run_head(result: dict[str, Any]) -> tuple[str, str]:
     return (" run |", "---|") if len(result.get("runs", {})) > 1 else ("", "")
 
 
+def _render_breakdown(result: dict[str, Any]) -> list[str]:
+    """Where a forward's time goes (rows run with ``latency.py --breakdown``): the matrix products, which shrink with
+    width, against the other ops (norms, activations, residual adds, layout) and the un-profiled remainder (Python
+    and dispatch), which a layer pays whatever its width."""
+    measured = [(kind, r) for kind, rows in machine_groups(result) for r in rows if r.get("breakdown_ms")]
+    if not measured:
+        return []
+    lines = [
+        "Where a forward's time goes (`--breakdown`: torch.profiler self time per op category, ms per forward; "
+        "`dispatch` is the median un-profiled wall time minus the profiled ops, i.e. Python and op dispatch, and is "
+        "the noisiest column since the profiler's own overhead lands in the ops):",
+        "",
+        "| machine | model | plan | batch x seq | matmul dense -> pruned | other ops dense -> pruned "
+        "| dispatch dense -> pruned |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, r in measured:
+        cells = []
+        for part in ("matmul", "other", "dispatch"):
+            values = []
+            for side in ("dense", "pruned"):
+                split = r["breakdown_ms"][side]
+                rest = sum(v for k, v in split.items() if k not in ("matmul", "python + dispatch"))
+                values.append(
+                    {"matmul": split.get("matmul", 0.0), "other": rest, "dispatch": split["python + dispatch"]}[part]
+                )
+            cells.append(f"{values[0]:.1f} -> {values[1]:.1f}")
+        lines.append(
+            f"| {kind} | {r['model']} | {r.get('plan', 'width')} | {r['batch']} x {r['seq_len']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return [*lines, ""]
+
+
 def render_latency(result: dict[str, Any]) -> list[str]:
     lines = [
         "## Latency: dense vs structured 2x cuts (width: 50% heads + 50% FFN in every layer; width+depth: every "
@@ -200,6 +235,7 @@ def render_latency(result: dict[str, Any]) -> list[str]:
         "transformer blocks (projections, attention, FFN).",
         "",
     ]
+    lines += _render_breakdown(result)
     if result.get("sizes"):
         lines += [
             "On-disk size (safetensors, float32) as a stock `save_pretrained` writes it: unstructured zeros are "
@@ -688,6 +724,26 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
                 )
             lines.append(
                 f"| Peers at a 2x FLOPs cut, MiniLM SST-2 one-shot | {text}; " + "; ".join(parts) + f" | {_cmd(r)} |"
+            )
+    if "latency_targets" in results:
+        r = results["latency_targets"]
+        runs = r.get("runs", {})
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for row in r.get("rows", []):
+            if not row.get("refused"):
+                kind = machine_kind(runs[row["run"]]["machine"], row["device"])
+                groups.setdefault((kind, row["model"], row["batch"], row["seq_len"]), []).append(row)
+        for (kind, model, batch, seq_len), rows in groups.items():
+            keeps = ", ".join(
+                f"{x['target']:g} -> {x['keep']:.3f}" + (" (cached table)" if x["table_cache"] == "cached" else "")
+                for x in rows
+            )
+            met = sum(bool(x["met"]) for x in rows)
+            lines.append(
+                f"| `target_latency` re-timed against dense ({kind}, {model}, {batch} x {seq_len}) | {keeps}; "
+                f"{met} of {len(rows)} within 5%; `prune()` {min(x['prune_s'] for x in rows):.0f}-"
+                f"{max(x['prune_s'] for x in rows):.0f} s "
+                f"| {_cmd(r, rows)} |"
             )
     if "trainer_overhead" in results:
         r = results["trainer_overhead"]

@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 FULL = [
-    ("latency", ["latency.py"]),
+    ("latency", ["latency.py", "--breakdown"]),
     ("oneshot", ["oneshot.py"]),
     ("trainer_overhead", ["trainer_overhead.py"]),
     ("recovery", ["recovery.py"]),

@@ -262,3 +262,67 @@ def test_latency_rows_of_every_machine_kind_stay_side_by_side():
     assert len(module.rows_of_other_machines(previous, {"machine": {**epyc, "gpu": "H100"}}, device="cuda")) == 3
     text = "\n".join(module.render_latency(previous))
     assert "| AMD EPYC 7B13, 2 threads | bert-base |" in text and "| Intel Xeon 8481C, 2 threads | bert-base |" in text
+
+
+def test_latency_breakdown_and_latency_target_headline_are_rendered_from_the_rows():
+    """`--breakdown` rows get the per-category table; the README headline states each latency target's re-timed
+    keep, how many met 5%, and what prune() cost, per machine kind, model and shape."""
+    module = _results_module()
+    epyc = {"cpu_model": "AMD EPYC 7B13", "cpu_cores": 2, "torch_threads": 2, "platform": "Linux"}
+    header = {"command": "python benchmarks/latency.py --breakdown", "commit": "abc", "dirty": False, "machine": epyc}
+    split = {"matmul": 90.0, "norm": 4.0, "activation": 6.0, "python + dispatch": 10.0}
+    latency = {
+        "benchmark": "latency",
+        "runs": {"r1": header},
+        "rows": [
+            {
+                "model": "bert-base",
+                "plan": "width+depth",
+                "batch": 1,
+                "seq_len": 32,
+                "params_dense": 1e8,
+                "params_pruned": 6e7,
+                "dense_ms": 110.0,
+                "pruned_ms": 55.0,
+                "speedup": 2.0,
+                "flops_ratio": 2.0,
+                "speedup_over_flops_ratio": 1.0,
+                "breakdown_ms": {"dense": split, "pruned": {**split, "matmul": 45.0, "python + dispatch": 7.5}},
+                "run": "r1",
+            }
+        ],
+    }
+    text = "\n".join(module.render_latency(latency))
+    assert (
+        "| AMD EPYC 7B13, 2 threads | bert-base | width+depth | 1 x 32 | 90.0 -> 45.0 | 10.0 -> 10.0 | 10.0 -> 7.5 |"
+        in text
+    )
+    del latency["rows"][0]["breakdown_ms"]
+    assert "Where a forward's time goes" not in "\n".join(module.render_latency(latency))
+
+    def target(t: float, keep: float, cache: str, prune_s: float) -> dict:
+        return {
+            "model": "minilm-sst2",
+            "device": "cpu",
+            "batch": 32,
+            "seq_len": 64,
+            "target": t,
+            "refused": None,
+            "search_keep": t,
+            "keep": keep,
+            "met": abs(keep - t) <= 0.05 * t,
+            "flops_ratio": 1 / t,
+            "searches": 2,
+            "prune_s": prune_s,
+            "table_cache": cache,
+            "run": "r1",
+        }
+
+    targets = {
+        "benchmark": "latency_targets",
+        "runs": {"r1": {**header, "command": "python benchmarks/latency_targets.py"}},
+        "rows": [target(0.5, 0.46, "cold", 60.2), target(0.5, 0.49, "cached", 36.6)],
+    }
+    line = next(x for x in module.headline({"latency_targets": targets}) if "target_latency" in x)
+    assert "0.5 -> 0.460, 0.5 -> 0.490 (cached table); 1 of 2 within 5%; `prune()` 37-60 s" in line
+    assert "AMD EPYC 7B13, 2 threads, minilm-sst2, 32 x 64" in line
