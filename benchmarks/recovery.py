@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
     current = {name: None if c is None else c.to_dict() for name, (c, _) in variants().items()}
     # a previous row is kept only if it was measured with the variant's current configuration and data
-    dev = args.n_eval or 872  # SST-2's dev set; rows measured on another dev size are not pooled
+    # SST-2's dev set has 872 sentences (common.sst2 caps --n-eval there); rows measured on another dev size are not
+    # pooled
+    dev = min(args.n_eval or 872, 872)
     same_data = previous.get("n_train", args.n_train) == args.n_train and previous.get("dev_sentences", 872) == dev
     rows = {r["variant"]: r for r in previous["rows"] if same_data and current.get(r["variant"], "?") == _config(r)}
     runs = previous.get("runs", {})
