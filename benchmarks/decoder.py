@@ -14,11 +14,16 @@ model), for:
   a third of the attention at a time on this model, so attention is left whole), and ShortGPT block dropping
   (Block Influence ``1 - cos(h_in, h_out)`` per block on the calibration tokens, lowest first), implemented here
   from the paper so that it shares nothing with hf_prune's depth criteria;
+* ``dense`` (with ``--dense-recovery``): the unpruned model given the same recovery, the reference every recovered
+  perplexity should be read against: the recovery trains on WikiText-2 train, which the dense model never saw, so a
+  recovered model can end below the dense model's own perplexity without having lost nothing;
 * 50% unstructured models, one-shot and recovered with their zeros kept as masks: ``magnitude`` (per matrix) and
   ``obs`` (activation-aware per output row with the OBS weight update, SparseGPT-style: the best one-shot model,
   which the recovery starts from; the trainer's row-wise magnitude masks at step 0 are exactly its zeros).
 
-    python benchmarks/decoder.py [--cuts 1.25 1.5 2] [--recover-cuts 1.5] [--steps 30] [--unstructured obs] [--quick]
+    python benchmarks/decoder.py [--cuts 1.25 1.5 2] [--recover-cuts 1.25 1.5 2] [--steps 30] [--unstructured obs]
+                                 [--dense-recovery] [--quick]
+    python benchmarks/decoder.py --cuts 1.5 --methods --skip-unstructured --dense-recovery   # the dense row only
 
 The recovery budget (steps x batch x block tokens) and every setting are stored with the results.
 """
@@ -187,14 +192,19 @@ def train_blocks(train_ids: torch.Tensor, seq_len: int, n: int) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuts", type=float, nargs="+", default=list(CUTS))
-    parser.add_argument("--recover-cuts", type=float, nargs="*", default=[1.5], help="cuts that get recovery")
+    parser.add_argument("--recover-cuts", type=float, nargs="*", default=list(CUTS), help="cuts that get recovery")
     parser.add_argument("--steps", type=int, default=30, help="recovery steps")
     parser.add_argument("--batch", type=int, default=4, help="recovery blocks per step")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seq-len", type=int, default=256, help="block length (training, calibration, FLOPs)")
     parser.add_argument("--calibration", type=int, default=32, help="calibration blocks")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 test tokens (512-token windows)")
-    parser.add_argument("--methods", nargs="*", default=None, help="subset of the method names")
+    parser.add_argument(
+        "--methods", nargs="*", default=None, help="subset of the method names (given empty: none, e.g. dense only)"
+    )
+    parser.add_argument(
+        "--dense-recovery", action="store_true", help="also give the dense model the same recovery (a 1x 'dense' row)"
+    )
     parser.add_argument(
         "--unstructured", nargs="*", default=list(UNSTRUCTURED), help=f"50%% sparse models: {list(UNSTRUCTURED)}"
     )
@@ -213,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seq_len, args.calibration, args.eval_tokens = 128, 2, 1024
         args.unstructured = ["obs"]
         # no separate width row: width+depth runs the same width cut after its depth search (which may keep every block)
-        args.methods = args.methods or ["depth", "width+depth", "Torch-Pruning uniform", "ShortGPT"]
+        if args.methods is None:
+            args.methods = ["depth", "width+depth", "Torch-Pruning uniform", "ShortGPT"]
     run = Run("decoder.py", argv)
     base, tokenizer = load_smollm2()
     test_ids = wikitext_ids(tokenizer, args.data_dir, "test", args.eval_tokens)
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.methods or []) - set(names))
     if unknown:
         parser.error(f"unknown --methods {unknown}; allowed: {names}")
-    chosen = args.methods or names
+    chosen = names if args.methods is None else args.methods
     rows = []
     # the trainer freezes its teacher's parameters: a copy of its own, so ``base`` stays trainable for the next copy
     teacher = copy.deepcopy(base).eval()
@@ -260,6 +271,17 @@ def main(argv: list[str] | None = None) -> int:
             "params": sum(p.numel() for p in model.parameters()),
             "blocks": len(model.model.layers),
         }
+
+    if args.dense_recovery:
+        # the reference for every recovered row: the same recovery with nothing removed (its teacher is itself)
+        model = copy.deepcopy(base)
+        oneshot = {"perplexity": dense_ppl, "flops_keep": 1.0, "params": sum(p.numel() for p in model.parameters())}
+        ref = {"cut": 1.0, "method": "dense", "oneshot": {**oneshot, "blocks": len(model.model.layers), "seconds": 0.0}}
+        ref["recovery_seconds"] = round(recover(model, teacher, blocks, args), 1)
+        ref["recovered"] = measure(model)
+        print("dense recovered", ref["recovered"], flush=True)
+        rows.append(ref)
+        del model
 
     for cut in args.cuts:
         keep = 1 / cut
@@ -353,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = add_run(result, run.record())
     for row in [*rows, *unstructured]:
         row["run"] = run_id
-    order = {name: i for i, name in enumerate(names)}
+    order = {name: i for i, name in enumerate(["dense", *names])}
     result["rows"] = sorted(kept + rows, key=lambda r: (r["cut"], order.get(r["method"], len(order))))
     publish(args.output, result)
     print(f"wrote {args.output} in {run.elapsed():.0f} s", flush=True)

@@ -36,7 +36,7 @@ FULL = [
     ("recovery", ["recovery.py"]),
     ("curves", ["curves.py", "--recover"]),
     ("peers", ["peers.py"]),
-    ("decoder", ["decoder.py"]),
+    ("decoder", ["decoder.py", "--dense-recovery"]),
     ("memory", ["memory.py"]),
     ("deploy", ["deploy.py"]),
     ("latency_targets", ["latency_targets.py"]),
@@ -50,7 +50,7 @@ QUICK = [
     ("trainer_overhead", ["trainer_overhead.py", "--steps", "6", "--warmup", "2", "--rounds", "1"]),
     ("recovery", ["recovery.py", *MINILM, "--only", "dense", "2x"]),
     ("curves", ["curves.py", "--quick", "--tasks", "sst2", "--skip-llm", *MINILM]),
-    ("decoder", ["decoder.py", "--quick"]),
+    ("decoder", ["decoder.py", "--quick", "--dense-recovery"]),
     ("memory", ["memory.py", "--quick"]),
     ("deploy", ["deploy.py", "--quick", "--models", "minilm", *MINILM, "--repeats", "3"]),
     (

@@ -326,3 +326,44 @@ def test_latency_breakdown_and_latency_target_headline_are_rendered_from_the_row
     line = next(x for x in module.headline({"latency_targets": targets}) if "target_latency" in x)
     assert "0.5 -> 0.460, 0.5 -> 0.490 (cached table); 1 of 2 within 5%; `prune()` 37-60 s" in line
     assert "AMD EPYC 7B13, 2 threads, minilm-sst2, 32 x 64" in line
+
+
+def test_decoder_dense_recovery_row_is_the_reference_in_the_table_and_headline():
+    """With a recovered `dense` row, the headline reads every cut's recovered perplexity against it."""
+    module = _results_module()
+    header = {"command": "python benchmarks/decoder.py", "commit": "abc", "dirty": False, "machine": {"cpu_cores": 2}}
+
+    def row(cut: float, method: str, oneshot: float, recovered: float) -> dict:
+        shape = {"flops_keep": 1 / cut, "params": 1e8, "blocks": 30}
+        return {
+            "cut": cut,
+            "method": method,
+            "oneshot": {**shape, "perplexity": oneshot, "seconds": 10.0},
+            "recovered": {**shape, "perplexity": recovered},
+            "recovery_seconds": 300.0,
+            "run": "r1",
+        }
+
+    result = {
+        "benchmark": "decoder",
+        "runs": {"r1": header},
+        "dense_perplexity": 26.15,
+        "eval_tokens": 1024,
+        "settings": {
+            "seq_len": 256,
+            "calibration_blocks": 32,
+            "recovery_steps": 30,
+            "recovery_batch": 4,
+            "recovery_tokens": 30720,
+            "learning_rate": 1e-4,
+            "distill_alpha": 0.5,
+        },
+        "rows": [row(1.0, "dense", 26.15, 21.5), row(1.5, "width", 70.0, 30.0), row(1.5, "ShortGPT", 150.0, 40.0)],
+        "unstructured": [],
+        "peak_rss_mb": 1000,
+    }
+    table = "\n".join(module.render_decoder(result))
+    assert "| 1x | dense | 30 | 1.000 | 100.0M | 26.15 | n/a | 21.50 |  | 300 s |" in table
+    lines = [x for x in module.headline({"decoder": result}) if "block-FLOPs cut" in x]
+    assert len(lines) == 1  # no headline line for the dense row's own "cut"
+    assert "width 30.0" in lines[0] and "ShortGPT 40.0 (dense 26.1; dense with the same recovery 21.5)" in lines[0]
