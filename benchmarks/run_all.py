@@ -15,7 +15,8 @@ benchmark calibrates on 256 tokens (its refit is underdetermined there) and reco
 benchmark uses a narrow model and deploy times MiniLM only. From a fresh clone with no sibling folders
 (cold caches, after ``make install``) the whole quick run took 518 s on 2 CPU cores (AMD EPYC) at 1ee4cd1:
 latency 38, oneshot 43 (fine-tuning included), trainer_overhead 28, recovery 47, curves 42, decoder 204,
-memory 31, deploy 74.
+memory 31, deploy 74. Added since: latency_targets (77 s alone at 5ca222c), latency's width+depth plan and
+decoder's dense-recovery row (2 steps); the whole quick run has not been re-timed since.
 """
 
 from __future__ import annotations
