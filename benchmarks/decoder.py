@@ -16,7 +16,7 @@ model), for:
   from the paper so that it shares nothing with hf_prune's depth criteria;
 * ``dense`` (with ``--dense-recovery``): the unpruned model given the same recovery, the reference every recovered
   perplexity should be read against: the recovery trains on WikiText-2 train, which the dense model never saw, so a
-  recovered model can end below the dense model's own perplexity without having lost nothing;
+  recovered model can end below the dense model's own perplexity and still have lost much;
 * 50% unstructured models, one-shot and recovered with their zeros kept as masks: ``magnitude`` (per matrix) and
   ``obs`` (activation-aware per output row with the OBS weight update, SparseGPT-style: the best one-shot model,
   which the recovery starts from; the trainer's row-wise magnitude masks at step 0 are exactly its zeros).
