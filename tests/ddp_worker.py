@@ -41,8 +41,10 @@ def distill(out: Path, kind: str, batch: int) -> None:
 
 def main(out: Path, target: str) -> None:
     model = toy_model()
-    # latency: every rank times its own copy; the averaged table must still give one plan
-    keep = {"target_flops": 0.5} if target == "flops" else {"target_latency": 0.6, "seq_len": 12}
+    # latency: every rank times its own copy; the averaged table must still give one plan. 0.8, not lower: this toy
+    # model's table floor (every layer at one head, no FFN) measured 0.72 with two ranks sharing 2 loaded CPU cores,
+    # and a target under the floor is refused before training (LatencyTargetError), which is not what this tests
+    keep = {"target_flops": 0.5} if target == "flops" else {"target_latency": 0.8, "seq_len": 12}
     config = PruningConfig(
         **keep,
         criterion="fisher",
