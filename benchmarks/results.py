@@ -192,22 +192,15 @@ def _render_breakdown(result: dict[str, Any]) -> list[str]:
         "| dispatch dense -> pruned |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def parts(split: dict[str, float]) -> tuple[float, float, float]:
+        matmul, dispatch = split.get("matmul", 0.0), split["python + dispatch"]
+        return matmul, sum(split.values()) - matmul - dispatch, dispatch
+
     for kind, r in measured:
-        cells = []
-        for part in ("matmul", "other", "dispatch"):
-            values = []
-            for side in ("dense", "pruned"):
-                split = r["breakdown_ms"][side]
-                rest = sum(v for k, v in split.items() if k not in ("matmul", "python + dispatch"))
-                values.append(
-                    {"matmul": split.get("matmul", 0.0), "other": rest, "dispatch": split["python + dispatch"]}[part]
-                )
-            cells.append(f"{values[0]:.1f} -> {values[1]:.1f}")
-        lines.append(
-            f"| {kind} | {r['model']} | {r.get('plan', 'width')} | {r['batch']} x {r['seq_len']} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        dense, pruned = (parts(r["breakdown_ms"][side]) for side in ("dense", "pruned"))
+        cells = " | ".join(f"{d:.1f} -> {p:.1f}" for d, p in zip(dense, pruned, strict=True))
+        lines.append(f"| {kind} | {r['model']} | {r.get('plan', 'width')} | {r['batch']} x {r['seq_len']} | {cells} |")
     return [*lines, ""]
 
 
@@ -742,12 +735,11 @@ def headline(results: dict[str, dict[str, Any]]) -> list[str]:
             )
     if "latency_targets" in results:
         r = results["latency_targets"]
-        runs = r.get("runs", {})
         groups: dict[tuple, list[dict[str, Any]]] = {}
-        for row in r.get("rows", []):
-            if not row.get("refused"):
-                kind = machine_kind(runs[row["run"]]["machine"], row["device"])
-                groups.setdefault((kind, row["model"], row["batch"], row["seq_len"]), []).append(row)
+        for kind, measured in machine_groups(r):
+            for row in measured:
+                if not row.get("refused"):
+                    groups.setdefault((kind, row["model"], row["batch"], row["seq_len"]), []).append(row)
         for (kind, model, batch, seq_len), rows in groups.items():
             keeps = ", ".join(
                 f"{x['target']:g} -> {x['keep']:.3f}" + (" (cached table)" if x["table_cache"] == "cached" else "")
