@@ -404,6 +404,7 @@ def decoder_unstructured(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_decoder(result: dict[str, Any]) -> list[str]:
     s = result["settings"]
+    run_head, run_rule = _run_head(result)
     lines = [
         "## Decoder LM: SmolLM2-135M width, depth and width+depth pruning with recovery",
         "",
@@ -426,9 +427,10 @@ def render_decoder(result: dict[str, Any]) -> list[str]:
             else ""
         ),
         "",
+        # the run column names each row's machine (runs table above): prune and recovery times are per machine
         "| cut | method | blocks | FLOPs kept | params | one-shot ppl | refit ppl | recovered ppl | prune time "
-        "| recovery time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| recovery time |" + run_head,
+        "|---|---|---|---|---|---|---|---|---|---|" + run_rule,
     ]
     for r in result["rows"]:
         last = r.get("refit", r["oneshot"])
@@ -440,6 +442,7 @@ def render_decoder(result: dict[str, Any]) -> list[str]:
             f"{last['params'] / 1e6:.1f}M | {r['oneshot']['perplexity']:.2f} | {refit} | {recovered} | "
             f"{'' if r['method'] == 'dense' else format(seconds, '.0f') + ' s'} "
             f"| {'' if 'recovery_seconds' not in r else format(r['recovery_seconds'], '.0f') + ' s'} |"
+            + _run_col(result, r)
         )
     described = {
         "magnitude": "magnitude, per matrix",
