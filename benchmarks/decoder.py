@@ -45,9 +45,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_prune import LayerShape, PruningConfig, PruningTrainer, encoder_flops, get_adapter, prune, prune_layers
+from hf_prune.compat import float_weights
 from hf_prune.measure import layer_flops
-from hf_prune.offline import smollm2_path
-from hf_prune.quantized import float_weights
+from hf_prune.recipes.offline import smollm2_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

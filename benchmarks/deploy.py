@@ -38,7 +38,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import hf_prune
 from hf_prune import PruningConfig
-from hf_prune.export import export_onnx, onnx_session, run_onnx, time_onnx, torch_int8
+from hf_prune.io.onnx import export_onnx, onnx_session, run_onnx, time_onnx, torch_int8
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -35,8 +35,8 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningConfig
-from hf_prune.latency_model import CACHE_ENV, dummy_inputs
 from hf_prune.measure import compare_latency, encoder_flops
+from hf_prune.planning.latency_table import CACHE_ENV, dummy_inputs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     this_run = Run("latency_targets.py", argv)
     dense, calibration = load(args.model, args.data_dir, args.seq_len)
     dense = dense.to(args.device).eval()
-    latency_model = sys.modules["hf_prune.latency_model"]
+    latency_model = sys.modules["hf_prune.planning.latency_table"]
     rows = []
     with tempfile.TemporaryDirectory() as tables:
         os.environ[CACHE_ENV] = tables

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_prune
 from hf_prune import PruningConfig, prune
-from hf_prune.offline import smollm2_path
+from hf_prune.recipes.offline import smollm2_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -30,7 +30,7 @@ from transformers import AutoModelForSequenceClassification
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.masks import sparsity_report
+from hf_prune.sparsity.masks import sparsity_report
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

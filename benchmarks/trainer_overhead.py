@@ -21,7 +21,7 @@ import transformers as tf
 from datasets import Dataset
 
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.offline import minilm_path
+from hf_prune.recipes.offline import minilm_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

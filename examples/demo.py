@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import hf_prune
-from hf_prune.criteria import magnitude_scores
 from hf_prune.measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
-from hf_prune.offline import minilm_path
+from hf_prune.recipes.offline import minilm_path
+from hf_prune.scoring.criteria import magnitude_scores
 
 REPO = Path(__file__).resolve().parents[1]
 

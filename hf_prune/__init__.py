@@ -9,20 +9,21 @@ Public API (everything users need is re-exported here)::
     model = hf_prune.from_pretrained("out", AutoModelForSequenceClassification)
 """
 
-from .allocate import allocate
 from .architectures import ArchAdapter, LayerShape, Param, Proj, get_adapter, register, supported_model_types
-from .calibration import CalibrationSet, calibration_set
 from .config import PruningConfig
-from .criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
-from .hub import from_pretrained, is_pruned, save_pretrained
-from .latency_model import LatencyTable, profile_latency
+from .io.load import from_pretrained, is_pruned
+from .io.save import save_pretrained
 from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, prunable_parameters
 from .oneshot import PruningReport, prune
-from .plan import PruningPlan
-from .state import pruning_state
+from .planning.allocate import allocate
+from .planning.latency_table import LatencyTable, profile_latency
+from .planning.plan import PruningPlan
+from .scoring.calibration import CalibrationSet, calibration_set
+from .scoring.criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
 from .step import LatencyTargetError
-from .surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
-from .trainer import PruningCallback, PruningMixin, PruningTrainer
+from .structure.state import pruning_state
+from .structure.surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
+from .training.trainer import PruningCallback, PruningMixin, PruningTrainer
 
 __version__ = "0.1.0"
 

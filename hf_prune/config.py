@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .jsonable import JsonMixin
+from .utils import JsonMixin
 
 CRITERIA = ("magnitude", "taylor", "fisher", "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
@@ -47,7 +47,7 @@ class PruningConfig(JsonMixin):
         target_params: fraction of the blocks' prunable parameters to keep, ``0 < x <= 1``.
         target_latency: fraction of the model's *measured* forward latency to keep, ``0 < x <= 1`` (0.5 = twice as
             fast on this machine at ``latency_batch_size`` x ``seq_len``). A latency table is timed on copies of
-            the model on its own device (:func:`~hf_prune.latency_model.profile_latency`), the allocation keeps
+            the model on its own device (:func:`~hf_prune.planning.latency_table.profile_latency`), the allocation keeps
             the most important heads/neurons whose predicted latency fits, and the chosen shapes are timed and
             the budget searched until the measurement is within 5% (:func:`hf_prune.step.plan_structure`). Widths
             past a slow kernel threshold are avoided, which a FLOPs target cannot see. A target below what width
@@ -61,7 +61,8 @@ class PruningConfig(JsonMixin):
         min_heads_per_layer: every layer keeps at least this many heads (0 allows removing a whole layer's
             attention).
         layers: fraction of whole transformer blocks to remove (depth pruning), ``0 <= layers < 1``, before any
-            width pruning; see :mod:`hf_prune.depth`. A keep-target counts both: ``layers=0.25, target_flops=0.5``
+            width pruning; see :mod:`hf_prune.scoring.depth`. A keep-target counts both: ``layers=0.25,
+            target_flops=0.5``
             keeps half of the dense block FLOPs, the width step removing what the blocks did not.
         max_layers: let the allocator choose the depth under a ``target_flops`` / ``target_params`` /
             ``target_latency``: it tries block counts from none to this fraction of the blocks (at most 9 counts,
@@ -76,7 +77,7 @@ class PruningConfig(JsonMixin):
         head_unit: under grouped-query attention, remove whole key/value groups (``"group"``), the same number of
             query heads from every group (``"query"``, the key/value heads stay), or ``"auto"``: whichever gives the
             model more units to choose from, ``"query"`` on a tie (SmolLM2: 3 groups of 3; Gemma-3-1B: one group
-            of 4; Llama-3-8B: 8 groups of 4 -> groups). See :mod:`hf_prune.units`.
+            of 4; Llama-3-8B: 8 groups of 4 -> groups). See :mod:`hf_prune.planning.units`.
         ffn_multiple: kept FFN sizes are rounded to a multiple of this (fast kernels); 1 disables rounding.
 
     Unstructured:
@@ -92,7 +93,7 @@ class PruningConfig(JsonMixin):
             Unstructured: after masking, update the kept weights block by block to reconstruct each layer's
             dense output (SparseGPT's OBS update; one-shot ``prune()`` only).
 
-    Schedule (used by :class:`~hf_prune.trainer.PruningTrainer`; ``prune()`` is always one-shot):
+    Schedule (used by :class:`~hf_prune.training.trainer.PruningTrainer`; ``prune()`` is always one-shot):
         schedule: ``"oneshot"`` (prune at ``start_step``, then recover), ``"iterative"`` (equal increments every
             ``frequency`` steps or at each epoch boundary) or ``"cubic"`` (Zhu & Gupta 2017 gradual schedule).
         start_step / end_step or start_epoch / end_epoch: the pruning window (default: the first half of

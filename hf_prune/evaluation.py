@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .calibration import model_device
+from .scoring.calibration import model_device
 
 
 @contextlib.contextmanager

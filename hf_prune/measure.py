@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from .architectures import ArchAdapter, LayerShape, get_adapter
 from .architectures.generic import block_lists
-from .calibration import model_device, to_device
+from .scoring.calibration import model_device, to_device
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,13 +13,13 @@ from torch import nn
 from transformers.utils import logging
 
 from .architectures import get_adapter
-from .calibration import calibration_set
+from .compat import float_weights
 from .config import PruningConfig
-from .masks import sparsity_report
 from .measure import count_parameters, encoder_flops
-from .plan import PruningPlan
-from .quantized import float_weights
-from .reconstruct import sequential_prune
+from .planning.plan import PruningPlan
+from .scoring.calibration import calibration_set
+from .sparsity.masks import sparsity_report
+from .sparsity.reconstruct import sequential_prune
 from .step import depth_step, mask_step, structural_step
 
 logger = logging.get_logger(__name__)
@@ -83,7 +83,8 @@ def prune(
         model: any model of a supported family.
         config: a :class:`PruningConfig` (or its dict form).
         calibration_data: needed by ``taylor``/``fisher``, ``reconstruct`` and activation-aware sparsity. Any form
-            :func:`~hf_prune.calibration.calibration_set` accepts: tokenized examples (a ``datasets.Dataset`` or a
+            :func:`~hf_prune.scoring.calibration.calibration_set` accepts: tokenized examples (a ``datasets.Dataset``
+            or a
             list of dicts, ragged lengths padded, batched with ``collate_fn``), ready batches of any padded lengths
             (a list, generator or DataLoader). At most ``config.max_samples`` examples are drawn, once, and reused by
             every pass.

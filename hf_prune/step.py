@@ -20,19 +20,19 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .allocate import allocate, latency_floor
 from .architectures import get_adapter
-from .calibration import CalibrationSet, model_device, no_cache
 from .config import PruningConfig
-from .criteria import Scores, input_norms, structured_scores
-from .depth import select_blocks
-from .distill import is_causal_lm, kl_sum, logit_positions
-from .distributed import all_reduce_sum, all_reduce_sum_many
-from .latency_model import LatencyTable, dummy_inputs, measure_keep, profile_latency, record_observations
-from .masks import apply_masks, compute_masks, prunable_linears, to_module_layout, weight_scores
 from .measure import compare_latency, layer_flops, layer_params
-from .plan import PruningPlan
-from .surgery import prune_layers
+from .planning.allocate import allocate, latency_floor
+from .planning.latency_table import LatencyTable, dummy_inputs, measure_keep, profile_latency, record_observations
+from .planning.plan import PruningPlan
+from .scoring.calibration import CalibrationSet, model_device, no_cache
+from .scoring.criteria import Scores, input_norms, structured_scores
+from .scoring.depth import select_blocks
+from .sparsity.masks import apply_masks, compute_masks, prunable_linears, to_module_layout, weight_scores
+from .structure.surgery import prune_layers
+from .training.distill import is_causal_lm, kl_sum, logit_positions
+from .training.distributed import all_reduce_sum, all_reduce_sum_many
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +51,7 @@ class LatencyTargetError(ValueError):
 
 
 def check_latency_reachable(model: nn.Module, config: PruningConfig, latency: LatencyTable) -> float:
-    """The table's floor for ``model`` (see :func:`~hf_prune.allocate.latency_floor`); raises
+    """The table's floor for ``model`` (see :func:`~hf_prune.planning.allocate.latency_floor`); raises
     :class:`LatencyTargetError` when it is more than ``LATENCY_TOLERANCE`` above ``config.target_latency``."""
     keep = config.target_latency
     floor = latency_floor(model, config, latency)
@@ -205,7 +205,7 @@ def search_depth(model: nn.Module, config: PruningConfig, calibration: Calibrati
     """The fraction of blocks to remove under ``config``'s keep-target, chosen by how close each candidate stays to
     the dense model on the calibration data (:func:`divergence_from`; see ``PruningConfig.max_layers``); the model is
     not changed. Under ``target_latency`` each candidate's blocks are timed and its width is priced with
-    :meth:`~hf_prune.latency_model.LatencyTable.for_depth` of the model's table.
+    :meth:`~hf_prune.planning.latency_table.LatencyTable.for_depth` of the model's table.
 
     Each candidate block count is cut on a copy: its blocks (``layer_criterion``), then heads and neurons to what
     the target leaves, allocated from scores measured once on the dense model (the removed blocks' entries dropped),

@@ -42,10 +42,11 @@ from torch import nn
 
 from .architectures import get_adapter
 from .architectures.base import head_feature_index, out_in
-from .hub import from_pretrained, save_pretrained
+from .io.load import from_pretrained
+from .io.save import save_pretrained
 from .measure import count_parameters
-from .runtime import MODELING_FILE
-from .surgery import prune_layers, prune_structure
+from .structure.remote_code import MODELING_FILE
+from .structure.surgery import prune_layers, prune_structure
 
 __all__ = ["check_adapter", "conformance_request", "zero_heads_and_neurons"]
 

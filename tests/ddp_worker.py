@@ -74,7 +74,7 @@ def main(out: Path, target: str) -> None:
         "shapes": shapes,
         "weights_sha256": digest.hexdigest(),
         "events": trainer.pruning_callback.done_steps,
-        "sparsity": hf_prune.masks.sparsity_report(model)["overall"],
+        "sparsity": hf_prune.sparsity.masks.sparsity_report(model)["overall"],
         "latency_table": trainer.pruning_callback.latency.to_dict() if trainer.pruning_callback.latency else None,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -7,7 +7,7 @@ import transformers as tf
 from datasets import Dataset
 
 from hf_prune import PruningConfig
-from hf_prune.calibration import pad_collate
+from hf_prune.scoring.calibration import pad_collate
 
 from .families import FAMILIES, VOCAB, make_model
 

@@ -11,8 +11,8 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningConfig, prune
-from hf_prune.blockwise import BlockInputs
-from hf_prune.masks import sparsity_report
+from hf_prune.scoring.blockwise import BlockInputs
+from hf_prune.sparsity.masks import sparsity_report
 
 from .families import FAMILIES, make_inputs, make_model, output_tensor
 

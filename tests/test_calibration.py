@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 import hf_prune
 from hf_prune import PruningConfig, prune
-from hf_prune.calibration import ACCEPTED_FORMS, calibration_set, pad_collate
-from hf_prune.criteria import mask_gradient_scores
+from hf_prune.scoring.calibration import ACCEPTED_FORMS, calibration_set, pad_collate
+from hf_prune.scoring.criteria import mask_gradient_scores
 
 from .families import FAMILIES, VOCAB, make_model
 

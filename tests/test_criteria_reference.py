@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import hf_prune
-from hf_prune.calibration import calibration_set
-from hf_prune.criteria import magnitude_scores, mask_gradient_scores
+from hf_prune.scoring.calibration import calibration_set
+from hf_prune.scoring.criteria import magnitude_scores, mask_gradient_scores
 
 from .families import FAMILIES, make_inputs, make_model
 

@@ -12,9 +12,9 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer, prune
-from hf_prune.allocate import latency_floor
-from hf_prune.distributed import all_reduce_sum
-from hf_prune.latency_model import profile_latency
+from hf_prune.planning.allocate import latency_floor
+from hf_prune.planning.latency_table import profile_latency
+from hf_prune.training.distributed import all_reduce_sum
 
 from .families import FAMILIES, make_inputs, make_model
 from .test_calibration import model_and_examples, ready_batches
@@ -102,7 +102,7 @@ def test_trainer_prunes_distills_and_masks_on_cuda(tmp_path, dtype):
     trainer.train()
     assert next(model.parameters()).device.type == "cuda"
     assert [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)] == [2, 2, 2]
-    assert hf_prune.masks.sparsity_report(model)["overall"] == pytest.approx(0.4, abs=0.01)
+    assert hf_prune.sparsity.masks.sparsity_report(model)["overall"] == pytest.approx(0.4, abs=0.01)
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     live = {id(p) for p in model.parameters()}
     assert all(id(p) in live for g in inner.param_groups for p in g["params"])
@@ -137,7 +137,7 @@ def test_a_cuda_model_saves_portable_and_sparse_and_reloads_onto_the_gpu(tmp_pat
 
 def test_onnx_export_of_a_cuda_model_matches_it_and_leaves_it_on_the_gpu(tmp_path):
     pytest.importorskip("onnxruntime")
-    from hf_prune.export import export_onnx, onnx_session, run_onnx
+    from hf_prune.io.onnx import export_onnx, onnx_session, run_onnx
 
     model = _non_uniform_cuda_bert(torch.float32)
     report = export_onnx(model, tmp_path / "onnx", int8=True)

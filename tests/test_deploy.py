@@ -13,8 +13,8 @@ import torch
 import transformers as tf
 
 import hf_prune
-from hf_prune.runtime import MODELING_FILE
-from hf_prune.sparse_io import SPARSE_INDEX, pack_bits, unpack_bits
+from hf_prune.sparsity.sparse_io import SPARSE_INDEX, pack_bits, unpack_bits
+from hf_prune.structure.remote_code import MODELING_FILE
 
 from .families import FAMILIES, make_inputs, make_model
 
@@ -83,7 +83,8 @@ def test_the_saved_config_names_the_runtime_for_every_task_head_and_memory_stays
     hf_prune.save_pretrained(reloaded, tmp_path / "m2")
     saved2 = json.loads((tmp_path / "m2" / "config.json").read_text())
     assert saved2["hf_prune"]["modules"]["encoder.layer.2.attention.self"]["attrs"]["num_attention_heads"] == 3
-    # the shipped file is hf_prune.runtime itself, which imports neither hf_prune nor anything but torch/transformers
+    # the shipped file is hf_prune.structure.remote_code itself, which imports neither hf_prune nor anything but
+    # torch/transformers
     text = (tmp_path / "m" / MODELING_FILE).read_text()
     imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {"__future__", "typing", "torch", "transformers"}, imports
@@ -203,7 +204,7 @@ def test_sparse_and_safe_serialization_false_conflict(tmp_path):
 
 # ---- ONNX export -------------------------------------------------------------------------------------------
 def _exported(tmp_path, model, int8=False):
-    from hf_prune.export import export_onnx
+    from hf_prune.io.onnx import export_onnx
 
     hf_prune.save_pretrained(model, tmp_path / "m")
     return export_onnx(tmp_path / "m", tmp_path / ("int8" if int8 else "fp32"), int8=int8)
@@ -215,10 +216,10 @@ def _exported(tmp_path, model, int8=False):
 )
 def test_onnx_export_of_a_non_uniform_model_matches_pytorch_on_new_shapes(tmp_path, family, cls):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
-    from hf_prune.export import onnx_session, run_onnx
+    from hf_prune.io.onnx import onnx_session, run_onnx
 
     model = make_model(FAMILIES[family], cls)
-    from hf_prune.surgery import prune_structure
+    from hf_prune.structure.surgery import prune_structure
     from hf_prune.testing import conformance_request
 
     prune_structure(model, *conformance_request(model))  # uneven layers, one attention and one FFN emptied
@@ -238,7 +239,7 @@ def test_onnx_export_of_a_non_uniform_model_matches_pytorch_on_new_shapes(tmp_pa
 
 def test_exporting_a_model_object_leaves_the_callers_model_as_it_was(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
-    from hf_prune.export import export_onnx
+    from hf_prune.io.onnx import export_onnx
 
     model = _non_uniform_bert().to(torch.bfloat16).train()
     report = export_onnx(model, tmp_path / "onnx")
@@ -248,7 +249,7 @@ def test_exporting_a_model_object_leaves_the_callers_model_as_it_was(tmp_path):
 
 def test_int8_onnx_and_torch_int8_shrink_the_model_and_mostly_agree(tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
-    from hf_prune.export import onnx_session, run_onnx, torch_int8
+    from hf_prune.io.onnx import onnx_session, run_onnx, torch_int8
 
     torch.manual_seed(0)
     config = _bert_base_proportions(num_labels=3)
@@ -272,7 +273,7 @@ def test_int8_onnx_and_torch_int8_shrink_the_model_and_mostly_agree(tmp_path):
 
 def test_cli_export_writes_the_graph_and_says_how_close_it_is(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="the onnx extra is part of the test install (make test)")
-    from hf_prune.cli import main
+    from hf_prune.recipes.cli import main
 
     hf_prune.save_pretrained(_non_uniform_bert(), tmp_path / "m")
     assert main(["export", str(tmp_path / "m"), "--output", str(tmp_path / "onnx")]) == 0
@@ -286,7 +287,7 @@ def test_cli_export_writes_the_graph_and_says_how_close_it_is(tmp_path, capsys):
 
 
 def test_export_without_onnx_installed_says_what_to_install(tmp_path, monkeypatch):
-    from hf_prune import export
+    from hf_prune.io import onnx as export
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install 'hf_prune\[onnx\]'"):

@@ -11,7 +11,7 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningConfig
-from hf_prune.depth import block_statistics, choose_blocks, select_blocks
+from hf_prune.scoring.depth import block_statistics, choose_blocks, select_blocks
 
 
 def _llama(layers: int = 4) -> tf.LlamaForCausalLM:
@@ -230,7 +230,7 @@ def _model_ms(shapes) -> float:
 
 
 def _additive_table(layers: int, heads: int = 4, ffn: int = 48):
-    from hf_prune.latency_model import LatencyTable
+    from hf_prune.planning.latency_table import LatencyTable
 
     full = [hf_prune.LayerShape(heads, heads, ffn)] * layers
     return (

@@ -12,9 +12,9 @@ from torch.utils._pytree import tree_leaves
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer, prune
-from hf_prune.calibration import calibration_set
-from hf_prune.criteria import input_norms, magnitude_scores, mask_gradient_scores, random_scores
-from hf_prune.masks import compute_masks, prunable_linears, weight_scores
+from hf_prune.scoring.calibration import calibration_set
+from hf_prune.scoring.criteria import input_norms, magnitude_scores, mask_gradient_scores, random_scores
+from hf_prune.sparsity.masks import compute_masks, prunable_linears, weight_scores
 
 from .families import FAMILIES, make_inputs, make_model
 

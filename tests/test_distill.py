@@ -10,7 +10,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.distill import count_positions, kl_sum, logit_positions
+from hf_prune.training.distill import count_positions, kl_sum, logit_positions
 
 from .distill_setup import CONFIG, setup, training_args
 from .families import FAMILIES, make_model

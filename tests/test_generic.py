@@ -12,8 +12,8 @@ import hf_prune
 from hf_prune import PruningConfig, PruningTrainer, prune
 from hf_prune.architectures import get_adapter, supported_model_types
 from hf_prune.architectures.generic import block_lists
-from hf_prune.masks import prunable_linears, sparsity_report
 from hf_prune.measure import encoder_flops, prunable_parameters
+from hf_prune.sparsity.masks import prunable_linears, sparsity_report
 
 
 def opt_model() -> tf.PreTrainedModel:

@@ -14,8 +14,8 @@ import transformers
 
 import hf_prune
 from hf_prune import LayerShape, PruningConfig, allocate
-from hf_prune.criteria import Scores
-from hf_prune.latency_model import LatencyTable, measure_keep, profile_latency
+from hf_prune.planning.latency_table import LatencyTable, measure_keep, profile_latency
+from hf_prune.scoring.criteria import Scores
 from hf_prune.step import plan_structure
 
 from .families import FAMILIES, make_model
@@ -100,7 +100,7 @@ def test_profile_latency_is_cached_and_validates_its_arguments():
 
 
 def test_isotonic_pools_a_noisy_pair_instead_of_lifting_everything_after_a_spike():
-    from hf_prune.latency_model import _isotonic
+    from hf_prune.planning.latency_table import _isotonic
 
     assert _isotonic([1.0, 2.0, 2.0, 5.0]) == [1.0, 2.0, 2.0, 5.0]
     assert _isotonic([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
@@ -109,7 +109,7 @@ def test_isotonic_pools_a_noisy_pair_instead_of_lifting_everything_after_a_spike
 
 
 def test_tables_are_cached_on_disk_per_machine_and_shape(tmp_path, monkeypatch):
-    latency_model = importlib.import_module("hf_prune.latency_model")
+    latency_model = importlib.import_module("hf_prune.planning.latency_table")
     monkeypatch.setenv(latency_model.CACHE_ENV, str(tmp_path / "tables"))
     monkeypatch.setattr(latency_model, "_CACHE", {})
     model = tiny().eval()
@@ -220,7 +220,7 @@ def test_latency_config_errors(kwargs, message):
 
 
 def test_trainer_measures_the_table_once_and_checkpoints_it(tmp_path, monkeypatch):
-    import hf_prune.callback as callback_module
+    import hf_prune.training.callback as callback_module
 
     from .test_trainer import args, toy_data, toy_model
 
@@ -289,7 +289,7 @@ def _stub_timing(monkeypatch, t: LatencyTable, measured_of):
 def test_the_next_search_starts_from_what_this_machine_measured_before(monkeypatch, tmp_path):
     """Plans run 15% slower than the table predicts: the first run needs a second search, and the next run with the
     same table (in memory, or read back from the disk cache) aims at the corrected budget and needs one."""
-    from hf_prune import latency_model
+    from hf_prune.planning import latency_table as latency_model
 
     model, t = tiny(), table(LINEAR)
     calls = _stub_timing(monkeypatch, t, lambda predicted: 1.15 * predicted)
@@ -400,7 +400,7 @@ def test_a_target_below_the_tables_floor_is_refused_with_the_reachable_target_an
 
 
 def test_the_trainer_refuses_an_unreachable_latency_target_before_training(tmp_path, monkeypatch):
-    import hf_prune.callback as callback_module
+    import hf_prune.training.callback as callback_module
 
     from .test_trainer import args, toy_data, toy_model
 

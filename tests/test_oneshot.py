@@ -9,10 +9,10 @@ import torch
 
 import hf_prune
 from hf_prune import PruningConfig, prune
-from hf_prune.allocate import allocate
 from hf_prune.architectures.base import head_feature_index
-from hf_prune.criteria import magnitude_scores, mask_gradient_scores, random_scores
-from hf_prune.masks import compute_masks, prunable_linears, sparsity_report, weight_scores
+from hf_prune.planning.allocate import allocate
+from hf_prune.scoring.criteria import magnitude_scores, mask_gradient_scores, random_scores
+from hf_prune.sparsity.masks import compute_masks, prunable_linears, sparsity_report, weight_scores
 
 from .families import FAMILIES, make_inputs, make_model, output_tensor
 
@@ -75,8 +75,12 @@ def test_every_criterion_scores_every_family(name):
     results = {
         "magnitude": magnitude_scores(model),
         "random": random_scores(model, seed=0),
-        "taylor": mask_gradient_scores(model, hf_prune.calibration.iter_batches(calibration(family), 8), "taylor"),
-        "fisher": mask_gradient_scores(model, hf_prune.calibration.iter_batches(calibration(family), 8), "fisher"),
+        "taylor": mask_gradient_scores(
+            model, hf_prune.scoring.calibration.iter_batches(calibration(family), 8), "taylor"
+        ),
+        "fisher": mask_gradient_scores(
+            model, hf_prune.scoring.calibration.iter_batches(calibration(family), 8), "fisher"
+        ),
     }
     for crit, scores in results.items():
         assert [s.numel() for s in scores.heads] == [s.heads for s in shapes], crit
@@ -95,8 +99,8 @@ def test_random_is_seeded_and_taylor_differs_from_fisher():
     assert all(torch.equal(x, y) for x, y in zip(a.heads, b.heads, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a.heads, c.heads, strict=True))
     data = calibration(family)
-    taylor = mask_gradient_scores(model, hf_prune.calibration.iter_batches(data, 8), "taylor")
-    fisher = mask_gradient_scores(model, hf_prune.calibration.iter_batches(data, 8), "fisher")
+    taylor = mask_gradient_scores(model, hf_prune.scoring.calibration.iter_batches(data, 8), "taylor")
+    fisher = mask_gradient_scores(model, hf_prune.scoring.calibration.iter_batches(data, 8), "fisher")
     assert not torch.allclose(taylor.ffn[0], fisher.ffn[0])
 
 
@@ -104,8 +108,8 @@ def test_fisher_scores_match_a_per_example_reference():
     """Per-example mask gradients from one batched backward equal those of separate single-example passes."""
     family, model = task_model("bert")
     data = calibration(family, n_batches=1, batch=4)
-    batched = mask_gradient_scores(model, hf_prune.calibration.iter_batches(data, 4), "fisher")
-    single = mask_gradient_scores(model, hf_prune.calibration.iter_batches(data, 1), "fisher")
+    batched = mask_gradient_scores(model, hf_prune.scoring.calibration.iter_batches(data, 4), "fisher")
+    single = mask_gradient_scores(model, hf_prune.scoring.calibration.iter_batches(data, 1), "fisher")
     for a, b in zip(batched.heads + batched.ffn, single.heads + single.ffn, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-9)
 
@@ -259,7 +263,7 @@ def test_prune_refuses_data_criteria_without_data_before_touching_the_model():
 
 # ---- reconstruction (OBS update) ------------------------------------------------------------------------
 def test_obs_update_reconstructs_better_than_masking():
-    from hf_prune.reconstruct import obs_update
+    from hf_prune.sparsity.reconstruct import obs_update
 
     g = torch.Generator().manual_seed(0)
     # correlated inputs (as real activations are): what a removed weight did, others can partly take over
@@ -316,7 +320,7 @@ LLAMA_LIKE = ("llama", "gemma2", "granite_swa")
 
 @pytest.mark.parametrize("name", [*ALL, "gemma2", "granite_swa", "modernbert"])
 def test_structured_reconstruct_is_the_least_squares_refit(name):
-    from hf_prune.reconstruct import apply_plan_with_compensation
+    from hf_prune.sparsity.reconstruct import apply_plan_with_compensation
 
     family, model = task_model(name)
     adapter = hf_prune.get_adapter(model)
@@ -402,7 +406,7 @@ def test_structured_reconstruct_needs_data_before_touching_the_model():
 
 
 def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
-    from hf_prune.reconstruct import apply_plan_with_compensation
+    from hf_prune.sparsity.reconstruct import apply_plan_with_compensation
 
     _family, model = task_model("llama")
     snapshot = copy.deepcopy(model.state_dict())
@@ -418,7 +422,7 @@ def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
 
 def test_structured_reconstruct_warns_when_the_refit_is_underdetermined(caplog):
     """Fewer calibration tokens than a projection's kept inputs: the fit is exact on them and poor elsewhere."""
-    from hf_prune.reconstruct import apply_plan_with_compensation
+    from hf_prune.sparsity.reconstruct import apply_plan_with_compensation
 
     caplog.set_level("WARNING")
     family, model = task_model("llama")

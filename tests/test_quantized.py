@@ -13,7 +13,7 @@ from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.quantized import float_weights, quant_method
+from hf_prune.compat import float_weights, quant_method
 
 
 def _llama() -> tf.LlamaForCausalLM:

@@ -13,7 +13,7 @@ import transformers as tf
 from datasets import Dataset
 
 from hf_prune import PruningConfig, prune
-from hf_prune.offline import minilm_path
+from hf_prune.recipes.offline import minilm_path
 
 pytestmark = pytest.mark.real
 DATA = Path(__file__).resolve().parents[1] / "data" / "sst2"
@@ -107,8 +107,8 @@ def test_tokenized_dataset_with_text_columns_and_a_padding_collator(finetuned):
         | {"labels": torch.tensor([int(r["label"]) for r in rows[i : i + 16]])}
         for i in range(0, 64, 16)
     ]
-    from hf_prune.calibration import calibration_set
-    from hf_prune.criteria import mask_gradient_scores
+    from hf_prune.scoring.calibration import calibration_set
+    from hf_prune.scoring.criteria import mask_gradient_scores
 
     collated = calibration_set(data, model, batch_size=16, collate_fn=tf.DataCollatorWithPadding(tokenizer))
     assert collated.num_examples == 64

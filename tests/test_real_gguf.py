@@ -9,7 +9,7 @@ from datasets import Dataset
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.offline import smollm2_path
+from hf_prune.recipes.offline import smollm2_path
 
 pytestmark = pytest.mark.real
 

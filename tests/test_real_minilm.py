@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_prune
-from hf_prune.offline import minilm_path
+from hf_prune.recipes.offline import minilm_path
 
 from .families import zero_heads_and_neurons
 

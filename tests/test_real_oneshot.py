@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hf_prune
 from hf_prune import PruningConfig, prune
-from hf_prune.offline import minilm_path, smollm2_path
+from hf_prune.recipes.offline import minilm_path, smollm2_path
 
 pytestmark = pytest.mark.real
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -12,8 +12,8 @@ import pytest
 import transformers as tf
 
 import hf_prune
-from hf_prune import cli
-from hf_prune.recipes import load_recipe
+from hf_prune.recipes import cli
+from hf_prune.recipes.schema import load_recipe
 
 pytestmark = pytest.mark.real
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

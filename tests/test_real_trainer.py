@@ -12,7 +12,7 @@ from datasets import Dataset
 
 import hf_prune
 from hf_prune import PruningConfig, PruningTrainer
-from hf_prune.offline import minilm_path
+from hf_prune.recipes.offline import minilm_path
 
 pytestmark = pytest.mark.real
 DATA = Path(__file__).resolve().parents[1] / "data" / "sst2"

@@ -12,9 +12,9 @@ import transformers as tf
 import yaml
 
 import hf_prune
-from hf_prune import cli, runner
-from hf_prune.metrics import classification_metrics, load_metric, perplexity
-from hf_prune.recipes import RecipeError, load_recipe
+from hf_prune.recipes import cli, runner
+from hf_prune.recipes.metrics import classification_metrics, load_metric, perplexity
+from hf_prune.recipes.schema import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

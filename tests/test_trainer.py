@@ -12,8 +12,8 @@ from datasets import Dataset
 
 import hf_prune
 from hf_prune import PruningCallback, PruningConfig, PruningMixin, PruningTrainer
-from hf_prune.masks import prunable_linears, sparsity_report
-from hf_prune.schedules import build_events, resolve_window
+from hf_prune.sparsity.masks import prunable_linears, sparsity_report
+from hf_prune.training.schedules import build_events, resolve_window
 
 from .families import FAMILIES, make_model
 
@@ -77,7 +77,7 @@ class StepRecorder(tf.TrainerCallback):
 
 # ---- schedules ------------------------------------------------------------------------------------------
 def test_schedules():
-    assert build_events("oneshot", 0, 0, "epoch", 10) == [hf_prune.schedules.Event(0, 1.0)]
+    assert build_events("oneshot", 0, 0, "epoch", 10) == [hf_prune.training.schedules.Event(0, 1.0)]
     iterative = build_events("iterative", 0, 20, 10, 10)
     assert [(e.step, round(e.progress, 3)) for e in iterative] == [(0, 0.333), (10, 0.667), (20, 1.0)]
     cubic = build_events("cubic", 0, 100, 10, 50)
@@ -369,7 +369,7 @@ def test_copy_of_trainer_model_is_not_pruned_teacher(tmp_path):
 
 
 def test_structured_reconstruct_runs_at_every_event(tmp_path, monkeypatch):
-    import hf_prune.reconstruct as reconstruct_module
+    import hf_prune.sparsity.reconstruct as reconstruct_module
 
     calls = []
     real = reconstruct_module.apply_plan_with_compensation

@@ -10,7 +10,7 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningCallback, PruningConfig, PruningTrainer
-from hf_prune.callback import check_backend
+from hf_prune.training.callback import check_backend
 
 from .test_trainer import args, toy_data, toy_model
 
@@ -38,7 +38,7 @@ def test_load_best_model_at_end_picks_a_checkpoint_of_the_final_pruned_model(tmp
     assert best is not None and int(best.rsplit("-", 1)[1]) >= 8  # saved after the last event (step 8)
     shapes = [s.heads for s in hf_prune.get_adapter(trainer.model).layer_shapes(trainer.model)]
     assert shapes == [2, 2, 2]
-    assert hf_prune.masks.sparsity_report(trainer.model)["overall"] == pytest.approx(0.4, abs=0.01)
+    assert hf_prune.sparsity.masks.sparsity_report(trainer.model)["overall"] == pytest.approx(0.4, abs=0.01)
     # the loaded weights are the best checkpoint's
     best_model = hf_prune.from_pretrained(best, tf.AutoModelForSequenceClassification)
     for key, value in best_model.state_dict().items():

@@ -1,4 +1,5 @@
-"""Head units under grouped-query attention: whole groups, or query heads inside every group (hf_prune.units)."""
+"""Head units under grouped-query attention: whole groups, or query heads inside every group
+(hf_prune.planning.units)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import transformers as tf
 
 import hf_prune
 from hf_prune import PruningConfig
-from hf_prune.allocate import allocate
-from hf_prune.criteria import Scores
+from hf_prune.planning.allocate import allocate
+from hf_prune.planning.units import HeadUnits, head_unit_mode
+from hf_prune.scoring.criteria import Scores
 from hf_prune.testing import zero_heads_and_neurons
-from hf_prune.units import HeadUnits, head_unit_mode
 
 
 def _llama(heads: int, kv: int, layers: int = 2) -> tf.LlamaForCausalLM:

@@ -2,7 +2,7 @@
 
 An adapter is *declarative*: it lists the projections that carry heads / neurons (as paths relative to one
 transformer block) and which side of each projection is sliced. The single surgery module
-(:mod:`hf_prune.surgery`) reads these descriptions, so adding a model family is one small file that
+(:mod:`hf_prune.structure.surgery`) reads these descriptions, so adding a model family is one small file that
 subclasses :class:`ArchAdapter` and calls :func:`register`.
 
 Why declarative instead of one ``prune_layer`` method per family (as ``transformers`` used to do with
@@ -22,8 +22,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 # shared with the file saved next to pruned models (see runtime.py), so both read shapes and configs alike
-from ..runtime import LayerConfig as LayerConfig
-from ..runtime import num_features
+from ..structure.remote_code import LayerConfig as LayerConfig
+from ..structure.remote_code import num_features
 
 Side = Literal["out", "in"]
 Unit = Literal["q", "kv", "ffn"]

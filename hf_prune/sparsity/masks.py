@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .architectures import get_adapter
-from .architectures.base import out_in
+from ..architectures import get_adapter
+from ..architectures.base import out_in
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:

@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from .config import PruningConfig, closest
-from .export import check_export_format
+from ..config import PruningConfig, closest
+from ..io.onnx import check_export_format
 from .metrics import SUPPORTED as SUPPORTED_METRICS
 
 TASKS = ("sequence-classification", "causal-lm")

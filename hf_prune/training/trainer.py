@@ -2,7 +2,8 @@
 
 Three pieces, so users can pick what fits their own trainer:
 
-* :class:`~hf_prune.callback.PruningCallback` holds the schedule and the masks and runs the pruning step at each
+* :class:`~hf_prune.training.callback.PruningCallback` holds the schedule and the masks and runs the pruning step at
+each
   event (works on its own on a stock ``Trainer`` in one process).
 * :class:`PruningMixin` adds it to any ``Trainer`` subclass (``class T(PruningMixin, Seq2SeqTrainer)``), plus the DDP
   re-wrap after structural events, distillation from the dense model in ``compute_loss``, pruning statistics in the
@@ -26,10 +27,15 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .architectures import get_adapter
-from .calibration import model_device
+from ..architectures import get_adapter
+from ..compat import float_weights
+from ..config import PruningConfig
+from ..io.save import add_remote_code
+from ..scoring.calibration import model_device
+from ..structure.remote_code import MANIFEST_KEY
+from ..structure.state import STATE_KEY, pruning_state
+from ..structure.surgery import apply_layer_shapes
 from .callback import MASKS_FILE, STATE_FILE, PruningCallback, check_backend
-from .config import PruningConfig
 from .distill import (
     count_positions,
     cross_entropy_sum,
@@ -40,11 +46,6 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
-from .hub import add_remote_code
-from .quantized import float_weights
-from .runtime import MANIFEST_KEY
-from .state import STATE_KEY, pruning_state
-from .surgery import apply_layer_shapes
 
 logger = logging.get_logger(__name__)
 
@@ -68,12 +69,13 @@ class PruningMixin:
 
     Use as ``class MyTrainer(PruningMixin, SomeTrainer)``. Extra keyword arguments: ``pruning_config`` (a
     :class:`PruningConfig` or dict), ``calibration_dataset`` (defaults to the train dataset; any form
-    :func:`~hf_prune.calibration.calibration_set` accepts) and ``teacher_model``: the model distilled from when
+    :func:`~hf_prune.scoring.calibration.calibration_set` accepts) and ``teacher_model``: the model distilled from when
     ``distill_alpha``/``distill_hidden`` are set (default: a frozen copy of the model as it is when the trainer is
     built). Pass a stronger dense model, e.g. one fine-tuned for longer, to recover more than the starting point knew.
 
     Distillation is normalised over the valid positions of the whole accumulated batch on all processes (see
-    :mod:`hf_prune.distill`), so the loss is the same for 1 x 16 and 2 x 8 micro-batches and for 1 or 2 processes.
+    :mod:`hf_prune.training.distill`), so the loss is the same for 1 x 16 and 2 x 8 micro-batches and for 1 or 2
+    processes.
     With ``load_best_model_at_end`` the best checkpoint is chosen among those saved after the last pruning event.
     """
 
@@ -117,7 +119,7 @@ class PruningMixin:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
             self._causal = is_causal_lm(self.model)
-            # compute_loss returns a loss already normalised over the accumulated batch (see hf_prune.distill)
+            # compute_loss returns a loss already normalised over the accumulated batch (see hf_prune.training.distill)
             self.loss_is_scaled_for_ga = True
 
     # ---- distillation -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Keep an optimizer in step with structural surgery: swap the replaced parameters in place, slice their state.
 
-Surgery replaces each pruned ``nn.Parameter`` by a smaller one (:class:`~hf_prune.surgery.ParamSlice`). Rebuilding the
+Surgery replaces each pruned ``nn.Parameter`` by a smaller one (:class:`~hf_prune.structure.surgery.ParamSlice`).
+Rebuilding the
 optimizer would restart Adam for every pruned matrix at each event (its moments are the optimizer's memory of
 the gradient scale; losing them spikes the update size exactly when the network is most fragile). Instead the new
 parameter takes the old one's place in its param group, and every state tensor shaped like the parameter (Adam's
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .surgery import ParamSlice
+from ..structure.surgery import ParamSlice
 
 logger = logging.get_logger(__name__)
 

@@ -325,7 +325,7 @@ def export_onnx(
             checked_shapes=[list(c) for c in check_shapes],
         )
         (tmp / "export_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        from .hub import write_atomic_dir
+        from .save import write_atomic_dir
 
         write_atomic_dir(tmp, target)
     except BaseException:
@@ -340,7 +340,7 @@ def load_for_export(folder: Path) -> nn.Module:
     """Load a saved folder with the class named in its config (``architectures``), pruned shapes and all."""
     import transformers
 
-    from .hub import from_pretrained
+    from .save import from_pretrained
 
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json); export a local folder")

@@ -1,6 +1,7 @@
-"""Allocation: importance scores + targets -> a :class:`~hf_prune.plan.PruningPlan`.
+"""Allocation: importance scores + targets -> a :class:`~hf_prune.planning.plan.PruningPlan`.
 
-Heads are allocated in *units* (:mod:`hf_prune.units`): one head without grouped-query attention; under GQA either one
+Heads are allocated in *units* (:mod:`hf_prune.planning.units`): one head without grouped-query attention; under GQA
+either one
 key/value group with all its query heads, or one query head from every group (``config.head_unit``). FFN neurons
 are allocated per layer and each layer's kept width is rounded to ``ffn_multiple``.
 
@@ -14,7 +15,8 @@ Targets:
   FFN lose the same fraction and the FFN width absorbs head rounding. Either way a final pass adjusts FFN widths
   until the kept cost is within 0.5% of the target.
 * ``target_latency`` (fraction of the measured latency to keep): costs come from a
-  :class:`~hf_prune.latency_model.LatencyTable`, which is not linear in width, so taylor/fisher global scores go
+  :class:`~hf_prune.planning.latency_table.LatencyTable`, which is not linear in width, so taylor/fisher global
+  scores go
   through a Lagrangian search (:meth:`_Allocator.latency_search`) and other criteria cut heads and FFN by the same
   fraction, bisected to the budget. Timing the chosen shapes and correcting the budget is orchestrated outside, by
   :func:`hf_prune.step.plan_structure`: allocation itself never runs the model.
@@ -28,11 +30,11 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .architectures import LayerShape, get_adapter
-from .config import PruningConfig
-from .criteria import Scores
-from .latency_model import LatencyTable
-from .measure import layer_flops, layer_params
+from ..architectures import LayerShape, get_adapter
+from ..config import PruningConfig
+from ..measure import layer_flops, layer_params
+from ..scoring.criteria import Scores
+from .latency_table import LatencyTable
 from .plan import PruningPlan
 from .units import HeadUnits, head_unit_mode
 
@@ -240,7 +242,8 @@ class _Allocator:
     def latency_search(self, budget: float) -> tuple[list[int], list[int]]:
         """Most kept importance under a measured-latency budget (taylor/fisher scores, global scope).
 
-        Latency is not linear in width (see :mod:`hf_prune.latency_model`), so the linear mask search above does
+        Latency is not linear in width (see :mod:`hf_prune.planning.latency_table`), so the linear mask search above
+        does
         not apply. The block cost is additive in its attention and FFN parts, so for a price ``mu`` every layer
         picks, independently, the head count and FFN width maximising ``kept score - mu * latency``; ``mu`` is
         bisected to the budget (Lagrangian relaxation of the knapsack), then the leftover budget is filled
@@ -398,7 +401,8 @@ def allocate(
     ``warn=False`` leaves a missed target to the caller to report (the latency search tries budgets it never
     promised the user).
     ``latency`` is the measured table ``config.target_latency`` is priced with (profile one with
-    :func:`~hf_prune.latency_model.profile_latency`); :func:`hf_prune.step.plan_structure` profiles it and checks
+    :func:`~hf_prune.planning.latency_table.profile_latency`); :func:`hf_prune.step.plan_structure` profiles it and
+    checks
     the plan against the clock.
     """
     target = config.keep_target

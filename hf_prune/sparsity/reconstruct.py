@@ -21,18 +21,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .architectures import ArchAdapter, get_adapter
-from .architectures.base import head_feature_index, num_features, out_in
-from .architectures.generic import block_lists
-from .blockwise import BlockInputs
-from .calibration import model_device
+from ..architectures import ArchAdapter, get_adapter
+from ..architectures.base import head_feature_index, num_features, out_in
+from ..architectures.generic import block_lists
+from ..scoring.blockwise import BlockInputs
+from ..scoring.calibration import model_device
+from ..structure.surgery import validate_plan
 from .masks import compute_masks
-from .surgery import validate_plan
 
 logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:
-    from .plan import PruningPlan
+    from ..planning.plan import PruningPlan
 
 
 def obs_update(
@@ -241,7 +241,8 @@ def apply_plan_with_compensation(
     mask scales, and it includes FLAP-style bias compensation (An et al. 2024), so a layer whose heads are all
     removed still adds their mean contribution. Padding tokens are left out of ``G``. Cost: one forward pass of
     the calibration data and one small solve per shrunk projection. Memory: the pass runs block by block
-    (:class:`~hf_prune.blockwise.BlockInputs`), so only one block's ``(d_in+1)^2`` matrices and fp32 copies of its
+    (:class:`~hf_prune.scoring.blockwise.BlockInputs`), so only one block's ``(d_in+1)^2`` matrices and fp32 copies
+    of its
     output projections are alive at a time, besides the calibration hidden states.
 
     ``reduce`` (e.g. an all-reduce sum) combines the statistics of data-parallel processes, so every rank

@@ -37,12 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .architectures import LayerShape, get_adapter
-from .calibration import model_device, no_cache
-from .config import check_int
-from .jsonable import JsonMixin
-from .measure import compare_latency, device_name, measure_latency
-from .surgery import apply_layer_shapes
+from ..architectures import LayerShape, get_adapter
+from ..config import check_int
+from ..measure import compare_latency, device_name, measure_latency
+from ..scoring.calibration import model_device, no_cache
+from ..structure.surgery import apply_layer_shapes
+from ..utils import JsonMixin
 from .units import HeadUnits, head_unit_mode
 
 logger = logging.get_logger(__name__)
@@ -117,7 +117,8 @@ class LatencyTable(JsonMixin):
 
     Attributes:
         num_layers: transformer blocks of the profiled model.
-        units, unit_ms: model latency with every layer at ``units[i]`` head units (:mod:`hf_prune.units`: one head;
+        units, unit_ms: model latency with every layer at ``units[i]`` head units (:mod:`hf_prune.planning.units`:
+        one head;
             under GQA one key/value group, or one query head per group) and its FFN whole; ascending, ``units[-1]``
             is the full count.
         ffn, ffn_ms: model latency with every layer at ``ffn[i]`` FFN neurons and its attention whole; ascending.
@@ -246,7 +247,8 @@ def _grid(full: int, points: int, multiple: int) -> list[int]:
     """``0``, the smallest non-zero width, ``full`` and about ``points`` evenly spaced values between them, rounded
     to ``multiple``.
 
-    Why the smallest width: zero means the branch is gone (no kernels at all, :mod:`hf_prune.runtime`), while one
+    Why the smallest width: zero means the branch is gone (no kernels at all, :mod:`hf_prune.structure.remote_code`),
+    while one
     head or ``multiple`` neurons pay every kernel launch, norm and activation of the branch. Interpolating between
     0 and the next grid point priced such a sliver at a few percent of that step, so plans that left a layer with
     one head or a handful of neurons ran slower than the table said.
@@ -293,7 +295,8 @@ def profile_latency(
     down to zero, each shape timed ``repeats`` times (after ``warmup`` untimed passes) on dummy token inputs of
     ``batch_size`` x ``seq_len``; the full-width latency is the median of three timings of ``model`` itself (before,
     between and after the sweeps). Each sweep is made monotone by isotonic regression. FFN widths are rounded to
-    ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.units`). A layer already narrower
+    ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.planning.units`). A layer already
+    narrower
     than a sweep's width keeps its own.
 
     Why few points and repeats: the table only prices options for the search; :func:`hf_prune.step.plan_structure`

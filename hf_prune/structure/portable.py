@@ -1,8 +1,10 @@
-"""Make a saved pruned model load without hf_prune: the manifest and ``auto_map`` that :mod:`hf_prune.runtime` reads.
+"""Make a saved pruned model load without hf_prune: the manifest and ``auto_map`` that
+:mod:`hf_prune.structure.remote_code` reads.
 
 :func:`portable_files` compares the pruned model with the stock model its config builds (on the meta device, so
 nothing is allocated) and describes every difference inside the base model as plain data: the *manifest*. It then
-checks the description by rebuilding the stock model with :func:`hf_prune.runtime.apply_manifest` and comparing every
+checks the description by rebuilding the stock model with :func:`hf_prune.structure.remote_code.apply_manifest` and
+comparing every
 parameter and buffer shape, so a folder never claims to load with stock classes when it would not.
 
 A model whose shapes the stock config already describes (uniform pruning, depth pruning alone) needs none of this and
@@ -23,8 +25,8 @@ import transformers
 from torch import nn
 from transformers.utils import logging
 
-from . import runtime
-from .runtime import MODELING_FILE, STATE_KEY, LayerConfig
+from . import remote_code as runtime
+from .remote_code import MANIFEST_KEY, MODELING_FILE, STATE_KEY, LayerConfig
 
 logger = logging.get_logger(__name__)
 
@@ -120,7 +122,8 @@ def _module_spec(path: str, module: nn.Module, stock: nn.Module) -> dict[str, An
 
 def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     """How ``model``'s base model differs from the stock one its config builds: ``{module path: spec}`` (see
-    :func:`hf_prune.runtime.apply_manifest`). Raises :class:`NotPortable` when a difference cannot be described or
+    :func:`hf_prune.structure.remote_code.apply_manifest`). Raises :class:`NotPortable` when a difference cannot be
+    described or
     lies outside the base model (hf_prune never changes task heads)."""
     twin = _stock_twin(model)
     base, twin_base = model.base_model, twin.base_model
@@ -192,3 +195,22 @@ def portable_files(model: nn.Module) -> Portable:
 def modeling_source() -> str:
     """The text of the self-contained modeling file written next to the weights."""
     return Path(runtime.__file__).read_text()
+
+
+def _is_ours(entry: Any) -> bool:
+    return isinstance(entry, str) and entry.startswith(f"{Path(MODELING_FILE).stem}.")
+
+
+def forget_portable(config: Any) -> None:
+    """Drop what only the saved folder needs (the manifest, our ``auto_map`` entries): in memory the model is a
+    stock model with hf_prune's state, and the next save describes it afresh."""
+    state = getattr(config, STATE_KEY, None)
+    if isinstance(state, dict):
+        state.pop(MANIFEST_KEY, None)
+    auto_map = getattr(config, "auto_map", None)
+    if isinstance(auto_map, dict):
+        kept = {k: v for k, v in auto_map.items() if not _is_ours(v)}
+        if kept:
+            config.auto_map = kept
+        else:
+            delattr(config, "auto_map")

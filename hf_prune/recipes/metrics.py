@@ -2,7 +2,7 @@
 
 ``evaluate.load("accuracy")`` downloads its script from the Hub. Offline (``HF_HUB_OFFLINE=1``) or when the Hub
 cannot be reached, the same metric names load from small ``evaluate.Metric`` modules shipped in
-``hf_prune/metric_modules/`` (``evaluate.load`` accepts a local folder), so recipes run unchanged everywhere.
+``hf_prune/recipes/metric_modules/`` (``evaluate.load`` accepts a local folder), so recipes run unchanged everywhere.
 """
 
 from __future__ import annotations

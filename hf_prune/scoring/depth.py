@@ -10,7 +10,7 @@ Criteria (``PruningConfig.layer_criterion``), all measured on calibration data o
 * ``"last"``: the ``n`` blocks before the final one, with no data (the baseline both papers compare against).
 
 The choice is a pure function of the measured statistics (:func:`choose_blocks`); :func:`block_statistics` only
-runs the model. Removal itself is :func:`hf_prune.surgery.prune_layers`.
+runs the model. Removal itself is :func:`hf_prune.structure.surgery.prune_layers`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import get_adapter
+from ..architectures import get_adapter
+from ..config import LAYER_CRITERIA
 from .calibration import model_device, no_cache, to_device
-from .config import LAYER_CRITERIA
 
 
 def _hidden(value: Any) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import ArchAdapter, get_adapter
-from .architectures.base import out_in, unit_sums
+from ..architectures import ArchAdapter, get_adapter
+from ..architectures.base import out_in, unit_sums
 from .calibration import model_device, to_device
 
 

@@ -2,7 +2,8 @@
 
 At each scheduled event it runs the one pruning step (:mod:`hf_prune.step`) to that event's share of the target:
 structure is cut (the pruned parameters take the old ones' places inside the optimizer, their Adam moments sliced
-with the same indices, see :mod:`hf_prune.optim`) and unstructured masks are recomputed; after every optimizer step
+with the same indices, see :mod:`hf_prune.training.optim`) and unstructured masks are recomputed; after every
+optimizer step
 it re-applies the masks so pruned weights stay exactly zero. It decides *when* and *how much*; the step decides *what*.
 """
 
@@ -20,18 +21,18 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from .architectures import get_adapter
-from .calibration import CalibrationSet, calibration_set, model_device
-from .config import KEEP_TARGETS, PruningConfig
+from ..architectures import get_adapter
+from ..config import KEEP_TARGETS, PruningConfig
+from ..measure import count_parameters, encoder_flops, prunable_parameters
+from ..planning.latency_table import LatencyTable, profile_latency
+from ..planning.units import HeadUnits, head_unit_mode
+from ..scoring.calibration import CalibrationSet, calibration_set, model_device
+from ..sparsity.masks import MaskApplier, sparsity_report
+from ..step import check_latency_reachable, mask_step, structural_step
+from ..structure.surgery import record_slices
 from .distributed import all_reduce_sum, is_distributed, world_size
-from .latency_model import LatencyTable, profile_latency
-from .masks import MaskApplier, sparsity_report
-from .measure import count_parameters, encoder_flops, prunable_parameters
 from .optim import remap_optimizer
 from .schedules import Event, build_events, resolve_window
-from .step import check_latency_reachable, mask_step, structural_step
-from .surgery import record_slices
-from .units import HeadUnits, head_unit_mode
 
 logger = logging.get_logger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .recipes import RecipeError, load_recipe
+from .schema import RecipeError, load_recipe
 
 logger = logging.get_logger(__name__)
 
@@ -42,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _load_any(path: str, task: str | None):
     import transformers as tf
 
-    from .hub import from_pretrained
+    from ..io.load import from_pretrained
     from .offline import minilm_path, smollm2_path
 
     extra = {}
@@ -60,9 +60,9 @@ def _load_any(path: str, task: str | None):
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .architectures import get_adapter
-    from .masks import sparsity_report
-    from .measure import count_parameters, encoder_flops
+    from ..architectures import get_adapter
+    from ..measure import count_parameters, encoder_flops
+    from ..sparsity.masks import sparsity_report
 
     model = _load_any(args.model, args.task)
     adapter = get_adapter(model, structural=False)  # an unknown family: sparsity only, no per-layer shapes
@@ -114,7 +114,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from ..io.onnx import export_onnx
 
     report = export_onnx(args.model, args.output, int8=args.int8, atol=args.atol)
     what = "int8 (ONNX Runtime dynamic quantization)" if report.int8 else "float32"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import LayerShape, get_adapter
-from .config import HEAD_UNITS
-from .state import STATE_KEY
+from ..architectures import LayerShape, get_adapter
+from ..config import HEAD_UNITS
+from ..structure.state import STATE_KEY
 
 
 def head_unit_mode(model: nn.Module, requested: str = "auto") -> str:

@@ -1,7 +1,8 @@
 """The pruning state recorded in ``model.config.hf_prune``: per-layer shapes, which original heads and blocks remain,
 and the config fields mirrored so uniform shapes load with stock ``from_pretrained``.
 
-Surgery (:mod:`hf_prune.surgery`) changes modules and then calls :func:`record_state`; readers (hub, trainer) use
+Surgery (:mod:`hf_prune.structure.surgery`) changes modules and then calls :func:`record_state`; readers (hub,
+trainer) use
 :func:`pruning_state` and :func:`check_state`.
 """
 
@@ -14,8 +15,8 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
-from .architectures import ArchAdapter, LayerConfig, LayerShape, get_adapter
-from .runtime import MANIFEST_KEY, STATE_KEY
+from ..architectures import ArchAdapter, LayerConfig, LayerShape, get_adapter
+from .remote_code import MANIFEST_KEY, STATE_KEY
 
 FORMAT_VERSION = 1
 

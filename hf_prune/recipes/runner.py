@@ -20,21 +20,21 @@ import transformers as tf
 from datasets import DatasetDict, load_dataset
 from transformers.utils import logging
 
-from . import __version__
-from .architectures import get_adapter
-from .calibration import calibration_set, model_device
-from .config import closest
-from .evaluation import mean_loss, predict_logits
-from .hub import save_pretrained, write_atomic_dir
-from .masks import sparsity_report
-from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, saved_size_bytes
+from .. import __version__
+from ..architectures import get_adapter
+from ..compat import float_weights
+from ..config import closest
+from ..evaluation import mean_loss, predict_logits
+from ..io.save import save_pretrained, write_atomic_dir
+from ..measure import compare_latency, count_parameters, encoder_flops, measure_latency, saved_size_bytes
+from ..scoring.calibration import calibration_set, model_device
+from ..sparsity.masks import sparsity_report
+from ..step import depth_step
+from ..training.trainer import PruningTrainer
 from .metrics import classification_metrics, perplexity
 from .offline import minilm_path, smollm2_path
-from .quantized import float_weights
-from .recipes import FORMATS, Recipe, RecipeError
 from .report import latency_device, write_report
-from .step import depth_step
-from .trainer import PruningTrainer
+from .schema import FORMATS, Recipe, RecipeError
 
 logger = logging.get_logger(__name__)
 
@@ -371,7 +371,7 @@ def _weights_bytes(folder: Path) -> int:
 
 def _export(recipe: Recipe, model, tokenizer, evaluation, folder: Path, latency_inputs) -> dict[str, Any]:
     """``output.export``: write ``folder/onnx``, evaluate it on the evaluation split and time it against PyTorch."""
-    from .export import export_onnx, onnx_logits, onnx_session, time_onnx
+    from ..io.onnx import export_onnx, onnx_logits, onnx_session, time_onnx
 
     cpu_model = copy.deepcopy(model).float().cpu().eval()
     result = export_onnx(cpu_model, folder / "onnx", int8=recipe.output.export == "onnx-int8", tokenizer=tokenizer)
@@ -435,8 +435,8 @@ def _write_output(
 def _loading(folder: Path) -> str:
     """How the saved model folder loads: ``stock`` (plain from_pretrained), ``remote-code`` (stock auto classes with
     trust_remote_code, through hf_prune_modeling.py) or ``hf_prune`` (hf_prune.from_pretrained only: sparse layout)."""
-    from .runtime import MODELING_FILE
-    from .sparse_io import sparse_files
+    from ..sparsity.sparse_io import sparse_files
+    from ..structure.remote_code import MODELING_FILE
 
     if sparse_files(folder):
         return "hf_prune"

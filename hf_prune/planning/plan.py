@@ -1,6 +1,6 @@
 """PruningPlan: *what* to remove, as plain data (JSON-serialisable, inspectable, editable).
 
-A plan is produced by the allocation step (or written by hand) and applied by :mod:`hf_prune.surgery`.
+A plan is produced by the allocation step (or written by hand) and applied by :mod:`hf_prune.structure.surgery`.
 Indices refer to the model the plan is applied to (its current numbering).
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import LayerShape, get_adapter
-from .jsonable import JsonMixin
-from .surgery import prune_structure
+from ..architectures import LayerShape, get_adapter
+from ..structure.surgery import prune_structure
+from ..utils import JsonMixin
 
 
 def _int_keys(mapping: Mapping[Any, Iterable[int]]) -> dict[int, list[int]]:
@@ -69,11 +69,14 @@ class PruningPlan(JsonMixin):
 
         With ``calibration`` (batches of model inputs), the kept columns and the bias of every shrunk output
         projection are refitted by least squares to reproduce their dense output
-        (:func:`hf_prune.reconstruct.apply_plan_with_compensation`); ``reduce`` sums its statistics over processes.
+        (:func:`hf_prune.sparsity.reconstruct.apply_plan_with_compensation`); ``reduce`` sums its statistics over
+        processes.
         """
         if calibration is None:
             return prune_structure(model, self.heads, self.ffn)
-        from .reconstruct import apply_plan_with_compensation  # reconstruct builds on surgery, as this module does
+        from ..sparsity.reconstruct import (
+            apply_plan_with_compensation,  # reconstruct builds on surgery, as this module does
+        )
 
         apply_plan_with_compensation(model, self, calibration, reduce=reduce)
         return model

@@ -23,9 +23,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .architectures import ArchAdapter, LayerShape, get_adapter
-from .architectures.base import Param, unit_feature_index
-from .branches import make_empty
+from ..architectures import ArchAdapter, LayerShape, get_adapter
+from ..architectures.base import Param, unit_feature_index
+from .remote_code import make_empty
 from .state import check_state, current_state, own_config, pruning_state, record_state
 
 logger = logging.get_logger(__name__)
@@ -39,7 +39,7 @@ class ParamSlice:
     """One parameter replaced by surgery: ``new = old.index_select(dim, index)``.
 
     Lets whoever holds per-parameter state (an optimizer's Adam moments, EMA copies) slice it with the same indices
-    instead of dropping it (see :func:`record_slices` and :func:`hf_prune.optim.remap_optimizer`).
+    instead of dropping it (see :func:`record_slices` and :func:`hf_prune.training.optim.remap_optimizer`).
     """
 
     old: nn.Parameter

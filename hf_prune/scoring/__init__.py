@@ -1,0 +1,1 @@
+"""Scoring: calibration data in, importance scores out (criteria for heads, neurons and whole blocks)."""

@@ -1,0 +1,1 @@
+"""Training: recover accuracy after pruning inside transformers.Trainer (trainer, callback, optimizer, distillation)."""
