@@ -1,14 +1,18 @@
-"""Shared benchmark plumbing: data loading (configurable data dir), the cached fine-tuned MiniLM, evaluation."""
+"""What every benchmark shares, written once: the run record, data loading (configurable data dir), the models
+(the cached fine-tuned MiniLM, SmolLM2), calibration windows, the Torch-Pruning baseline step, the command line, and
+evaluation (through ``hf_prune.evaluation``, the one path the library's own reports use).
+
+The scripts import it as a sibling module (``python benchmarks/x.py`` puts ``benchmarks/`` on ``sys.path``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import gzip
 import hashlib
 import importlib.metadata
 import lzma
-import math
 import os
 import platform
 import shlex
@@ -24,36 +28,35 @@ import datasets
 import torch
 import transformers as tf
 from datasets import load_dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+)
 
 import hf_prune
-from hf_prune.evaluation import predict_logits
-from hf_prune.recipes.offline import minilm_path
+from hf_prune.compat import float_weights
+from hf_prune.evaluation import onnx_predict_logits, predict_logits
+from hf_prune.measure import cpu_name
+from hf_prune.recipes.offline import minilm_path, smollm2_path
+
+from results import RESULTS_DIR, depends_on
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(HERE) not in sys.path:  # results.py (depends_on) is a sibling module; the test suite loads this file by path
-    sys.path.insert(0, str(HERE))
 # The data ship with the repository (data/, xz-compressed where large); HF_PRUNE_DATA or --data-dir points elsewhere
 # (a folder of the same layout, compressed or not).
 DEFAULT_DATA_DIR = Path(os.environ.get("HF_PRUNE_DATA", REPO / "data"))
 CACHE_DIR = Path(os.environ.get("HF_PRUNE_BENCH_CACHE", REPO / ".cache" / "benchmarks"))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """What ran the benchmark: CPU model, cores, torch threads, GPU (if one was used), OS."""
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -125,8 +128,6 @@ class Run:
         self.commit = _git("rev-parse", "HEAD") or None
         # dirty = uncommitted changes to what this benchmark's numbers depend on (results.depends_on); results,
         # RESULTS.md and the README that earlier benchmarks of the same session rewrote do not count
-        from results import depends_on
-
         deps = depends_on(Path(script).stem)
         self.dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", *deps))
 
@@ -198,9 +199,11 @@ def tokenize_sst2(ds, tokenizer, max_length: int = 64):
     return ds.rename_column("label", "labels").with_format("torch")
 
 
-def accuracy(model: torch.nn.Module, dataset, batch_size: int = 64) -> float:
-    """Accuracy through the Trainer's evaluation loop (hf_prune.evaluation), like the recipes report it."""
-    logits, labels = predict_logits(model, dataset, batch_size=batch_size)
+def accuracy(model: nn.Module | Any, dataset, batch_size: int = 64) -> float:
+    """Accuracy of a PyTorch model (the Trainer's evaluation loop) or of an ONNX Runtime session, both through
+    ``hf_prune.evaluation``, the path the recipes report with."""
+    predict = predict_logits if isinstance(model, nn.Module) else onnx_predict_logits
+    logits, labels = predict(model, dataset, batch_size=batch_size)
     return float((logits.argmax(-1) == labels).mean())
 
 
@@ -219,6 +222,16 @@ def bench_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(**{**base, **overrides})
 
 
+def bench_parser(doc: str | None, name: str, data: bool = True) -> argparse.ArgumentParser:
+    """A benchmark's command line with the options every benchmark has: ``--output`` (default
+    ``results/<name>.json``, the committed result) and, for those that read data, ``--data-dir``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / f"{name}.json")
+    if data:
+        parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    return parser
+
+
 def add_n_eval(parser: Any) -> None:
     """The ``--n-eval`` option of the MiniLM benchmarks (results record the dev size they used)."""
     parser.add_argument("--n-eval", type=int, default=None, help="SST-2 dev sentences evaluated (default: all 872)")
@@ -231,50 +244,70 @@ def cache_dir(name: str, data_dir: Path, *files: str) -> Path:
     return CACHE_DIR / f"{name}-{digest}"
 
 
+def finetune_cached(cache: Path, tokenizer: Any, train: Any, seed: int = 0, **training: Any) -> nn.Module:
+    """MiniLM fine-tuned on ``train`` for sequence classification (2 labels), trained once and read from ``cache``
+    afterwards; ``training`` overrides :func:`bench_args`."""
+    if not (cache / "config.json").exists():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        args = bench_args(str(cache) + ".tmp-train", seed=seed, **training)
+        start = time.time()
+        Trainer(model=model, args=args, train_dataset=train).train()
+        print(f"fine-tuned {cache.name} in {time.time() - start:.0f} s")
+        hf_prune.save_pretrained(model, cache, tokenizer=tokenizer)
+    return AutoModelForSequenceClassification.from_pretrained(cache).eval()
+
+
 def finetuned_minilm_sst2(
     data_dir: Path, n_train: int = 8000, epochs: float = 1.0, seed: int = 0, n_eval: int | None = None
 ):
     """MiniLM fine-tuned on ``n_train`` SST-2 sentences (cached under CACHE_DIR); returns (model, tok, data), the
-    data's validation split cut to ``n_eval`` sentences when given (the smoke runs: 10 s per full-dev evaluation)."""
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    data's validation split cut to ``n_eval`` sentences when given (the smoke runs)."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     data = tokenize_sst2(sst2(data_dir, n_train, seed, n_eval), tokenizer)
     cache = cache_dir(f"minilm-sst2-{n_train}-e{epochs}-s{seed}", data_dir, "sst2/train.tsv")
-    if not (cache / "config.json").exists():
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        args = bench_args(
-            str(cache) + ".tmp-train", num_train_epochs=epochs, seed=seed, logging_steps=50, disable_tqdm=False
-        )
-        start = time.time()
-        Trainer(model=model, args=args, train_dataset=data["train"]).train()
-        print(f"fine-tuned MiniLM on {n_train} SST-2 sentences in {time.time() - start:.0f} s")
-        hf_prune.save_pretrained(model, cache, tokenizer=tokenizer)
-    model = AutoModelForSequenceClassification.from_pretrained(cache).eval()
+    model = finetune_cached(
+        cache, tokenizer, data["train"], seed, num_train_epochs=epochs, logging_steps=50, disable_tqdm=False
+    )
     return model, tokenizer, data
 
 
+def load_smollm2() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M from its offline GGUF package, dequantized to float32, in eval mode; and its tokenizer."""
+    folder, gguf = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    return float_weights(model).eval(), tokenizer
+
+
 def wikitext_ids(tokenizer, data_dir: Path, split: str = "test", max_tokens: int | None = None) -> torch.Tensor:
+    """The WikiText-2 ``split`` as one token stream (its first ``max_tokens`` tokens when given)."""
     text = read_text(data_file(data_dir, f"wikitext2/{split}.txt"))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[:max_tokens] if max_tokens else ids
 
 
-def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512) -> float:
-    """Perplexity over non-overlapping ``window``-token windows (the protocol of the issue's reference numbers).
+def token_windows(ids: torch.Tensor, seq_len: int, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` calibration rows of ``seq_len`` consecutive tokens of ``ids`` at random starts (seeded): the decoder
+    benchmarks' calibration data."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len - 1, (n,), generator=g).tolist()
+    return [{"input_ids": ids[s : s + seq_len]} for s in starts]
 
-    Not ``Trainer.evaluate``: the last window is shorter, and its ``eval_loss`` averages per batch, while this protocol
-    weights every token the same.
-    """
-    model.eval()
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, window):
-            chunk = ids[start : start + window].unsqueeze(0)
-            if chunk.shape[1] < 2:
-                break
-            out = model(input_ids=chunk, labels=chunk)
-            n = chunk.shape[1] - 1
-            nll += float(out.loss) * n
-            count += n
-    return math.exp(nll / count)
+
+def torch_pruning_step(model: nn.Module, example: Any, ignored: list[nn.Module], **options: Any) -> Any:
+    """One Torch-Pruning ``MetaPruner`` step, the structured baseline of the peers and decoder benchmarks: L2
+    magnitude importance (``MagnitudeImportance`` is the same class), the same ratio in every layer, ``ignored``
+    modules untouched; ``options`` go to ``MetaPruner`` (ratios, heads, output transform). Returns the pruner."""
+    import torch_pruning as tp
+
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=False,
+        ignored_layers=ignored,
+        **options,
+    )
+    pruner.step()
+    return pruner

@@ -11,38 +11,37 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers as tf
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-import hf_prune
 from hf_prune import PruningConfig, PruningTrainer, prune
-from hf_prune.recipes.offline import minilm_path, smollm2_path
+from hf_prune.evaluation import window_perplexity
+from hf_prune.recipes.offline import minilm_path
 from hf_prune.sparsity.masks import sparsity_report
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
+from common import (
+    HERE,
     Run,
     accuracy,
     add_n_eval,
     bench_args,
+    bench_parser,
     cache_dir,
+    finetune_cached,
     finetuned_minilm_sst2,
     glue_tsv,
-    perplexity,
+    load_smollm2,
+    token_windows,
     wikitext_ids,
 )
-from results import add_run, publish  # noqa: E402
+from results import RESULTS_DIR, add_run, commands, previous_result, publish, section, table
 
 CUTS = (1.5, 2.0, 3.0, 4.0)
 SPARSITIES = (0.5, 0.7, 0.9)
@@ -50,8 +49,7 @@ SPARSITIES = (0.5, 0.7, 0.9)
 
 def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
     """MiniLM fine-tuned on GLUE RTE (cached); returns (model, tokenizer, tokenized data)."""
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     ds = glue_tsv(data_dir, "rte")
     names = {"entailment": 0, "not_entailment": 1}
 
@@ -62,13 +60,10 @@ def finetuned_minilm_rte(data_dir: Path, epochs: float = 3.0, seed: int = 0):
 
     data = ds.map(tok, batched=True, remove_columns=ds["train"].column_names).with_format("torch")
     cache = cache_dir(f"minilm-rte-e{epochs}-s{seed}", data_dir, "rte/train.tsv")
-    if not (cache / "config.json").exists():
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        args = bench_args(str(cache) + ".tmp-train", per_device_train_batch_size=16, num_train_epochs=epochs, seed=seed)
-        tf.Trainer(model=model, args=args, train_dataset=data["train"]).train()
-        hf_prune.save_pretrained(model, cache, tokenizer=tokenizer)
-    return AutoModelForSequenceClassification.from_pretrained(cache).eval(), tokenizer, data
+    model = finetune_cached(
+        cache, tokenizer, data["train"], seed, per_device_train_batch_size=16, num_train_epochs=epochs
+    )
+    return model, tokenizer, data
 
 
 def _recover(model, data, config: PruningConfig) -> float:
@@ -131,15 +126,10 @@ def task_rows(
 
 
 def llm_rows(data_dir: Path, sparsities, calib_seqs: int, eval_tokens: int) -> dict:
-    folder, gguf = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    base, tokenizer = load_smollm2()
     test_ids = wikitext_ids(tokenizer, data_dir, "test", eval_tokens)
-    train_ids = wikitext_ids(tokenizer, data_dir, "train", calib_seqs * 512 * 4)
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, train_ids.numel() - 513, (calib_seqs,), generator=g).tolist()
-    calibration = [{"input_ids": train_ids[s : s + 512]} for s in starts]
-    dense = perplexity(base, test_ids)
+    calibration = token_windows(wikitext_ids(tokenizer, data_dir, "train", calib_seqs * 512 * 4), 512, calib_seqs)
+    dense = window_perplexity(base, test_ids)
     points = []
     settings = [("magnitude", "layer", "unstructured", s) for s in sparsities]
     settings += [("activation", "row", "unstructured", s) for s in sparsities]
@@ -155,7 +145,7 @@ def llm_rows(data_dir: Path, sparsities, calib_seqs: int, eval_tokens: int) -> d
             batch_size=4,
         )
         report = prune(model, config, calibration_data=calibration)
-        ppl = perplexity(model, test_ids)
+        ppl = window_perplexity(model, test_ids)
         points.append(
             {"criterion": criterion, "scope": scope, "pattern": pattern, "sparsity": report.sparsity, "perplexity": ppl}
         )
@@ -222,20 +212,18 @@ def plot(result: dict, out_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser = bench_parser(__doc__, "curves")
     parser.add_argument("--tasks", nargs="*", default=["sst2", "rte"], choices=["sst2", "rte"])
     parser.add_argument("--recover", action="store_true", help="also recover each point for one epoch")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--n-train", type=int, default=8000, help="SST-2 training sentences (RTE uses all)")
     add_n_eval(parser)
     parser.add_argument("--quick", action="store_true", help="2x/50%% points only, fewer eval tokens")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "curves.json")
     args = parser.parse_args(argv)
     cuts, sparsities = ((2.0,), (0.5,)) if args.quick else (CUTS, SPARSITIES)
     this_run = Run("curves.py", argv)
     # a partial re-run (--tasks rte, --skip-llm) keeps the other parts of the previous result with their runs
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous = previous_result(args.output)
     result = {
         "benchmark": "curves",
         "runs": previous.get("runs", {}),
@@ -253,20 +241,68 @@ def main(argv: list[str] | None = None) -> None:
         eval_tokens = 4096 if args.quick else 16384
         part = llm_rows(args.data_dir, (0.5,) if args.quick else (0.3, 0.5, 0.7), 32, eval_tokens)
         parts["llm"] = {**part, "wall_time_s": time.time() - part_start}
-    run_id = add_run(result, this_run.record())
+    add_run(result, this_run.record(), [*parts.values(), *(p for part in parts.values() for p in part["points"])])
     for name, part in parts.items():
-        part["run"] = run_id
-        for point in part["points"]:
-            point["run"] = run_id
         if name == "llm":
             result["llm"] = part
         else:
             result["tasks"][name] = part
     # the committed plots live next to RESULTS.md; a run written elsewhere (--quick) keeps its plots beside its JSON
-    default_output = args.output.resolve() == (HERE / "results" / "curves.json").resolve()
+    default_output = args.output.resolve() == (RESULTS_DIR / "curves.json").resolve()
     result["plots"] = plot(result, HERE if default_output else args.output.parent)
     publish(args.output, result)
     print(json.dumps({"plots": result["plots"], "wall_time_s": this_run.elapsed()}))
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: one table and plot per MiniLM task, and SmolLM2's perplexity points."""
+    lines = section("Accuracy and perplexity vs FLOPs cut and sparsity", result)
+    for task, r in result.get("tasks", {}).items():
+        lines += [
+            f"### MiniLM on {task.upper()} (dense dev accuracy {r['dense_accuracy']:.2%})",
+            "",
+            f"Run: {r.get('run', '?')}.",
+            "",
+            "Structured: Fisher (global) to the FLOPs target; the reconstruction column adds the least-squares refit "
+            "of the shrunk output projections (`reconstruct=True`), which is also where recovery starts. "
+            "Unstructured: global magnitude. Recovery: 1 epoch of PruningTrainer on the task's training data, starting "
+            "from the dense model of the heading; a dense model trained that epoch too is the fair reference (SST-2: "
+            "the `dense` row of the recovery table).",
+            "",
+        ]
+        rows = []
+        for p in r["points"]:
+            target = f"{p['value']:.1f}x FLOPs cut" if p["kind"] == "structured" else f"{p['value']:.0%} sparsity"
+            rec = p.get("oneshot_reconstructed_accuracy")
+            row = f"{p['kind']} | {target} | {p['flops_ratio']:.2f}x | {p['sparsity']:.0%} | "
+            rows.append(row + f"{p['oneshot_accuracy']:.2%} | {'' if rec is None else f'{rec:.2%}'}")
+            rows[-1] += f" | {p['recovered_accuracy']:.2%}" if r["recovered"] else ""
+        head = "kind | target | FLOPs ratio | sparsity | one-shot accuracy | one-shot + reconstruction"
+        head += " | after 1 epoch recovery" if r["recovered"] else ""
+        lines += [*table(head, rows), "", f"![{task}](curves_{task}.png)", ""]
+    if "llm" in result:
+        r = result["llm"]
+        lines += [
+            f"### SmolLM2-135M on WikiText-2 (dense perplexity {r['dense_perplexity']:.2f}, {r['eval_tokens']} tokens)",
+            "",
+            f"Run: {r.get('run', '?')}.",
+            "",
+        ]
+        rows = [
+            f"{p['criterion']} | {p['scope']} | {p['pattern']} | {p['sparsity']:.0%} | {p['perplexity']:.2f}"
+            for p in r["points"]
+        ]
+        lines += [*table("criterion | scope | pattern | sparsity | perplexity", rows), ""]
+        lines += ["![smollm2](curves_smollm2.png)", ""]
+    return lines
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """The plots, with the commands that measured them (the tables are in RESULTS.md)."""
+    if not result.get("plots"):
+        return []
+    plots = [f"![{name}](benchmarks/{name})" for name in result["plots"]]
+    return ["", *plots, f"*Plots: {commands(result)} (tables in benchmarks/RESULTS.md)*"]
 
 
 if __name__ == "__main__":

@@ -32,27 +32,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_prune import LayerShape, PruningConfig, PruningTrainer, encoder_flops, get_adapter, prune, prune_layers
-from hf_prune.compat import float_weights
+from hf_prune.evaluation import window_perplexity
 from hf_prune.measure import layer_flops
-from hf_prune.recipes.offline import smollm2_path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, Run, bench_args, perplexity, wikitext_ids  # noqa: E402
-from results import add_run, decoder_unstructured, publish  # noqa: E402
+from common import Run, bench_args, bench_parser, load_smollm2, token_windows, torch_pruning_step, wikitext_ids
+from results import add_run, commands, previous_result, publish, run_ids, section, table
 
 CUTS = (1.25, 1.5, 2.0)
 UNSTRUCTURED = {  # 50% sparse one-shot models, by name; the argument is the number of calibration blocks
@@ -73,13 +68,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_smollm2() -> tuple[nn.Module, Any]:
-    folder, gguf = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    return float_weights(model).eval(), tokenizer
-
-
 def block_flops(model: nn.Module, seq_len: int) -> float:
     return float(encoder_flops(model, seq_len).total)
 
@@ -88,8 +76,6 @@ def block_flops(model: nn.Module, seq_len: int) -> float:
 def torch_pruning_uniform(model: nn.Module, keep: float, seq_len: int) -> dict[str, Any]:
     """Torch-Pruning's MetaPruner, L2 magnitude, uniform FFN-channel ratio chosen to keep ``keep`` of the block
     FLOPs (attention whole, see the module docstring); the hidden size is untouched, as in hf_prune's cut."""
-    import torch_pruning as tp
-
     adapter = get_adapter(model)
     shape = adapter.layer_shapes(model)[0]
     hidden, head_dim, mats = adapter.hidden_size(model.config), adapter.head_dim(model.config), adapter.ffn_in_mats
@@ -105,17 +91,9 @@ def torch_pruning_uniform(model: nn.Module, keep: float, seq_len: int) -> dict[s
         attn = block.self_attn
         ignored += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.down_proj]
     example = torch.randint(100, 1000, (1, 16))
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio,
-        ignored_layers=ignored,
-        global_pruning=False,
-        round_to=8,
-        output_transform=lambda out: out.logits,
+    torch_pruning_step(
+        model, example, ignored, pruning_ratio=ratio, round_to=8, output_transform=lambda out: out.logits
     )
-    pruner.step()
     if model.model.embed_tokens.weight.shape[1] != hidden:
         raise RuntimeError("Torch-Pruning changed the hidden size")
     widths = sorted({block.mlp.gate_proj.out_features for block in model.model.layers})
@@ -189,8 +167,12 @@ def train_blocks(train_ids: torch.Tensor, seq_len: int, n: int) -> Any:
 
 
 # ---- main --------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+OURS = ("width", "depth", "width+depth")
+METHODS = (*OURS, "Torch-Pruning uniform", "ShortGPT")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = bench_parser(__doc__, "decoder")
     parser.add_argument("--cuts", type=float, nargs="+", default=list(CUTS))
     parser.add_argument("--recover-cuts", type=float, nargs="*", default=list(CUTS), help="cuts that get recovery")
     parser.add_argument("--steps", type=int, default=30, help="recovery steps")
@@ -200,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=int, default=32, help="calibration blocks")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="WikiText-2 test tokens (512-token windows)")
     parser.add_argument(
-        "--methods", nargs="*", default=None, help="subset of the method names (given empty: none, e.g. dense only)"
+        "--methods", nargs="*", default=None, help=f"subset of {list(METHODS)} (given empty: none, e.g. dense only)"
     )
     parser.add_argument(
         "--dense-recovery", action="store_true", help="also give the dense model the same recovery (a 1x 'dense' row)"
@@ -210,14 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-unstructured", action="store_true", help="the same as --unstructured with nothing")
     parser.add_argument("--quick", action="store_true", help="smoke run: one cut, few steps, few tokens")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "decoder.json")
     args = parser.parse_args(argv)
     if args.skip_unstructured:
         args.unstructured = []
-    unknown = sorted(set(args.unstructured) - set(UNSTRUCTURED))
-    if unknown:
-        parser.error(f"unknown --unstructured {unknown}; allowed: {list(UNSTRUCTURED)}")
+    for option, allowed in (("unstructured", UNSTRUCTURED), ("methods", METHODS)):
+        unknown = sorted(set(getattr(args, option) or []) - set(allowed))
+        if unknown:
+            parser.error(f"unknown --{option} {unknown}; allowed: {list(allowed)}")
     if args.quick:  # every pass once, on as few tokens as exercise them (the refit is underdetermined here)
         args.cuts, args.recover_cuts, args.steps, args.batch = [1.5], [1.5], 2, 2
         args.seq_len, args.calibration, args.eval_tokens = 128, 2, 1024
@@ -225,122 +206,144 @@ def main(argv: list[str] | None = None) -> int:
         # no separate width row: width+depth runs the same width cut after its depth search (which may keep every block)
         if args.methods is None:
             args.methods = ["depth", "width+depth", "Torch-Pruning uniform", "ShortGPT"]
-    run = Run("decoder.py", argv)
-    base, tokenizer = load_smollm2()
-    test_ids = wikitext_ids(tokenizer, args.data_dir, "test", args.eval_tokens)
-    train_ids = wikitext_ids(tokenizer, args.data_dir, "train")
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, train_ids.numel() - args.seq_len - 1, (args.calibration,), generator=g).tolist()
-    calibration = [{"input_ids": train_ids[s : s + args.seq_len]} for s in starts]
-    blocks = train_blocks(train_ids, args.seq_len, args.steps * args.batch)
-    dense_flops = block_flops(base, args.seq_len)
-    dense_ppl = perplexity(base, test_ids)
-    print(f"dense perplexity {dense_ppl:.2f} on {test_ids.numel()} tokens", flush=True)
-    common = {"criterion": "fisher", "scope": "global", "max_samples": args.calibration, "batch_size": 4}
-    common["seq_len"] = args.seq_len
-    methods = {
-        "width": lambda keep, refit: PruningConfig(target_flops=keep, reconstruct=refit, **common),
-        "depth": lambda keep, refit: PruningConfig(
-            layers=round((1 - keep) * len(base.model.layers)) / len(base.model.layers),
-            layer_criterion="angular",
-            max_samples=args.calibration,
-            batch_size=4,
-            seq_len=args.seq_len,
-        ),
-        "width+depth": lambda keep, refit: PruningConfig(
-            target_flops=keep, max_layers=0.5 * (1 - keep), layer_criterion="angular", reconstruct=refit, **common
-        ),
-    }
-    baselines = {
-        "Torch-Pruning uniform": lambda m, keep: torch_pruning_uniform(m, keep, args.seq_len),
-        "ShortGPT": lambda m, keep: shortgpt(m, keep, calibration),
-    }
-    names = [*methods, *baselines]
-    unknown = sorted(set(args.methods or []) - set(names))
-    if unknown:
-        parser.error(f"unknown --methods {unknown}; allowed: {names}")
-    chosen = names if args.methods is None else args.methods
-    rows = []
-    # the trainer freezes its teacher's parameters: a copy of its own, so ``base`` stays trainable for the next copy
-    teacher = copy.deepcopy(base).eval()
+    return args
 
-    def measure(model: nn.Module) -> dict[str, Any]:
+
+@dataclass
+class Setup:
+    """What every row shares: the dense model (and its frozen copy, the distillation teacher), the test tokens, the
+    calibration windows, the recovery blocks and the dense block FLOPs."""
+
+    args: argparse.Namespace
+    base: nn.Module
+    teacher: nn.Module
+    test_ids: torch.Tensor
+    calibration: list[dict[str, torch.Tensor]]
+    blocks: Any
+    dense_flops: float
+
+    def measure(self, model: nn.Module) -> dict[str, Any]:
         return {
-            "perplexity": perplexity(model, test_ids),
-            "flops_keep": block_flops(model, args.seq_len) / dense_flops,
+            "perplexity": window_perplexity(model, self.test_ids),
+            "flops_keep": block_flops(model, self.args.seq_len) / self.dense_flops,
             "params": sum(p.numel() for p in model.parameters()),
             "blocks": len(model.model.layers),
         }
 
-    if args.dense_recovery:
-        # the reference for every recovered row: the same recovery with nothing removed (its teacher is itself)
-        model = copy.deepcopy(base)
-        oneshot = {"perplexity": dense_ppl, "flops_keep": 1.0, "params": sum(p.numel() for p in model.parameters())}
-        ref = {"cut": 1.0, "method": "dense", "oneshot": {**oneshot, "blocks": len(model.model.layers), "seconds": 0.0}}
-        ref["recovery_seconds"] = round(recover(model, teacher, blocks, args), 1)
-        ref["recovered"] = measure(model)
-        print("dense recovered", ref["recovered"], flush=True)
-        rows.append(ref)
-        del model
+    def recover(self, model: nn.Module, config: PruningConfig | None = None) -> float:
+        return round(recover(model, self.teacher, self.blocks, self.args, config), 1)
 
-    for cut in args.cuts:
-        keep = 1 / cut
-        for name in chosen:
-            row: dict[str, Any] = {"cut": cut, "method": name}
-            start = time.time()
-            refit_options = (False, True) if name in ("width", "width+depth") else (False,)
-            pruned = None
-            for refit in refit_options:
-                model = copy.deepcopy(base)
-                if name in methods:
-                    report = prune(model, methods[name](keep, refit), calibration_data=calibration)
-                    info = {"removed_blocks": report.layers_removed}
-                else:
-                    info = baselines[name](model, keep)
-                key = "refit" if refit else "oneshot"
-                row[key] = {**measure(model), **info, "seconds": round(time.time() - start, 1)}
-                print(cut, name, key, {k: v for k, v in row[key].items() if k != "removed_blocks"}, flush=True)
-                start = time.time()
-                pruned = model
-            row["peak_rss_mb"] = round(peak_rss_mb())
-            if cut in args.recover_cuts:
-                row["recovery_seconds"] = round(recover(pruned, teacher, blocks, args), 1)
-                row["recovered"] = measure(pruned)
-                print(cut, name, "recovered", row["recovered"], flush=True)
-            rows.append(row)
-            del pruned
 
-    unstructured = []
-    for criterion in args.unstructured:
-        model = copy.deepcopy(base)
+def hf_prune_config(name: str, keep: float, refit: bool, setup: Setup) -> PruningConfig:
+    """hf_prune's config for ``name`` (one of ``OURS``) at ``keep`` of the block FLOPs."""
+    args, n = setup.args, len(setup.base.model.layers)
+    common = {"max_samples": args.calibration, "batch_size": 4, "seq_len": args.seq_len}
+    if name == "depth":
+        return PruningConfig(layers=round((1 - keep) * n) / n, layer_criterion="angular", **common)
+    common.update(criterion="fisher", scope="global", reconstruct=refit)
+    if name == "width":
+        return PruningConfig(target_flops=keep, **common)
+    return PruningConfig(target_flops=keep, max_layers=0.5 * (1 - keep), layer_criterion="angular", **common)
+
+
+def dense_row(setup: Setup, dense_ppl: float) -> dict[str, Any]:
+    """The reference for every recovered row: the same recovery with nothing removed (its teacher is itself)."""
+    model = copy.deepcopy(setup.base)
+    oneshot = {"perplexity": dense_ppl, "flops_keep": 1.0, "params": sum(p.numel() for p in model.parameters())}
+    row = {"cut": 1.0, "method": "dense", "oneshot": {**oneshot, "blocks": len(model.model.layers), "seconds": 0.0}}
+    row["recovery_seconds"] = setup.recover(model)
+    row["recovered"] = setup.measure(model)
+    print("dense recovered", row["recovered"], flush=True)
+    return row
+
+
+def method_row(setup: Setup, cut: float, name: str) -> dict[str, Any]:
+    """``name`` at ``cut``: one-shot, with the refit where the method has one, and recovered (from the refit model
+    where there is one) when ``cut`` is among ``--recover-cuts``."""
+    row: dict[str, Any] = {"cut": cut, "method": name}
+    start = time.time()
+    for refit in (False, True) if name in ("width", "width+depth") else (False,):
+        model = copy.deepcopy(setup.base)
+        if name in OURS:
+            report = prune(model, hf_prune_config(name, 1 / cut, refit, setup), calibration_data=setup.calibration)
+            info = {"removed_blocks": report.layers_removed}
+        elif name == "ShortGPT":
+            info = shortgpt(model, 1 / cut, setup.calibration)
+        else:
+            info = torch_pruning_uniform(model, 1 / cut, setup.args.seq_len)
+        key = "refit" if refit else "oneshot"
+        row[key] = {**setup.measure(model), **info, "seconds": round(time.time() - start, 1)}
+        print(cut, name, key, {k: v for k, v in row[key].items() if k != "removed_blocks"}, flush=True)
         start = time.time()
-        config = UNSTRUCTURED[criterion](args.calibration)
-        report = prune(model, config, calibration_data=calibration)
-        entry: dict[str, Any] = {"criterion": criterion, "sparsity": report.sparsity, "oneshot": measure(model)}
-        entry["oneshot"]["seconds"] = round(time.time() - start, 1)
-        if args.recover_cuts:
-            # recovery starts from the one-shot model; the trainer's magnitude masks at step 0, in the same scope,
-            # select exactly its zeros (half of each matrix or row is zero, and zeros are the smallest magnitudes)
-            keep_zeros = PruningConfig(
-                sparsity=0.5,
-                sparsity_scope=config.sparsity_scope,
-                sparsity_criterion="magnitude",
-                start_step=0,
-                distill_alpha=0.5,
-            )
-            before = zero_masks(model)
-            entry["recovery_seconds"] = round(recover(model, teacher, blocks, args, keep_zeros), 1)
-            entry["recovered"] = measure(model)
-            after = zero_masks(model)
-            entry["recovered_sparsity"] = sum(int(a.sum()) for a in after.values()) / sum(
-                a.numel() for a in after.values()
-            )
-            # the masks the recovery kept are the one-shot model's zeros (checked, not assumed)
-            entry["zeros_kept"] = all(bool((before[n] <= after[n]).all()) for n in before)
-        unstructured.append(entry)
-        print("unstructured", entry, flush=True)
-        del model
+    row["peak_rss_mb"] = round(peak_rss_mb())
+    if cut in setup.args.recover_cuts:
+        row["recovery_seconds"] = setup.recover(model)
+        row["recovered"] = setup.measure(model)
+        print(cut, name, "recovered", row["recovered"], flush=True)
+    return row
 
+
+def unstructured_entry(setup: Setup, criterion: str) -> dict[str, Any]:
+    """A 50% sparse model one-shot and, with any recovery asked for, recovered with its zeros kept as masks."""
+    model = copy.deepcopy(setup.base)
+    start = time.time()
+    config = UNSTRUCTURED[criterion](setup.args.calibration)
+    report = prune(model, config, calibration_data=setup.calibration)
+    entry: dict[str, Any] = {"criterion": criterion, "sparsity": report.sparsity, "oneshot": setup.measure(model)}
+    entry["oneshot"]["seconds"] = round(time.time() - start, 1)
+    if setup.args.recover_cuts:
+        # recovery starts from the one-shot model; the trainer's magnitude masks at step 0, in the same scope,
+        # select exactly its zeros (half of each matrix or row is zero, and zeros are the smallest magnitudes)
+        keep_zeros = PruningConfig(
+            sparsity=0.5,
+            sparsity_scope=config.sparsity_scope,
+            sparsity_criterion="magnitude",
+            start_step=0,
+            distill_alpha=0.5,
+        )
+        before = zero_masks(model)
+        entry["recovery_seconds"] = setup.recover(model, keep_zeros)
+        entry["recovered"] = setup.measure(model)
+        after = zero_masks(model)
+        entry["recovered_sparsity"] = sum(int(a.sum()) for a in after.values()) / sum(a.numel() for a in after.values())
+        # the masks the recovery kept are the one-shot model's zeros (checked, not assumed)
+        entry["zeros_kept"] = all(bool((before[n] <= after[n]).all()) for n in before)
+    print("unstructured", entry, flush=True)
+    return entry
+
+
+def keep_previous(result: dict[str, Any], previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of an earlier run measured the same way (settings, tokens, dense perplexity) and not re-measured now:
+    they stay, with the run that measured them. Returns the kept method rows; merges the unstructured entries."""
+    same = all(previous.get(k) == result[k] for k in ("settings", "eval_tokens", "quick"))
+    if not same or not same_dense(previous.get("dense_perplexity"), result["dense_perplexity"]):
+        return []
+    measured = {(r["cut"], r["method"]) for r in result["rows"]}
+    result["runs"] = previous.get("runs", {})
+    redone = {u["criterion"] for u in result["unstructured"]}
+    kept_u = [u for u in previous.get("unstructured", []) if u["criterion"] not in redone]
+    result["unstructured"] = kept_u + result["unstructured"]
+    result["peak_rss_mb"] = max(result["peak_rss_mb"], previous.get("peak_rss_mb", 0))
+    return [r for r in previous.get("rows", []) if (r["cut"], r["method"]) not in measured]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run("decoder.py", argv)
+    base, tokenizer = load_smollm2()
+    test_ids = wikitext_ids(tokenizer, args.data_dir, "test", args.eval_tokens)
+    train_ids = wikitext_ids(tokenizer, args.data_dir, "train")
+    calibration = token_windows(train_ids, args.seq_len, args.calibration)
+    blocks = train_blocks(train_ids, args.seq_len, args.steps * args.batch)
+    dense_flops = block_flops(base, args.seq_len)
+    dense_ppl = window_perplexity(base, test_ids)
+    print(f"dense perplexity {dense_ppl:.2f} on {test_ids.numel()} tokens", flush=True)
+    # the trainer freezes its teacher's parameters: a copy of its own, so ``base`` stays trainable for the next copy
+    setup = Setup(args, base, copy.deepcopy(base).eval(), test_ids, calibration, blocks, dense_flops)
+    rows = [dense_row(setup, dense_ppl)] if args.dense_recovery else []
+    chosen = METHODS if args.methods is None else args.methods
+    rows += [method_row(setup, cut, name) for cut in args.cuts for name in chosen]
+    unstructured = [unstructured_entry(setup, criterion) for criterion in args.unstructured]
     settings = {
         "seq_len": args.seq_len,
         "calibration_blocks": args.calibration,
@@ -361,24 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": round(peak_rss_mb()),
         "quick": args.quick,
     }
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-    kept: list[dict[str, Any]] = []
-    if all(previous.get(k) == result[k] for k in ("settings", "eval_tokens", "quick")) and same_dense(
-        previous.get("dense_perplexity"), dense_ppl
-    ):
-        # rows of earlier runs, measured the same way and not re-measured now, stay with the run that measured them
-        measured = {(r["cut"], r["method"]) for r in rows}
-        kept = [r for r in previous.get("rows", []) if (r["cut"], r["method"]) not in measured]
-        result["runs"] = previous.get("runs", {})
-        redone = {u["criterion"] for u in unstructured}
-        kept_u = [u for u in decoder_unstructured(previous) if u["criterion"] not in redone]
-        result["unstructured"] = kept_u + unstructured
-        result["peak_rss_mb"] = max(result["peak_rss_mb"], previous.get("peak_rss_mb", 0))
+    kept = keep_previous(result, previous_result(args.output))
     # each run keeps the dense perplexity it measured: the top-level one is the latest run's
-    run_id = add_run(result, {**run.record(), "dense_perplexity": dense_ppl})
-    for row in [*rows, *unstructured]:
-        row["run"] = run_id
-    order = {name: i for i, name in enumerate(["dense", *names])}
+    add_run(result, {**run.record(), "dense_perplexity": dense_ppl}, [*rows, *unstructured])
+    order = {name: i for i, name in enumerate(["dense", *METHODS])}
     result["rows"] = sorted(kept + rows, key=lambda r: (r["cut"], order.get(r["method"], len(order))))
     publish(args.output, result)
     print(f"wrote {args.output} in {run.elapsed():.0f} s", flush=True)
@@ -388,11 +377,98 @@ def main(argv: list[str] | None = None) -> int:
 def same_dense(previous: float | None, current: float) -> bool:
     """Whether an earlier run's dense perplexity is this run's, so its rows can stand beside this run's.
 
-    Not exact equality: the same model and evaluation read 26.149222 on an AMD EPYC and 26.149447 on an Intel
-    Xeon (float32 kernels differ per CPU), and exact equality dropped every earlier run's rows from the file.
-    A relative 1e-4 is ten times that difference and far below any gap between two methods' perplexities.
+    Not exact equality: float32 kernels differ per CPU, so the same model and evaluation read slightly different
+    perplexities on two machines, and exact equality would drop every earlier run's rows from the file. A relative
+    1e-4 is well above that rounding and far below any gap between two methods' perplexities.
     """
     return previous is not None and abs(previous - current) <= 1e-4 * current
+
+
+# ---- RESULTS.md and README ----------------------------------------------------------------------------------
+def _intro(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    text = (
+        f"WikiText-2 test perplexity over {result['eval_tokens']} tokens (512-token windows); dense "
+        f"{result['dense_perplexity']:.2f}. Cuts are of the transformer blocks' FLOPs at {s['seq_len']} tokens; "
+        f"{s['calibration_blocks']} calibration blocks of {s['seq_len']} WikiText-2 train tokens. `refit` adds "
+        "hf_prune's least-squares refit of the shrunk output projections (block by block). Recovery, the same for "
+        f"every row: {s['recovery_steps']} steps x {s['recovery_batch']} packed train blocks "
+        f"({s['recovery_tokens']:,} tokens), AdamW lr {s['learning_rate']:g} with linear decay, loss "
+        f"{1 - s['distill_alpha']:g} x cross-entropy + {s['distill_alpha']:g} x token-level KL to the dense model; "
+        "it starts from the refit model where there is one. Baselines (see `benchmarks/decoder.py`): Torch-Pruning "
+        "MetaPruner with L2 magnitude and the same FFN-channel fraction in every layer; ShortGPT's Block Influence, "
+        "lowest blocks dropped."
+    )
+    if any(r["method"] == "dense" for r in result["rows"]):
+        text += (
+            " The `1x dense` row is the dense model given the same recovery: the recovery trains on WikiText-2 "
+            "train, which the dense model never saw, so recovered perplexities are read against it rather than "
+            "against the dense model's own."
+        )
+    return text
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: every cut and method one-shot, refit and recovered, then the 50% sparse models."""
+    lines = section(
+        "Decoder LM: SmolLM2-135M width, depth and width+depth pruning with recovery", result, _intro(result)
+    )
+    cells = []
+    for r in result["rows"]:
+        last = r.get("refit", r["oneshot"])
+        refit = f"{r['refit']['perplexity']:.2f}" if "refit" in r else "n/a"
+        recovered = f"{r['recovered']['perplexity']:.2f}" if "recovered" in r else ""
+        seconds = r["oneshot"]["seconds"] + (r["refit"]["seconds"] if "refit" in r else 0)
+        cells.append(
+            f"{r['cut']:g}x | {r['method']} | {last['blocks']} | {last['flops_keep']:.3f} "
+            f"| {last['params'] / 1e6:.1f}M | {r['oneshot']['perplexity']:.2f} | {refit} | {recovered} "
+            f"| {'' if r['method'] == 'dense' else format(seconds, '.0f') + ' s'} "
+            f"| {'' if 'recovery_seconds' not in r else format(r['recovery_seconds'], '.0f') + ' s'}"
+        )
+    # the run column names each row's machine (runs table above): prune and recovery times are per machine
+    head = "cut | method | blocks | FLOPs kept | params | one-shot ppl | refit ppl | recovered ppl | prune time "
+    lines += table(head + "| recovery time", cells, run_ids(result, result["rows"]))
+    described = {
+        "magnitude": "magnitude, per matrix",
+        "obs": "activation-aware per output row with the OBS weight update",
+    }
+    for u in result.get("unstructured", []):
+        rec = ""
+        if "recovered" in u:
+            rec = (
+                f", {u['recovered']['perplexity']:.2f} after the same recovery (masks kept: "
+                f"{u['recovered_sparsity']:.1%} of the block weights zero, {u['recovery_seconds']:.0f} s)"
+            )
+        what = described.get(u["criterion"], u["criterion"])
+        lines += ["", f"50% unstructured ({what}): {u['oneshot']['perplexity']:.2f} one-shot{rec}."]
+    return [*lines, "", f"Peak resident memory of the run: {result['peak_rss_mb']} MB.", ""]
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """Per recovered cut: the best hf_prune method against the baselines with the same budget (and the dense
+    model given the same recovery, where measured)."""
+    reference = next((x for x in result["rows"] if x["method"] == "dense" and "recovered" in x), None)
+    dense = f"dense {result['dense_perplexity']:.1f}"
+    if reference is not None:
+        dense += f"; dense with the same recovery {reference['recovered']['perplexity']:.1f}"
+    lines = []
+    for cut in dict.fromkeys(x["cut"] for x in result["rows"] if "recovered" in x):
+        rows = [x for x in result["rows"] if x["cut"] == cut and "recovered" in x]
+        ours = [x for x in rows if x["method"] in OURS]
+        if not ours:
+            continue
+        best = min(ours, key=lambda x: x["recovered"]["perplexity"])
+        start = f"{best['oneshot']['perplexity']:.1f}"
+        if "refit" in best:
+            start += f", with refit {best['refit']['perplexity']:.1f}"
+        others = "; ".join(f"{x['method']} {x['recovered']['perplexity']:.1f}" for x in rows if x["method"] not in OURS)
+        lines.append(
+            f"| SmolLM2-135M WikiText-2, {cut:g}x block-FLOPs cut + recovery "
+            f"({result['settings']['recovery_tokens']:,} tokens, best of {len(ours)} hf_prune methods) "
+            f"| perplexity {best['method']} {best['recovered']['perplexity']:.1f} (one-shot {start}); "
+            f"same budget: {others} ({dense}) | {commands(result, rows if reference is None else [*rows, reference])} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ Size: the weight files on disk (safetensors or model.onnx).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.metadata
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,12 +36,11 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import hf_prune
 from hf_prune import PruningConfig
-from hf_prune.io.onnx import export_onnx, onnx_session, run_onnx, time_onnx, torch_int8
+from hf_prune.io.onnx import export_onnx, onnx_session, time_onnx, torch_int8
+from hf_prune.utils import random_token_ids
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, Run, accuracy, add_n_eval, finetuned_minilm_sst2  # noqa: E402
-from results import add_run, publish  # noqa: E402
+from common import Run, accuracy, add_n_eval, bench_parser, finetuned_minilm_sst2
+from results import add_run, commands, publish, section, table
 
 SHAPES = ((1, 64), (32, 64))
 CALIBRATION = 512
@@ -56,20 +53,8 @@ def _files_bytes(folder: Path, suffix: str) -> int:
 
 
 def latency_inputs(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(batch * 1000 + seq)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    ids = random_token_ids(vocab, batch, seq, seed=batch * 1000 + seq)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-
-
-def onnx_accuracy(session: Any, dataset: Any, batch_size: int = 64) -> float:
-    """SST-2 dev accuracy of an ONNX graph, on the same padded batches the PyTorch evaluation reads."""
-    correct = 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        inputs = {k: rows[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows}
-        logits = run_onnx(session, inputs)[0]
-        correct += int((logits.argmax(-1) == rows["labels"]).sum())
-    return correct / len(dataset)
 
 
 def prune_variant(model: nn.Module, variant: str, calibration: Any) -> nn.Module:
@@ -127,7 +112,7 @@ def engines_for(name: str, model: nn.Module, work: Path, dev: Any, structured: b
                 "variant": name,
                 "format": "ONNX Runtime int8" if int8 else "ONNX Runtime float32",
                 "size_bytes": report.size_bytes,
-                "accuracy": onnx_accuracy(session, dev) if dev is not None else None,
+                "accuracy": accuracy(session, dev) if dev is not None else None,
                 "max_abs_diff": report.max_abs_diff,
                 "session": session,
             }
@@ -191,45 +176,60 @@ def measure_model(name: str, model: nn.Module, calibration: Any, dev: Any, repea
     return [{k: v for k, v in e.items() if k not in ("run", "session")} for e in engines]
 
 
-def render_deploy(result: dict[str, Any]) -> list[str]:
-    """RESULTS.md section (called by results.py)."""
-    from results import _header
-
-    lines = [
-        "## Deployment: pruning x int8 x ONNX Runtime x sparse storage (CPU)",
-        "",
-        *_header(result),
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: every model in every deployable form."""
+    lines = section(
+        "Deployment: pruning x int8 x ONNX Runtime x sparse storage (CPU)",
+        result,
         "Each model in every deployable form: size of the weight file, CPU latency at batch 1 x 64 and batch 32 x 64 "
         "(all forms of a model timed interleaved in one process; median), speedup over the dense PyTorch float32 "
         "model of the same run, and SST-2 dev accuracy measured through that engine (MiniLM; BERT-base has random "
         "weights, so no accuracy). Structured cuts: Fisher (global) + least-squares refit, one-shot (MiniLM); "
         "magnitude (BERT-base). int8: dynamic quantization (torch.ao for PyTorch, ONNX Runtime's for ONNX). Sparse "
         "rows: global magnitude, saved with `sparse=True` (values + bitmask); PyTorch runs them with dense kernels.",
-        "",
-        "| model | variant | format | FLOPs cut | size | size vs dense | batch 1 x 64 | vs dense | batch 32 x 64 "
-        "| vs dense | dev accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    )
+    rows = [
+        f"{r['model']} | {r['variant']} | {r['format']} | {r['flops_ratio']:.2f}x | {r['size_bytes'] / 2**20:.1f} MiB "
+        f"| {r['size_vs_dense']:.2f} | {r['ms_b1x64']:.1f} ms | {r['speedup_b1x64']:.2f}x | {r['ms_b32x64']:.0f} ms "
+        f"| {r['speedup_b32x64']:.2f}x | {'n/a' if r.get('accuracy') is None else format(r['accuracy'], '.2%')}"
+        for r in result["rows"]
     ]
-    for r in result["rows"]:
-        acc = f"{r['accuracy']:.2%}" if r.get("accuracy") is not None else "n/a"
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['format']} | {r['flops_ratio']:.2f}x | "
-            f"{r['size_bytes'] / 2**20:.1f} MiB | {r['size_vs_dense']:.2f} | {r['ms_b1x64']:.1f} ms | "
-            f"{r['speedup_b1x64']:.2f}x | {r['ms_b32x64']:.0f} ms | {r['speedup_b32x64']:.2f}x | {acc} |"
-        )
-    lines += ["", f"ONNX Runtime threads: {result.get('threads')} (the same as torch's).", ""]
+    head = "model | variant | format | FLOPs cut | size | size vs dense | batch 1 x 64 | vs dense | batch 32 x 64 "
+    lines += table(head + "| vs dense | dev accuracy", rows)
+    return [*lines, "", f"ONNX Runtime threads: {result.get('threads')} (the same as torch's).", ""]
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """Per model: the 2x cut + ONNX Runtime int8 against dense PyTorch, and the 90% sparse file's size."""
+    pick = {(x["model"], x["variant"], x["format"]): x for x in result["rows"]}
+    lines = []
+    for model in dict.fromkeys(x["model"] for x in result["rows"]):
+        onnx = pick.get((model, "2x", "ONNX Runtime int8"))
+        pruned = pick.get((model, "2x", "PyTorch float32"))
+        sparse = pick.get((model, "sparse-90", "PyTorch float32 (sparse file)"))
+        parts = []
+        if onnx is not None:
+            acc = ""
+            if onnx.get("accuracy") is not None and pruned is not None:
+                acc = f", dev accuracy {onnx['accuracy']:.2%} (pruned PyTorch {pruned['accuracy']:.2%})"
+            parts.append(
+                f"2x cut + ONNX Runtime int8: {onnx['speedup_b1x64']:.2f}x faster than dense PyTorch at batch "
+                f"1 x 64 ({onnx['speedup_b32x64']:.2f}x at 32 x 64), {onnx['size_vs_dense']:.2f} of the file{acc}"
+            )
+        if sparse is not None:
+            parts.append(f"90% sparse saved with `sparse=True`: {sparse['size_vs_dense']:.2f} of the file")
+        if parts:
+            lines.append(f"| Deploy, {model} (CPU) | {'; '.join(parts)} | {commands(result)} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser = bench_parser(__doc__, "deploy")
     parser.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
     parser.add_argument("--repeats", type=int, default=12, help="timed runs per engine and shape (in 3 rounds)")
     parser.add_argument("--n-train", type=int, default=8000)
     add_n_eval(parser)
     parser.add_argument("--quick", action="store_true", help="dense and 2x only, MiniLM fine-tuned briefly")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "deploy.json")
     args = parser.parse_args(argv)
     this_run = Run("deploy.py", argv)
     rows: list[dict[str, Any]] = []
@@ -246,10 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     record = this_run.record()
     for package in ("onnx", "onnxruntime"):
         record["versions"][package] = importlib.metadata.version(package)
-    for row in rows:
-        row["run"] = add_run(result, record) if row is rows[0] else rows[0]["run"]
+    add_run(result, record, rows)
     publish(args.output, result)
-    print("\n".join(render_deploy(result)))
+    print("\n".join(render(result)))
     print(f"wrote {args.output}")
 
 

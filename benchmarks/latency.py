@@ -17,14 +17,11 @@ machine kind (CPU model and threads): a run on another machine adds its rows bes
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as tf
@@ -32,10 +29,18 @@ import transformers as tf
 import hf_prune
 from hf_prune.measure import compare_latency, count_parameters, encoder_flops, saved_size_bytes
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import Run  # noqa: E402
-from results import add_run, publish, rows_of_other_machines  # noqa: E402
+from common import Run, bench_parser
+from results import (
+    add_run,
+    commands,
+    machine_groups,
+    previous_result,
+    publish,
+    rows_of_other_machines,
+    section,
+    span,
+    table,
+)
 
 CONFIGS = {
     "bert-base": lambda: tf.BertConfig(),  # 12 layers, hidden 768, 12 heads, FFN 3072
@@ -66,7 +71,7 @@ def half_plan(model: torch.nn.Module, seed: int = 0, fraction: float = 0.5) -> h
         groups = torch.randperm(shape.kv_heads, generator=g)[: round(shape.kv_heads * fraction)].tolist()
         heads[i] = sorted(h for grp in groups for h in range(grp * group, (grp + 1) * group))
         # the kept width rounded to a multiple of 8, as hf_prune's allocator keeps it (PruningConfig.ffn_multiple):
-        # llama-style's 2816 -> 1877 (odd) ran a width+depth plan 0.81 of its FLOPs ratio at 8 x 128
+        # an odd width runs far slower than its FLOPs say, which would time the kernels, not the cut
         kept = max(FFN_MULTIPLE, FFN_MULTIPLE * round(shape.ffn * (1 - fraction) / FFN_MULTIPLE))
         ffn[i] = sorted(torch.randperm(shape.ffn, generator=g)[: shape.ffn - kept].tolist())
     return hf_prune.PruningPlan(heads=heads, ffn=ffn)
@@ -206,7 +211,7 @@ def sizes(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "latency", data=False)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seq-len", type=int, nargs="+", default=[32, 64, 128])
@@ -219,7 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
         help="also record where each forward's time goes, by op category, at the smallest batch and shortest "
         "sequence (where a layer's fixed cost weighs most; profiling every shape would double the run)",
     )
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "latency.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,22 +236,105 @@ def main(argv: list[str] | None = None) -> dict:
         for s in args.seq_len
     ]
     record = this_run.record()
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous = previous_result(args.output)
 
     def key(r: dict) -> tuple:
-        return r["model"], r.get("plan", "width"), r["batch"], r["seq_len"]
+        return r["model"], r["plan"], r["batch"], r["seq_len"]
 
     # rows of other machine kinds stay (RESULTS.md shows them side by side), and so do this kind's rows of models,
     # plans and shapes not re-measured now
     measured = {key(r) for r in rows}
     kept = rows_of_other_machines(previous, record, also=lambda r: key(r) not in measured)
     result = {"benchmark": "latency", "runs": previous.get("runs", {}), "sizes": [sizes(m) for m in args.models]}
-    run_id = add_run(result, record)
-    for row in rows:
-        row["run"] = run_id
+    add_run(result, record, rows)
     result["rows"] = kept + rows
     publish(args.output, result)
     return result
+
+
+# ---- RESULTS.md and README ----------------------------------------------------------------------------------------
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: every machine kind's rows, where the time goes (``--breakdown`` rows), file sizes."""
+    rows = [(kind, r) for kind, group in machine_groups(result) for r in group]
+    lines = section(
+        "Latency: dense vs structured 2x cuts (width: 50% heads + 50% FFN in every layer; width+depth: every "
+        "fourth block removed, then a third of the heads and FFN)",
+        result,
+    )
+    lines += table(
+        "machine | model | plan | batch | seq | params dense | params pruned | dense ms | pruned ms | speedup "
+        "| FLOPs ratio | speedup / FLOPs ratio",
+        (
+            f"{kind} | {r['model']} | {r['plan']} | {r['batch']} | {r['seq_len']} | {r['params_dense'] / 1e6:.1f}M "
+            f"| {r['params_pruned'] / 1e6:.1f}M | {r['dense_ms']:.1f} | {r['pruned_ms']:.1f} | {r['speedup']:.2f}x "
+            f"| {r['flops_ratio']:.2f}x | {r['speedup_over_flops_ratio']:.2f}"
+            for kind, r in rows
+        ),
+    )
+    lines += [
+        "",
+        "Latency is the median of interleaved dense/pruned rounds in one process; FLOPs ratio counts the "
+        "transformer blocks (projections, attention, FFN).",
+        "",
+    ]
+    return lines + _render_breakdown(rows) + _render_sizes(result.get("sizes", []))
+
+
+def _render_breakdown(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Where a forward's time goes: the matrix products, which shrink with width, against the other ops and the
+    un-profiled remainder (Python and dispatch), which a layer pays whatever its width."""
+    measured = [(kind, r) for kind, r in rows if r.get("breakdown_ms")]
+    if not measured:
+        return []
+
+    def parts(split: dict[str, float]) -> tuple[float, float, float]:
+        matmul, dispatch = split.get("matmul", 0.0), split["python + dispatch"]
+        return matmul, sum(split.values()) - matmul - dispatch, dispatch
+
+    cells = []
+    for kind, r in measured:
+        dense, pruned = (parts(r["breakdown_ms"][side]) for side in ("dense", "pruned"))
+        split = " | ".join(f"{d:.1f} -> {p:.1f}" for d, p in zip(dense, pruned, strict=True))
+        cells.append(f"{kind} | {r['model']} | {r['plan']} | {r['batch']} x {r['seq_len']} | {split}")
+    intro = (
+        "Where a forward's time goes (`--breakdown`: torch.profiler self time per op category, ms per forward; "
+        "`dispatch` is the median un-profiled wall time minus the profiled ops, i.e. Python and op dispatch, and is "
+        "the noisiest column since the profiler's own overhead lands in the ops):"
+    )
+    head = "machine | model | plan | batch x seq | matmul dense -> pruned | other ops dense -> pruned "
+    return [intro, "", *table(head + "| dispatch dense -> pruned", cells), ""]
+
+
+def _render_sizes(sizes: list[dict[str, Any]]) -> list[str]:
+    if not sizes:
+        return []
+    intro = (
+        "On-disk size (safetensors, float32) as a stock `save_pretrained` writes it: unstructured zeros are "
+        "stored densely and do not shrink the file (`hf_prune.save_pretrained(..., sparse=True)` stores them as "
+        "values + bitmask: see the deployment table):"
+    )
+    keys = ("dense_bytes", "structured_bytes", "unstructured_bytes")
+    mib = [" | ".join([z["model"], *(f"{z[k] / 2**20:.1f} MiB" for k in keys)]) for z in sizes]
+    return [intro, "", *table("model | dense | structured 50/50 | 50% unstructured", mib), ""]
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """One README line per machine kind, model and plan: the speedup range over the shapes, against the FLOPs cut."""
+    what = {"width": "50% heads + 50% FFN", "width+depth": "1/4 of blocks + 1/3 heads and FFN"}
+    lines = []
+    for kind, measured in machine_groups(result):
+        for model, plan in dict.fromkeys((row["model"], row["plan"]) for row in measured):
+            rows = [row for row in measured if row["model"] == model and row["plan"] == plan]
+            speed, flops = sorted(r["speedup"] for r in rows), sorted(r["flops_ratio"] for r in rows)
+            ratio = sorted(r["speedup_over_flops_ratio"] for r in rows)
+            grid = "batch " + "/".join(str(b) for b in dict.fromkeys(r["batch"] for r in rows))
+            grid += " x seq " + "/".join(str(q) for q in dict.fromkeys(r["seq_len"] for r in rows))
+            lines.append(
+                f"| CPU latency ({kind}), {model} {what.get(plan, plan)} ({grid}) "
+                f"| {span(speed, 'x')} faster for {span(flops, 'x')} fewer FLOPs "
+                f"(speedup/FLOPs {span(ratio)}) | {commands(result, rows)} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

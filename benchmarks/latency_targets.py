@@ -24,7 +24,7 @@ import argparse
 import copy
 import json
 import os
-import sys
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -36,15 +36,25 @@ import transformers as tf
 import hf_prune
 from hf_prune import PruningConfig
 from hf_prune.measure import compare_latency, encoder_flops
-from hf_prune.planning.latency_table import CACHE_ENV, dummy_inputs
+from hf_prune.planning.latency_cache import CACHE_ENV
+from hf_prune.planning.latency_table import clear_cache, dummy_inputs
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, Run, finetuned_minilm_sst2  # noqa: E402
-from results import add_run, publish, rows_of_other_machines  # noqa: E402
+from common import Run, bench_parser, finetuned_minilm_sst2
+from results import (
+    add_run,
+    commands,
+    machine_groups,
+    machine_kind,
+    previous_result,
+    publish,
+    rows_of_other_machines,
+    section,
+    table,
+)
 
 CALIBRATION = 512
-TOLERANCE = 0.05  # hf_prune.step.LATENCY_TOLERANCE, restated: the benchmark checks the promise, not the constant
+# hf_prune.planning.latency_search.LATENCY_TOLERANCE, restated: the benchmark checks the promise, not the constant
+TOLERANCE = 0.05
 
 
 def load(name: str, data_dir: Path, seq_len: int) -> tuple[torch.nn.Module, Any]:
@@ -109,7 +119,7 @@ def prune_to(dense: torch.nn.Module, calibration: Any, target: float, args: argp
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "latency_targets")
     parser.add_argument("--model", choices=["minilm-sst2", "minilm-shapes"], default="minilm-sst2")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--batch", type=int, default=32)
@@ -117,25 +127,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model when re-timing")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "latency_targets.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     this_run = Run("latency_targets.py", argv)
     dense, calibration = load(args.model, args.data_dir, args.seq_len)
     dense = dense.to(args.device).eval()
-    latency_model = sys.modules["hf_prune.planning.latency_table"]
     rows = []
     with tempfile.TemporaryDirectory() as tables:
         os.environ[CACHE_ENV] = tables
         for target in args.targets:
-            latency_model._CACHE.clear()
+            clear_cache()
             for f in Path(tables).glob("*.json"):  # a cold start for every target
                 f.unlink()
             rows.append({**prune_to(dense, calibration, target, args), "table_cache": "cold"})
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("trials", "table")}))
-        latency_model._CACHE.clear()  # a new process: only the disk cache the last cold run wrote remains
+        clear_cache()  # a new process: only the disk cache the last cold run wrote remains
         again = 0.5 if 0.5 in args.targets else args.targets[0]
         rows.append({**prune_to(dense, calibration, again, args), "table_cache": "cached"})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("trials", "table")}))
@@ -143,13 +150,63 @@ def main(argv: list[str] | None = None) -> dict:
     device = str(torch.device(args.device).type)
     for row in rows:
         row.update(model=args.model, device=device, batch=args.batch, seq_len=args.seq_len)
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous = previous_result(args.output)
     kept = rows_of_other_machines(previous, record, device, also=lambda r: r["model"] != args.model)
     result: dict[str, Any] = {"benchmark": "latency_targets", "runs": previous.get("runs", {})}
-    run_id = add_run(result, record)
-    result["rows"] = kept + [{**row, "run": run_id} for row in rows]
+    add_run(result, record, rows)
+    result["rows"] = kept + rows
     publish(args.output, result)
     return result
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: one row per pruned target (or its refusal), re-timed against dense."""
+    lines = section(
+        "target_latency: met on this machine, and at what cost",
+        result,
+        "Each row prunes a fresh copy of the model with `target_latency` (fisher, global, least-squares refit, "
+        "512 calibration sentences, latency table at the row's batch x sequence) and re-times it against the dense "
+        "model, interleaved in the same process; `met` = within 5% of the target. `prune s` is the whole `prune()` "
+        "call; `table: cold` starts with no cached latency table (what a first run pays), `cached` reads the table a "
+        "cold run left in the disk cache (every later run on that machine).",
+    )
+    rows = []
+    for row in result.get("rows", []):
+        kind = machine_kind(result["runs"][row["run"]]["machine"], row["device"])
+        start = f"{kind} | {row['device']} | {row['model']} | {row['batch']} x {row['seq_len']} | {row['target']:g}"
+        if row.get("refused"):
+            reachable = re.search(r"target_latency >= [0-9.]+", row["refused"])
+            why = f"refused before pruning: out of reach{f' ({reachable.group(0)})' if reachable else ''}"
+            rows.append(f"{start} | {why} | | | | | {row['table_cache']} | {row['prune_s']:.0f}")
+            continue
+        rows.append(
+            f"{start} | {row['search_keep']:.3f} | {row['keep']:.3f} | {'yes' if row['met'] else '**no**'} "
+            f"| {row['flops_ratio']:.2f}x | {row['searches']} | {row['table_cache']} | {row['prune_s']:.0f}"
+        )
+    head = "machine | device | model | batch x seq | target | keep (search) | keep (re-timed) | met | FLOPs cut "
+    return [*lines, *table(head + "| searches | table | prune s", rows), ""]
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """One README line per machine kind, model and shape: each target's re-timed keep, how many met 5%, the cost."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for kind, measured in machine_groups(result):
+        for row in measured:
+            if not row.get("refused"):
+                groups.setdefault((kind, row["model"], row["batch"], row["seq_len"]), []).append(row)
+    lines = []
+    for (kind, model, batch, seq_len), rows in groups.items():
+        keeps = ", ".join(
+            f"{x['target']:g} -> {x['keep']:.3f}" + (" (cached table)" if x["table_cache"] == "cached" else "")
+            for x in rows
+        )
+        seconds = [x["prune_s"] for x in rows]
+        lines.append(
+            f"| `target_latency` re-timed against dense ({kind}, {model}, {batch} x {seq_len}) | {keeps}; "
+            f"{sum(bool(x['met']) for x in rows)} of {len(rows)} within 5%; `prune()` {min(seconds):.0f}-"
+            f"{max(seconds):.0f} s | {commands(result, rows)} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ building the model.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +29,8 @@ import transformers as tf
 
 from hf_prune import PruningConfig, prune
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import Run  # noqa: E402
-from results import add_run, publish  # noqa: E402
+from common import Run, bench_parser
+from results import add_run, commands, publish, section, table
 
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32}
 BLOCKS_7B = 32
@@ -101,7 +97,7 @@ def measure(name: str, blocks: int, args: dict[str, Any]) -> dict[str, Any]:
         return row
     # a process of its own: ru_maxrss never goes down, so a pass's peak is only visible from a fresh process.
     # Forked from a server that imported torch and transformers once (not spawned: each spawn re-imported them,
-    # ~6 s a pass on 2 cores); the peak is still measured above the child's own baseline after building its model.
+    # seconds a pass); the peak is still measured above the child's own baseline after building its model.
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "transformers", "hf_prune"])
     queue = ctx.Queue()
@@ -113,7 +109,7 @@ def measure(name: str, blocks: int, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "memory", data=False)
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 4])
     parser.add_argument("--calibration", type=int, default=32, help="calibration sequences")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration batch size")
@@ -121,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--passes", nargs="*", default=list(PASSES))
     parser.add_argument("--quick", action="store_true", help="smoke run: a narrow model, few short sequences")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "memory.json")
     args = parser.parse_args(argv)
     run = Run("memory.py", argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "quick": args.quick,
     }
-    run_id = add_run(result, run.record())
-    for row in rows:
-        row["run"] = run_id
+    add_run(result, run.record(), rows)
     publish(args.output, result)
     print(f"wrote {args.output} in {run.elapsed():.0f} s", flush=True)
     return 0
@@ -180,6 +173,48 @@ def build_free_count(shape: dict[str, int], vocab: int) -> int:
     kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
     block = h * h * 2 + h * kv * 2 + 3 * h * f + 2 * h
     return BLOCKS_7B * block + 2 * vocab * h + h
+
+
+GIB = 1024**3
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: each pass's measured peaks, the fit and its projection to 32 blocks."""
+    s, shape, weights = result["settings"], result["settings"]["shape"], result["weights_bytes_32_blocks"]
+    lines = section(
+        "Peak memory of one-shot pruning, projected to a 7B Llama",
+        result,
+        f"A random Llama with hidden {shape['hidden_size']}, FFN {shape['intermediate_size']}, "
+        f"{shape['num_attention_heads']} heads ({s['dtype']}, on {s['device']}), built with "
+        f"{' and '.join(str(m['blocks']) for m in result['rows'][0]['measured'])} blocks; "
+        f"{s['calibration']} calibration sequences of {s['seq_len']} tokens, batch {s['batch_size']}. Peak memory "
+        "above the weights is fitted as fixed + per-block through the two depths and projected to 32 blocks, where "
+        f"the weights take {weights / GIB:.1f} GiB.",
+    )
+    rows = []
+    for r in result["rows"]:
+        measured = ", ".join(
+            f"{m['peak_above_weights_bytes'] / GIB:.2f} GiB ({m['blocks']} blocks)" for m in r["measured"]
+        )
+        projected = r["projected_peak_above_weights_bytes_32_blocks"]
+        rows.append(
+            f"{r['pass']} | {measured} | {r['fixed_bytes'] / GIB:.2f} GiB | {r['per_block_bytes'] / GIB:.3f} GiB "
+            f"| {projected / GIB:.1f} GiB | {(projected + weights) / GIB:.1f} GiB"
+        )
+    head = "pass | measured peak above weights | fixed | per block | projected peak above weights, 32 blocks "
+    return [*lines, *table(head + "| projected total, 32 blocks", rows), ""]
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    s, weights = result["settings"], result["weights_bytes_32_blocks"]
+    parts = ", ".join(
+        f"{x['pass']} {(x['projected_peak_above_weights_bytes_32_blocks'] + weights) / GIB:.1f} GiB"
+        for x in result["rows"]
+    )
+    return [
+        f"| Peak memory per pass, Llama-2-7B shape ({s['dtype']}, {s['calibration']} x {s['seq_len']} calibration "
+        f"tokens), projected from 2 and 4 blocks on {s['device']} | {parts} | {commands(result)} |"
+    ]
 
 
 if __name__ == "__main__":

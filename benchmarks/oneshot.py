@@ -10,33 +10,27 @@ Part 2 (SmolLM2-135M, WikiText-2): 50% unstructured sparsity (magnitude per laye
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import time
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from typing import Any
 
 import hf_prune
 from hf_prune import PruningConfig, prune
-from hf_prune.recipes.offline import smollm2_path
+from hf_prune.config import CRITERIA
+from hf_prune.evaluation import window_perplexity
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
+from common import (
     Run,
     accuracy,
     add_n_eval,
+    bench_parser,
     finetuned_minilm_sst2,
-    perplexity,
+    load_smollm2,
+    token_windows,
     wikitext_ids,
 )
-from results import add_run, publish  # noqa: E402
-
-CRITERIA = ("magnitude", "taylor", "fisher", "random")
+from results import add_run, commands, previous_result, publish, run_ids, section, table
 
 
 def _minilm_row(model, config: PruningConfig, calibration, validation) -> dict:
@@ -87,15 +81,10 @@ def minilm_rows(
 
 
 def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, list[dict]]:
-    folder, gguf = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    base, tokenizer = load_smollm2()
     test_ids = wikitext_ids(tokenizer, data_dir, "test", eval_tokens)
-    train_ids = wikitext_ids(tokenizer, data_dir, "train", calib_seqs * 512 * 4)
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, train_ids.numel() - 513, (calib_seqs,), generator=g)
-    calibration = [{"input_ids": train_ids[s : s + 512]} for s in starts.tolist()]
-    dense_ppl = perplexity(base, test_ids)
+    calibration = token_windows(wikitext_ids(tokenizer, data_dir, "train", calib_seqs * 512 * 4), 512, calib_seqs)
+    dense_ppl = window_perplexity(base, test_ids)
     print(f"dense SmolLM2 WikiText-2 ppl {dense_ppl:.2f}")
     variants = [
         ("magnitude", "layer", "unstructured", False),
@@ -122,7 +111,7 @@ def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, l
         start = time.perf_counter()
         report = prune(model, config, calibration_data=calibration)
         elapsed = time.perf_counter() - start
-        ppl = perplexity(model, test_ids)
+        ppl = window_perplexity(model, test_ids)
         rows.append(
             {
                 "criterion": criterion,
@@ -149,8 +138,7 @@ def llm_rows(data_dir: Path, calib_seqs: int, eval_tokens: int) -> tuple[dict, l
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser = bench_parser(__doc__, "oneshot")
     parser.add_argument("--n-train", type=int, default=8000)
     add_n_eval(parser)
     parser.add_argument("--calibration", type=int, default=512)
@@ -159,16 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA, help="MiniLM criteria")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "oneshot.json")
     args = parser.parse_args(argv)
     this_run = Run("oneshot.py", argv)
-    result: dict = {"benchmark": "oneshot", "runs": {}}
-    if args.output.exists():  # keep the part that was skipped this time, with the run that measured it
-        import json
-
-        previous = json.loads(args.output.read_text())
-        result["runs"] = previous.get("runs", {})
-        result.update({k: previous[k] for k in ("minilm", "llm") if k in previous})
+    # keep the part that was skipped this time, with the run that measured it
+    previous = previous_result(args.output)
+    result: dict = {"benchmark": "oneshot", "runs": previous.get("runs", {})}
+    result.update({k: previous[k] for k in ("minilm", "llm") if k in previous})
     parts = {}
     if not args.skip_minilm:
         part = time.time()
@@ -178,14 +162,79 @@ def main(argv: list[str] | None = None) -> None:
         part = time.time()
         meta, rows = llm_rows(args.data_dir, args.calib_seqs, args.eval_tokens)
         parts["llm"] = {**meta, "wall_time_s": time.time() - part, "rows": rows}
-    run_id = add_run(result, this_run.record())
-    for name, part in parts.items():
-        part["run"] = run_id
-        for row in part["rows"]:
-            row["run"] = run_id
-        result[name] = part
+    add_run(result, this_run.record(), [*parts.values(), *(row for part in parts.values() for row in part["rows"])])
+    result.update(parts)
     publish(args.output, result)
     print(f"hf_prune {hf_prune.__version__}: wrote {args.output}")
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: the MiniLM and SmolLM2 tables (whichever parts were measured)."""
+    lines = section("One-shot pruning without retraining", result)
+    if "minilm" in result:
+        m = result["minilm"]
+        lines += [
+            f"### MiniLM (all-MiniLM-L6-v2) on SST-2: dense dev accuracy {m['dense_accuracy']:.2%}",
+            "",
+            f"Fine-tuned 1 epoch on {m['n_train']} SST-2 sentences; pruned to a FLOPs target with "
+            f"{m['calibration_samples']} calibration sentences; no retraining. Dev set: 872 sentences.",
+            "",
+        ]
+        cells = (
+            f"{r['cut']}x | {r['criterion']} | {r['scope']} | {'yes' if r['reconstruct'] else 'no'} "
+            f"| {r['flops_ratio']:.2f}x | {r['accuracy']:.2%} | {r['kept_heads']} | {r['prune_time_s']:.1f} s"
+            for r in m["rows"]
+        )
+        head = "FLOPs cut | criterion | scope | LS reconstruction | achieved FLOPs ratio | dev accuracy "
+        lines += [*table(head + "| kept heads per layer | prune time", cells, run_ids(result, m["rows"])), ""]
+    if "llm" in result:
+        m = result["llm"]
+        lines += [
+            f"### SmolLM2-135M on WikiText-2: dense perplexity {m['dense_perplexity']:.2f}",
+            "",
+            f"Test perplexity over the first {m['eval_tokens']} tokens in {m['window']}-token windows; "
+            f"calibration: {m['calibration']}.",
+            "",
+        ]
+        cells = (
+            f"{r['criterion']} | {r['scope']} | {r['pattern']} | {'yes' if r['reconstruct'] else 'no'} "
+            f"| {r['sparsity']:.1%} | {r['perplexity']:.2f} | {r['prune_time_s']:.0f} s"
+            for r in m["rows"]
+        )
+        head = "criterion | scope | pattern | OBS reconstruction | sparsity | perplexity | prune time"
+        lines += [*table(head, cells, run_ids(result, m["rows"])), ""]
+    return lines
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """MiniLM at a 2x cut (Fisher/global with and without the refit, magnitude) and SmolLM2 at 50% sparsity."""
+    lines = []
+    if "minilm" in result:
+        m = result["minilm"]
+        acc = {(x["cut"], x["criterion"], x["scope"], x["reconstruct"]): x["accuracy"] for x in m["rows"]}
+        fisher, magnitude = acc.get((2, "fisher", "global", False)), acc.get((2, "magnitude", "layer", False))
+        refit = acc.get((2, "fisher", "global", True))
+        if fisher is not None and magnitude is not None:
+            extra = f"{refit:.1%} with least-squares reconstruction, " if refit is not None else ""
+            lines.append(
+                f"| MiniLM SST-2, 2x FLOPs cut one-shot (no retraining) | Fisher/global {extra}{fisher:.1%} without; "
+                f"magnitude {magnitude:.1%} (dense {m['dense_accuracy']:.1%}) | {commands(result, m['rows'])} |"
+            )
+    if "llm" in result:
+        m = result["llm"]
+        ppl = {(x["criterion"], x["scope"], x["pattern"], x["reconstruct"]): x["perplexity"] for x in m["rows"]}
+        act, rec = (
+            ppl.get(("activation", "row", "unstructured", False)),
+            ppl.get(("activation", "row", "unstructured", True)),
+        )
+        mag = ppl.get(("magnitude", "layer", "unstructured", False))
+        if act is not None and mag is not None:
+            extra = f"{rec:.1f} with OBS reconstruction, " if rec is not None else ""
+            lines.append(
+                f"| SmolLM2-135M WikiText-2, 50% unstructured one-shot | perplexity {extra}{act:.1f} activation-aware "
+                f"(Wanda), {mag:.1f} magnitude (dense {m['dense_perplexity']:.1f}) | {commands(result, m['rows'])} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

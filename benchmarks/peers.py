@@ -22,16 +22,12 @@ Latency: one fixed random batch of 32 x 64 tokens on CPU, dense and pruned inter
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.metadata
-import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,11 +36,19 @@ from torch.nn.utils import prune as torch_prune
 
 import hf_prune
 from hf_prune import PruningConfig
+from hf_prune.utils import random_token_ids
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import DEFAULT_DATA_DIR, Run, accuracy, finetuned_minilm_sst2  # noqa: E402
-from results import _header, add_run, machine_groups, publish, rows_of_other_machines  # noqa: E402
+from common import Run, accuracy, bench_parser, finetuned_minilm_sst2, torch_pruning_step
+from results import (
+    add_run,
+    commands,
+    machine_groups,
+    previous_result,
+    publish,
+    rows_of_other_machines,
+    section,
+    table,
+)
 
 N_TRAIN = 8000
 CALIBRATION = 512
@@ -91,9 +95,8 @@ def weight_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def latency_inputs(vocab_size: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
     return {
-        "input_ids": torch.randint(1000, vocab_size, (BATCH, SEQ_LEN), generator=g),
+        "input_ids": random_token_ids(vocab_size, BATCH, SEQ_LEN),
         "attention_mask": torch.ones(BATCH, SEQ_LEN, dtype=torch.long),
         "token_type_ids": torch.zeros(BATCH, SEQ_LEN, dtype=torch.long),
     }
@@ -136,7 +139,6 @@ def torch_pruning_l2(model: nn.Module, data: Any) -> dict[str, Any]:
     Torch-Pruning slices the weights but leaves ``BertSelfAttention``'s head attributes at their dense values,
     so they are set by hand afterwards.
     """
-    import torch_pruning as tp
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
     bert = model.bert
@@ -149,20 +151,17 @@ def torch_pruning_l2(model: nn.Module, data: Any) -> dict[str, Any]:
             num_heads[proj] = attention.num_attention_heads
         ignored += [layer.attention.output.dense, layer.output.dense]
     example = {k: v[:2, :16] for k, v in latency_inputs(model.config.vocab_size).items()}
-    pruner = tp.pruner.MetaPruner(
+    pruner = torch_pruning_step(
         bert,
         example,
-        importance=tp.importance.MagnitudeImportance(p=2),
-        global_pruning=False,
+        ignored,
         pruning_ratio=FFN_FRACTION,
         num_heads=num_heads,
         prune_num_heads=True,
         prune_head_dims=False,
         head_pruning_ratio=HEADS_FRACTION,
-        ignored_layers=ignored,
         output_transform=lambda out: out.pooler_output.sum(),
     )
-    pruner.step()
     attrs_before = []
     for module in bert.modules():
         if isinstance(module, BertSelfAttention):
@@ -345,12 +344,11 @@ def _note(row: dict[str, Any]) -> str:
     )
 
 
-def render_peers(result: dict[str, Any]) -> list[str]:
-    """Markdown for RESULTS.md: one table row per entry, failed peers with their error."""
-    lines = [
-        "## Peers: hf_prune vs Torch-Pruning, TextPruner and torch.nn.utils.prune (MiniLM on SST-2, 2x FLOPs cut)",
-        "",
-        *_header(result),
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: one table row per entry and machine kind, failed peers with their error."""
+    lines = section(
+        "Peers: hf_prune vs Torch-Pruning, TextPruner and torch.nn.utils.prune (MiniLM on SST-2, 2x FLOPs cut)",
+        result,
         f"Every row prunes a fresh copy of all-MiniLM-L6-v2 fine-tuned 1 epoch on {result['n_train']} SST-2 "
         f"sentences (dense dev accuracy {result['dense_accuracy']:.2%}) one-shot, no retraining: half of the heads "
         "and half of the FFN neurons of every layer (hf_prune fisher/global: the same FLOPs target allocated "
@@ -358,24 +356,21 @@ def render_peers(result: dict[str, Any]) -> list[str]:
         "on this machine, whatever FLOPs that takes, shown in its FLOPs column), or 50% of the encoder Linear "
         "weights for unstructured rows. Latency: one batch of "
         f"{result['latency_batch']} x {result['latency_seq_len']} tokens on CPU, dense and pruned interleaved.",
-        "",
-        "| machine | tool | method | dev accuracy | params | encoder FLOPs ratio | weights removed | dense ms "
-        "| pruned ms | speedup | prune time | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for kind, rows in machine_groups(result):
-        for r in rows:
+    )
+    rows = []
+    for kind, group in machine_groups(result):
+        for r in group:
+            start = f"{kind} | {r['tool']} | {r['method']}"
             if "error" in r:
-                lines.append(
-                    f"| {kind} | {r['tool']} | {r['method']} | failed | | | | | | | {r['prune_time_s']:.1f} s "
-                    f"| `{r['error']}` |"
-                )
+                rows.append(f"{start} | failed | | | | | | | {r['prune_time_s']:.1f} s | `{r['error']}`")
                 continue
-            lines.append(
-                f"| {kind} | {r['tool']} | {r['method']} | {r['accuracy']:.2%} | {r['params'] / 1e6:.1f}M "
-                f"| {r['flops_ratio']:.2f}x | {r['weights_removed']:.0%} | {r['dense_ms']:.0f} "
-                f"| {r['pruned_ms']:.0f} | {r['speedup']:.2f}x | {r['prune_time_s']:.1f} s | {_note(r)} |"
+            rows.append(
+                f"{start} | {r['accuracy']:.2%} | {r['params'] / 1e6:.1f}M | {r['flops_ratio']:.2f}x "
+                f"| {r['weights_removed']:.0%} | {r['dense_ms']:.0f} | {r['pruned_ms']:.0f} | {r['speedup']:.2f}x "
+                f"| {r['prune_time_s']:.1f} s | {_note(r)}"
             )
+    head = "machine | tool | method | dev accuracy | params | encoder FLOPs ratio | weights removed | dense ms "
+    lines += table(head + "| pruned ms | speedup | prune time | notes", rows)
     lines += [
         "",
         "Weights removed: zero or sliced-away weights of the encoder Linear layers relative to the dense model. "
@@ -385,8 +380,8 @@ def render_peers(result: dict[str, Any]) -> list[str]:
     ]
     floors = [
         f"{d['speedup']:.2f}x ({kind})"
-        for kind, rows in machine_groups(result)
-        for d in rows
+        for kind, group in machine_groups(result)
+        for d in group
         if d.get("tool") == "dense" and "speedup" in d
     ]
     if floors:
@@ -398,11 +393,46 @@ def render_peers(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _label(row: dict[str, Any]) -> str:
+    """A short name for an hf_prune row, from its recorded config."""
+    c = row.get("config") or {}
+    target = next((f"{k}={c[k]}" for k in ("target_latency", "target_flops", "target_params") if c.get(k)), None)
+    parts = [f"{c.get('criterion', '?')}/{c.get('scope', '?')}", target or f"{c.get('heads')}/{c.get('ffn')}"]
+    return " ".join(parts) + (" + LS" if c.get("reconstruct") else "")
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """hf_prune's most accurate row, and its most accurate row at least as fast as the fastest structured peer,
+    against every structured peer (or its failure)."""
+    ours = [x for x in result["rows"] if x.get("tool") == "hf_prune" and "accuracy" in x]
+    others = [x for x in result["rows"] if x.get("tool") not in ("hf_prune", "dense")]
+    if not ours:
+        return []
+    parts = []
+    for x in others:
+        if x.get("error"):
+            failed = f"{x['tool']} failed ({x['error'].split(':')[0]})"
+            if failed not in parts:  # one line per tool and error, however many of its rows failed
+                parts.append(failed)
+        elif x.get("flops_ratio", 1.0) > 1.5:
+            parts.append(f"{x['tool']} {x['accuracy']:.1%} ({x['speedup']:.2f}x)")
+    best = max(ours, key=lambda x: x["accuracy"])
+    text = f"hf_prune {_label(best)} {best['accuracy']:.1%} ({best['speedup']:.2f}x)"
+    peer_speed = max((x["speedup"] for x in others if x.get("flops_ratio", 1.0) > 1.5), default=None)
+    fast = [x for x in ours if peer_speed is not None and x["speedup"] >= peer_speed]
+    m = max(fast, key=lambda x: x["accuracy"], default=None)
+    if m is not None and m is not best:
+        text += (
+            f"; at peer speed or faster: {_label(m)} {m['accuracy']:.1%} ({m['speedup']:.2f}x, "
+            f"{m['flops_ratio']:.2f}x fewer FLOPs)"
+        )
+    peers = "; ".join(parts)
+    return [f"| Peers at a 2x FLOPs cut, MiniLM SST-2 one-shot | {text}; {peers} | {commands(result)} |"]
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser = bench_parser(__doc__, "peers")
     parser.add_argument("--repeats", type=int, default=24, help="latency repeats per model")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "peers.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -422,15 +452,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     record = this_run.record()
     record["versions"] = peer_versions(record["versions"])
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous = previous_result(args.output)
     kept = rows_of_other_machines(previous, record)  # other machines' rows stay, side by side in RESULTS.md
     result["runs"] = previous.get("runs", {})
-    run_id = add_run(result, record)
-    for row in rows:
-        row["run"] = run_id
+    add_run(result, record, rows)
     result["rows"] = kept + rows
     publish(args.output, result)
-    print("\n".join(render_peers(result)))
+    print("\n".join(render(result)))
     print(f"wrote {args.output}")
 
 

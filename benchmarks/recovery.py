@@ -16,13 +16,11 @@ Dev accuracy on the full SST-2 dev set (872), wall time of the recovery epoch, p
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as tf
@@ -32,18 +30,8 @@ import hf_prune
 from hf_prune import PruningConfig, PruningTrainer
 from hf_prune.sparsity.masks import sparsity_report
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
-    Run,
-    accuracy,
-    add_n_eval,
-    bench_args,
-    cache_dir,
-    finetuned_minilm_sst2,
-)
-from results import add_run, publish, same_code  # noqa: E402
+from common import Run, accuracy, add_n_eval, bench_args, bench_parser, cache_dir, finetuned_minilm_sst2
+from results import add_run, commands, previous_result, publish, same_code, section, span, table
 
 STRUCTURED = {"2x": 0.5, "3x": 1 / 3}
 TEACHER = "dense"  # distillation variants learn from the same-budget dense model (cached by the dense run)
@@ -179,8 +167,7 @@ def merge_run(old: dict | None, new: dict, seed: int, description: str, run_id: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser = bench_parser(__doc__, "recovery")
     parser.add_argument("--n-train", type=int, default=8000)
     add_n_eval(parser)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to (re)run; others are kept")
@@ -191,10 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         default=[0],
         help="recovery seeds; runs of other seeds already measured are kept",
     )
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "recovery.json")
     args = parser.parse_args(argv)
     this_run = Run("recovery.py", argv, seeds=args.seeds)
-    previous = json.loads(args.output.read_text()) if args.output.exists() else {"rows": []}
+    previous = previous_result(args.output) or {"rows": []}
     current = {name: None if c is None else c.to_dict() for name, (c, _) in variants().items()}
     # a previous row is kept only if it was measured with the variant's current configuration and data
     # SST-2's dev set has 872 sentences (common.sst2 caps --n-eval there); rows measured on another dev size are not
@@ -234,6 +220,57 @@ def main(argv: list[str] | None = None) -> None:
             result["rows"] = [rows[n] for n in current if n in rows and rows[n].get("runs")]
             publish(args.output, result)
             runs = result["runs"]
+
+
+def render(result: dict[str, Any]) -> list[str]:
+    """The RESULTS.md section: every variant's mean accuracy over its seeds, against the same-budget dense model."""
+    dense = next((r["accuracy"] for r in result["rows"] if r["variant"] == "dense"), None)
+    lines = section(
+        "Prune and recover: MiniLM on SST-2 with PruningTrainer",
+        result,
+        f"All runs start from MiniLM fine-tuned 1 epoch on {result['n_train']} SST-2 sentences "
+        f"(dev {result['start_accuracy']:.2%}) and train 1 more epoch on them (batch 32, lr 5e-5); `dense` is the "
+        "same-budget reference. The teacher of the `-distill` rows is that dense model (same seed): it took one more "
+        "epoch of training to make, which the pruned rows' budget does not count. Where several recovery seeds were "
+        "run, accuracy is their mean ± sample standard deviation, and `vs dense` compares means; the seeds column "
+        "names the run that measured each seed.",
+    )
+    rows = []
+    for r in result["rows"]:
+        delta = f"{(r['accuracy'] - dense) * 100:+.1f} pt" if dense is not None else "n/a"
+        seeds = [f"{seed} ({run.get('run', '?')})" for seed, run in r["runs"].items()]
+        acc = f"{r['accuracy']:.2%}" + (f" ± {r['accuracy_std'] * 100:.2f}" if len(seeds) > 1 else "")
+        flops = sorted({round(run["flops_ratio"], 2) for run in r["runs"].values() if "flops_ratio" in run})
+        flops_text = span(flops, "x") if len(flops) > 1 else f"{r['flops_ratio']:.2f}x"
+        rows.append(
+            f"{r['variant']} | {r.get('description', '')} | {acc} | {', '.join(seeds)} | {delta} | {flops_text} "
+            f"| {r['params'] / 1e6:.1f}M | {r['sparsity']:.0%} | {r['recovery_wall_s']:.0f} s"
+        )
+    head = "variant | method | dev accuracy | seeds | vs dense | encoder FLOPs ratio | params | sparsity "
+    return [*lines, *table(head + "| recovery wall time", rows), ""]
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """Per cut, the best variant by mean accuracy next to the plain one, against the same-budget dense model."""
+    rows = {x["variant"]: x for x in result["rows"]}
+    dense, lines = rows.get("dense"), []
+    for cut in ("2x", "3x"):
+        candidates = [x for name, x in rows.items() if name == cut or name.startswith(f"{cut}-")]
+        if dense is None or not candidates:
+            continue
+        best = max(candidates, key=lambda x: x["accuracy"])
+        shown = [best] + ([rows[cut]] if cut in rows and rows[cut] is not best else [])
+        text = "; ".join(
+            f"{x['variant']} {x['accuracy']:.2%} ({(x['accuracy'] - dense['accuracy']) * 100:+.2f} pt, "
+            f"{len(x['runs'])} seed{'s' if len(x['runs']) > 1 else ''})"
+            for x in shown
+        )
+        lines.append(
+            f"| MiniLM SST-2, {cut} FLOPs cut + 1 epoch recovery (best of {len(candidates)} variants first) "
+            f"| {text} vs dense {dense['accuracy']:.2%} with the same budget "
+            f"| {commands(result, [s for x in (dense, *shown) for s in x['runs'].values()])} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

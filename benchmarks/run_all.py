@@ -1,8 +1,8 @@
 """Re-run every benchmark offline and regenerate benchmarks/RESULTS.md, the JSON results, the plots and the README's
 headline table.
 
-    python benchmarks/run_all.py            # full run (hours on 2 CPU cores: each run's wall time is in RESULTS.md)
-    python benchmarks/run_all.py --quick    # smoke run (see below for its time); writes to
+    python benchmarks/run_all.py            # full run (hours on a small CPU: each run's wall time is in RESULTS.md)
+    python benchmarks/run_all.py --quick    # smoke run; writes to
                                             # benchmarks/results/quick/, leaving the committed results untouched
     python benchmarks/run_all.py --only recovery curves   # some benchmarks
     hf-prune benchmark [--quick]            # the same, through the CLI
@@ -12,11 +12,7 @@ Data come from the repository's ``data/`` (xz-compressed where large), or ``--da
 ``--quick`` checks that every benchmark runs end to end from a clone; its numbers are not results: the MiniLM it
 prunes is fine-tuned on 256 sentences (near chance on SST-2) and evaluated on 200 dev sentences, the decoder
 benchmark calibrates on 256 tokens (its refit is underdetermined there) and recovers for 2 steps, the memory
-benchmark uses a narrow model and deploy times MiniLM only. From a fresh clone with no sibling folders
-(cold caches, after ``make install``) the whole quick run took 518 s on 2 CPU cores (AMD EPYC) at 1ee4cd1:
-latency 38, oneshot 43 (fine-tuning included), trainer_overhead 28, recovery 47, curves 42, decoder 204,
-memory 31, deploy 74. Added since: latency_targets (77 s alone at 5ca222c), latency's width+depth plan and
-decoder's dense-recovery row (2 steps); the whole quick run has not been re-timed since.
+benchmark uses a narrow model and deploy times MiniLM only.
 """
 
 from __future__ import annotations
@@ -27,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results import render_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,8 +40,8 @@ FULL = [
     ("deploy", ["deploy.py"]),
     ("latency_targets", ["latency_targets.py"]),
 ]
-# the smoke run's MiniLM: fine-tuned on 256 sentences, evaluated on 200 dev sentences (a full-dev evaluation takes
-# ~10 s on 2 cores, and the quick run makes about twenty)
+# the smoke run's MiniLM: fine-tuned on 256 sentences, evaluated on 200 dev sentences (the quick run evaluates about
+# twenty times: on the full dev set that would dominate its time)
 MINILM = ["--n-train", "256", "--n-eval", "200"]
 QUICK = [
     ("latency", ["latency.py", "--batch", "1", "--seq-len", "64", "--repeats", "6"]),
@@ -89,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[run_all] {name}: exit {code} after {time.time() - start:.0f} s", flush=True)
         if code:
             failures.append(name)
-    sys.path.insert(0, str(HERE))
-    from results import render_results
-
     if args.quick:  # the smoke run's own tables, beside its JSON
         quick = HERE / "results" / "quick"
         quick.mkdir(parents=True, exist_ok=True)

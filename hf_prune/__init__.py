@@ -16,11 +16,11 @@ from .io.save import save_pretrained
 from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, prunable_parameters
 from .oneshot import PruningReport, prune
 from .planning.allocate import allocate
+from .planning.latency_search import LatencyTargetError
 from .planning.latency_table import LatencyTable, profile_latency
 from .planning.plan import PruningPlan
 from .scoring.calibration import CalibrationSet, calibration_set
 from .scoring.criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
-from .step import LatencyTargetError
 from .structure.state import pruning_state
 from .structure.surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
 from .training.trainer import PruningCallback, PruningMixin, PruningTrainer

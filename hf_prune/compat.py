@@ -1,22 +1,179 @@
-"""Models that transformers marks as quantized but whose weights are plain float tensors.
+"""Compatibility with other libraries' internals, in one place.
 
-A GGUF checkpoint loaded without a GGUF matmul kernel (``GgufConfig(dequantize=True)``, or the automatic fallback on
-a CPU) is an ordinary float model, yet transformers keeps its quantizer attached: ``Trainer`` then refuses it ("cannot
-perform fine-tuning on purely quantized models") and ``save_pretrained`` raises ("quantized with gguf and is not
-serializable"). hf_prune slices, masks, trains and saves float weights, so :func:`float_weights` drops those marks
-with transformers' own ``HfQuantizer.remove_quantization_config`` once it has checked that no weight is still packed.
-The saved result is a plain safetensors checkpoint that stock ``from_pretrained`` loads without the GGUF file.
+Two kinds of code live here:
+
+* **Private APIs of transformers/accelerate/torch** that hf_prune cannot avoid. Each is reached through a small named
+  function below, or (for ``Trainer`` methods that can only be overridden in a subclass) listed in
+  :data:`PRIVATE_TRAINER_METHODS`; every entry says what it is for and why no public hook serves. They were checked
+  against the versions in :data:`CHECKED_AGAINST`; ``tests/test_compat.py`` fails with a message naming the entry
+  when a release removes or changes one. :mod:`hf_prune.structure.remote_code` is copied next to saved models and
+  may import only torch and transformers, so what it does outside public APIs is listed in
+  :data:`REMOTE_CODE_PRIVATE_APIS` instead of routed through here.
+* **Quantized models with float weights.** A GGUF checkpoint loaded without a GGUF matmul kernel
+  (``GgufConfig(dequantize=True)``, or the automatic fallback on a CPU) is an ordinary float model, yet transformers
+  keeps its quantizer attached: ``Trainer`` then refuses it ("cannot perform fine-tuning on purely quantized models")
+  and ``save_pretrained`` raises ("quantized with gguf and is not serializable"). hf_prune slices, masks, trains and
+  saves float weights, so :func:`float_weights` drops those marks with transformers' own
+  ``HfQuantizer.remove_quantization_config`` once it has checked that no weight is still packed. The saved result is
+  a plain safetensors checkpoint that stock ``from_pretrained`` loads without the GGUF file.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from torch import nn
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: The releases every private API below was read in and tested against.
+CHECKED_AGAINST = {"transformers": "5.25.0", "accelerate": "1.16.0", "torch": "2.13.0"}
+
+
+# ---- private APIs ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrivateMethod:
+    """A private ``transformers.Trainer`` method that :class:`hf_prune.PruningMixin` overrides.
+
+    ``params``: the parameter names the override relies on (``self`` first), checked against ``Trainer``'s own.
+    ``why``: what the override does and why no public hook (callback event, public method) serves.
+    """
+
+    params: tuple[str, ...]
+    why: str
+
+
+PRIVATE_TRAINER_METHODS: dict[str, PrivateMethod] = {
+    "_save": PrivateMethod(
+        ("self", "output_dir", "state_dict"),
+        "adds the remote-code loader to every checkpoint and save_model() folder once the weights are written. "
+        "The public save_model() pushes to the Hub before it returns, so files added after it would miss the push, "
+        "and the on_save callback event fires for checkpoints only, not for save_model().",
+    ),
+    "_load_from_checkpoint": PrivateMethod(
+        ("self", "resume_from_checkpoint", "model"),
+        "replays the pruned layer shapes recorded in the checkpoint so its smaller tensors fit, right before the "
+        "stock loader copies them in. train() loads the checkpoint before any callback event (on_train_begin comes "
+        "later), and work done before calling the public train() is lost when a model_init re-creates the model.",
+    ),
+    "_load_best_model": PrivateMethod(
+        ("self",),
+        "refuses, with the layer shapes in the message, a best checkpoint whose structure differs from the model's. "
+        "The training loop loads the best model before on_train_end, and no callback event sits between choosing "
+        "the checkpoint and loading it.",
+    ),
+}
+
+
+def overrides_private(method: _F) -> _F:
+    """Mark a ``PruningMixin`` method that overrides a private ``Trainer`` method; it must be listed (with why) in
+    :data:`PRIVATE_TRAINER_METHODS`, so ``tests/test_compat.py`` checks it still exists in transformers."""
+    if method.__name__ not in PRIVATE_TRAINER_METHODS:
+        raise RuntimeError(
+            f"{method.__name__} overrides a private Trainer method but is not listed in "
+            f"hf_prune.compat.PRIVATE_TRAINER_METHODS (known: {sorted(PRIVATE_TRAINER_METHODS)})"
+        )
+    return method
+
+
+@dataclass(frozen=True)
+class PrivateAttribute:
+    """A private attribute of another library that hf_prune reads or writes: ``owner.name``, used by ``where``."""
+
+    owner: str
+    name: str
+    where: str
+    why: str
+
+
+#: Private attributes reached through the helpers below.
+PRIVATE_ATTRIBUTES: tuple[PrivateAttribute, ...] = (
+    PrivateAttribute(
+        "transformers.AutoModel* classes",
+        "_model_mapping",
+        "hf_prune.structure.portable.auto_map_for via auto_class_mapping",
+        "the config class -> model class table of each auto class. The public MODEL_FOR_*_MAPPING constants are "
+        "not tied to their auto class by name (AutoModelForSeq2SeqLM uses MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING), "
+        "and asking each of the ~50 auto classes with the public from_config on the meta device builds a model "
+        "skeleton per matching class on every save and logs the models' construction warnings.",
+    ),
+    PrivateAttribute(
+        "accelerate.Accelerator (instance)",
+        "_models",
+        "hf_prune.training.callback._rewrap_ddp via replace_prepared_model",
+        "the models the accelerator prepared (save_state/load_state/free_memory walk it). After structural pruning "
+        "under DDP hf_prune wraps the resized model in a new DDP; accelerate has no public call to swap a prepared "
+        "model, and prepare_model() again would wrap forward in a second autocast under native AMP.",
+    ),
+    PrivateAttribute(
+        "transformers GgufHfQuantizer (instance)",
+        "packed_modules",
+        "hf_prune.compat.packed_weights",
+        "not underscored but undocumented: the modules the GGUF quantizer swapped in to keep weights packed. "
+        "Packed weights are also caught by their integer dtype; this names modules that hold none yet.",
+    ),
+)
+
+#: What hf_prune/structure/remote_code.py does outside public APIs. That file cannot import this module (it is copied
+#: verbatim next to saved models and imports only torch and transformers), so it does it directly.
+REMOTE_CODE_PRIVATE_APIS: tuple[PrivateAttribute, ...] = (
+    PrivateAttribute(
+        "Python object model",
+        "__class__",
+        "hf_prune.structure.remote_code.make_empty (an attention/FFN block with every head or neuron removed)",
+        "assigning __class__ (the same move as swap_class) turns the stock block into a subclass whose forward "
+        "returns the branch's output bias, keeping its submodules, hooks, state_dict keys and isinstance checks; "
+        "transformers has no hook to build one block of a model as another class.",
+    ),
+)
+
+
+def auto_class_mapping(auto_class: type) -> Any | None:
+    """The config class -> model class table of a transformers ``AutoModel...`` class (``None`` when it has none).
+
+    Private (``_model_mapping``); see :data:`PRIVATE_ATTRIBUTES` for why the public routes do not serve.
+    """
+    return getattr(auto_class, "_model_mapping", None)
+
+
+def replace_prepared_model(accelerator: Any, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` in the place of ``old`` in the list of models ``accelerator`` prepared, dropping the reference to
+    the old wrapper (and its gradient buckets). Nothing happens when ``old`` was never prepared.
+
+    Private (``Accelerator._models``); see :data:`PRIVATE_ATTRIBUTES` for why no public call serves.
+    """
+    models = getattr(accelerator, "_models", [])
+    for i, model in enumerate(models):
+        if model is old:
+            models[i] = new
+
+
+def swap_class(obj: Any, cls: type) -> None:
+    """Make ``obj`` an instance of ``cls``, a class in its own hierarchy, without rebuilding it.
+
+    :func:`hf_prune.from_pretrained` loads through a throw-away subclass whose ``__init__`` resizes the layers before
+    the weights load (stock ``from_pretrained`` has no hook between building the model and loading its weights), then
+    hands back the stock class so ``isinstance``, the saved ``architectures`` and pickling look normal. Only a class
+    along ``obj``'s own inheritance chain is allowed: the instance layout is then the same.
+
+    Raises:
+        TypeError: ``cls`` is neither a base nor a subclass of ``type(obj)``.
+    """
+    own = type(obj)
+    if not (issubclass(own, cls) or issubclass(cls, own)):
+        raise TypeError(
+            f"swap_class: {cls.__name__} is not in the class hierarchy of the {own.__name__} instance; only a base "
+            "class or a subclass keeps the instance layout"
+        )
+    obj.__class__ = cls
+
+
+# ---- quantized models with float weights ----------------------------------------------------------------------------
 # Quantization methods whose dequantized models are ordinary float models once the marks are gone. Other methods
 # (bitsandbytes, GPTQ, AWQ ...) keep packed weights: the user dequantizes them with ``model.dequantize()`` first.
 _FLOAT_WHEN_DEQUANTIZED = ("gguf",)
@@ -35,10 +192,13 @@ def quant_method(model: nn.Module) -> str | None:
 
 
 def packed_weights(model: nn.Module) -> list[str]:
-    """Parameters that are not float tensors, and modules that hold weights in a packed format (e.g. ``GgufLinear``):
-    what hf_prune cannot slice or train."""
+    """What hf_prune cannot slice or train: parameters that are not float tensors (packed GGUF blocks are uint8), and
+    the modules the model's quantizer reports it swapped in to keep weights packed (``packed_modules`` of
+    transformers' GGUF quantizer, e.g. ``GgufLinear``)."""
     found = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
-    found += [name for name, m in model.named_modules() if type(m).__name__.startswith("Gguf")]
+    swapped = getattr(getattr(model, "hf_quantizer", None), "packed_modules", None) or {}
+    ids = {id(m) for m in swapped.values()}
+    found += [name for name, m in model.named_modules() if id(m) in ids]
     return found
 
 

@@ -7,13 +7,19 @@ closest valid name, so a bad config fails before any model is loaded.
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 import re
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .utils import JsonMixin
 
-CRITERIA = ("magnitude", "taylor", "fisher", "random")
+GRADIENT_CRITERIA = ("taylor", "fisher")  # scored from mask gradients on calibration data
+CRITERIA = ("magnitude", *GRADIENT_CRITERIA, "random")
 SPARSITY_CRITERIA = ("magnitude", "activation")
 SCOPES = ("layer", "global")
 HEAD_UNITS = ("auto", "group", "query")
@@ -24,10 +30,66 @@ SCHEDULES = ("oneshot", "iterative", "cubic")
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
+# ---- field checks shared by PruningConfig, the recipe schema and the latency tables ---------------------
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def type_ok(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a dataclass field annotation (unions, ``list[...]``, ``dict``, scalars; a string
+    annotation names a scalar). Annotations it cannot read pass: their owner validates them itself."""
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, Any)
+    if annotation is Any or annotation is None:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_ok(value, a) for a in typing.get_args(annotation))
+    checks = {type(None): lambda v: v is None, bool: lambda v: isinstance(v, bool), int: is_int, float: is_number}
+    if annotation in checks:
+        return checks[annotation](value)
+    if origin is list:
+        (inner,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(type_ok(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # enums, callables: validated by their owner
+
+
+def type_name(annotation: Any) -> str:
+    """A readable name for an annotation (``int``, ``float | None``)."""
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def check_int(where: str, value: Any, minimum: int, extra: str = "") -> None:
     """Raise ``ValueError`` unless ``value`` is an integer (not a bool) >= ``minimum``; ``where`` names the field."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{where}={value!r} is invalid; allowed: an integer >= {minimum}{extra}")
+
+
+def check_number(
+    where: str, value: Any, low: float, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number (not a bool) within the bounds; ``where`` names the
+    field (``PruningConfig.heads``), and the message states the allowed range."""
+    lt_low, lt_high = ("<" if low_open else "<="), ("<" if high_open else "<=")
+    if high is None:
+        allowed = f"a finite number {'>' if low_open else '>='} {low}"
+    else:
+        allowed = f"a number with {low} {lt_low} {where.rsplit('.', 1)[-1]} {lt_high} {high}"
+    ok = is_number(value) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise ValueError(f"{where}={value!r} is invalid; allowed: {allowed}")
 
 
 def closest(name: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -36,6 +98,37 @@ def closest(name: str, allowed: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+class UnknownKeyError(TypeError, ValueError):
+    """A misspelt or unknown field name. A ``TypeError`` like any unexpected keyword argument, and a ``ValueError``
+    like every other config problem, so either ``except`` catches it."""
+
+
+def check_keys(keys: Iterable[Any], allowed: list[str] | tuple[str, ...], where: str) -> None:
+    """Raise :class:`UnknownKeyError` for the first key not in ``allowed``, suggesting the closest valid one."""
+    for key in keys:
+        if key not in allowed:
+            raise UnknownKeyError(
+                f"{where}: unknown key {key!r}{closest(str(key), allowed)}; allowed: {', '.join(allowed)}"
+            )
+
+
+def _suggest_keywords(cls: type) -> type:
+    """Wrap a dataclass's generated ``__init__`` so a misspelt keyword (``PruningConfig(hedas=0.5)``) names the
+    closest field instead of Python's bare "unexpected keyword argument"; valid calls are passed through as they
+    are, and the signature stays the dataclass's own (``functools.wraps``)."""
+    init = cls.__init__
+    names = tuple(f.name for f in fields(cls) if f.init)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        check_keys(kwargs, names, type(self).__name__)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_suggest_keywords
 @dataclass
 class PruningConfig(JsonMixin):
     """How much to prune and how to choose what goes.
@@ -51,7 +144,7 @@ class PruningConfig(JsonMixin):
             the most important heads/neurons whose predicted latency fits, and the chosen shapes are timed and
             the budget searched until the measurement is within 5% (:func:`hf_prune.step.plan_structure`). Widths
             past a slow kernel threshold are avoided, which a FLOPs target cannot see. A target below what width
-            pruning can reach there raises :class:`~hf_prune.step.LatencyTargetError` before any change.
+            pruning can reach there raises :class:`hf_prune.LatencyTargetError` before any change.
         latency_batch_size: batch size the latency table is measured at (match your serving batch).
         criterion: ``"magnitude"`` (weights only), ``"taylor"`` (first-order head/neuron mask gradients,
             Michel et al. 2019), ``"fisher"`` (mask Fisher information, Kwon et al. 2022) or ``"random"``.
@@ -86,7 +179,7 @@ class PruningConfig(JsonMixin):
             (per output row, as Wanda).
         sparsity_criterion: ``"magnitude"`` (|W|) or ``"activation"`` (|W| * ||X||, Wanda; needs calibration data).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``: in every M consecutive inputs keep N); an N:M
-            pattern sets the sparsity to ``1 - N/M`` itself.
+            pattern fixes the sparsity at ``1 - N/M`` (leave ``sparsity`` at 0; another value is an error).
         reconstruct: needs calibration data. Structured: after removing heads/neurons, refit the kept columns
             and bias of each shrunk branch's output projection by least squares so its output on calibration
             data matches the dense one (``prune()`` and every structural event of the PruningTrainer).
@@ -110,6 +203,9 @@ class PruningConfig(JsonMixin):
         batch_size: calibration batch size.
         seq_len: sequence length used to count FLOPs for ``target_flops`` and to time blocks for ``target_latency``.
         seed: seed of the ``random`` criterion.
+
+    Every field is validated on construction; an unknown keyword raises :class:`UnknownKeyError` naming the
+    closest field. :meth:`coerce` is the check the entry points run on the config they are given.
     """
 
     heads: float = 0.0
@@ -156,14 +252,7 @@ class PruningConfig(JsonMixin):
         value = getattr(self, name)
         if value is None and optional:
             return
-        low, high = ("<" if low_open else "<="), ("<" if high_open else "<=")
-        allowed = f"a number with 0 {low} {name} {high} 1"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._fail(name, allowed)
-        ok_low = value > 0 if low_open else value >= 0
-        ok_high = value < 1 if high_open else value <= 1
-        if not (ok_low and ok_high):
-            self._fail(name, allowed)
+        check_number(f"PruningConfig.{name}", value, 0, 1, low_open, high_open)
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -176,52 +265,61 @@ class PruningConfig(JsonMixin):
         check_int(f"PruningConfig.{name}", getattr(self, name), minimum, extra)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-        self._check_fraction("heads", low_open=False, high_open=True)
-        self._check_fraction("ffn", low_open=False, high_open=True)
-        self._check_fraction("layers", low_open=False, high_open=True)
-        self._check_fraction("max_layers", low_open=False, high_open=True)
-        self._check_fraction("target_flops", low_open=True, high_open=False, optional=True)
-        self._check_fraction("target_params", low_open=True, high_open=False, optional=True)
-        self._check_fraction("target_latency", low_open=True, high_open=False, optional=True)
-        self._check_fraction("sparsity", low_open=False, high_open=True)
-        self._check_choice("criterion", CRITERIA)
-        self._check_choice("schedule", SCHEDULES)
-        self._check_fraction("distill_alpha", low_open=False, high_open=False)
+        """Raise ``ValueError`` naming the first invalid field, its value and what is allowed."""
+        self._check_amounts()
+        for name, choices in (
+            ("criterion", CRITERIA),
+            ("schedule", SCHEDULES),
+            ("scope", SCOPES),
+            ("head_unit", HEAD_UNITS),
+            ("layer_criterion", LAYER_CRITERIA),
+            ("sparsity_scope", SPARSITY_SCOPES),
+            ("sparsity_criterion", SPARSITY_CRITERIA),
+        ):
+            self._check_choice(name, choices)
+        self._check_schedule()
+        if not isinstance(self.reconstruct, bool):
+            self._fail("reconstruct", "true or false")
+        for name, minimum in (
+            ("min_heads_per_layer", 0),
+            ("ffn_multiple", 1),
+            ("max_samples", 1),
+            ("batch_size", 1),
+            ("seq_len", 1),
+            ("latency_batch_size", 1),
+            ("seed", 0),
+        ):
+            self._check_int(name, minimum)
+        self._check_combinations()
+        self._check_pattern()
+
+    def _check_amounts(self) -> None:
+        """What to remove: fractions removed in [0, 1), keep-targets in (0, 1]."""
+        for name in ("heads", "ffn", "layers", "max_layers", "sparsity"):
+            self._check_fraction(name, low_open=False, high_open=True)
+        for name in KEEP_TARGETS:
+            self._check_fraction(name, low_open=True, high_open=False, optional=True)
+
+    def _check_schedule(self) -> None:
+        """The trainer's pruning window, event frequency and distillation weights."""
         for name in ("start_step", "end_step"):
             if getattr(self, name) is not None:
                 self._check_int(name, 0)
         for name in ("start_epoch", "end_epoch"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                self._fail(name, "a number >= 0")
+            if getattr(self, name) is not None:
+                check_number(f"PruningConfig.{name}", getattr(self, name), 0)
         if self.start_step is not None and self.start_epoch is not None:
             raise ValueError("PruningConfig: set start_step or start_epoch, not both")
         if self.end_step is not None and self.end_epoch is not None:
             raise ValueError("PruningConfig: set end_step or end_epoch, not both")
         if self.frequency != "epoch":
             self._check_int("frequency", 1)
-        for name in ("distill_temperature",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                self._fail(name, "a number > 0")
-        value = self.distill_hidden
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            self._fail("distill_hidden", "a number >= 0")
-        self._check_choice("scope", SCOPES)
-        self._check_choice("head_unit", HEAD_UNITS)
-        self._check_choice("layer_criterion", LAYER_CRITERIA)
-        self._check_choice("sparsity_scope", SPARSITY_SCOPES)
-        self._check_choice("sparsity_criterion", SPARSITY_CRITERIA)
-        if not isinstance(self.reconstruct, bool):
-            self._fail("reconstruct", "true or false")
-        self._check_int("min_heads_per_layer", 0)
-        self._check_int("ffn_multiple", 1)
-        self._check_int("max_samples", 1)
-        self._check_int("batch_size", 1)
-        self._check_int("seq_len", 1)
-        self._check_int("latency_batch_size", 1)
-        self._check_int("seed", 0)
+        self._check_fraction("distill_alpha", low_open=False, high_open=False)
+        check_number("PruningConfig.distill_temperature", self.distill_temperature, 0, low_open=True)
+        check_number("PruningConfig.distill_hidden", self.distill_hidden, 0)
+
+    def _check_combinations(self) -> None:
+        """Targets that exclude each other."""
         targets = {k: getattr(self, k) for k in KEEP_TARGETS if getattr(self, k) is not None}
         if len(targets) > 1:
             raise ValueError(f"PruningConfig: set at most one of {', '.join(KEEP_TARGETS)}; got {targets}")
@@ -240,18 +338,29 @@ class PruningConfig(JsonMixin):
                 f"PruningConfig.max_layers={self.max_layers} needs a keep-target (target_flops, target_params or "
                 "target_latency) to trade blocks against heads and neurons"
             )
-        if self.pattern != "unstructured":
-            m = _NM.match(str(self.pattern))
-            if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-                raise ValueError(
-                    f"PruningConfig.pattern={self.pattern!r} is invalid; allowed: 'unstructured' or 'N:M' with "
-                    "0 < N < M, e.g. '2:4'"
-                )
-            if self.sparsity_scope != "layer" and self.sparsity_scope != "row":
-                raise ValueError(
-                    f"PruningConfig.sparsity_scope={self.sparsity_scope!r} cannot be combined with pattern="
-                    f"{self.pattern!r}; N:M patterns are chosen within each row (use 'layer' or 'row')"
-                )
+
+    def _check_pattern(self) -> None:
+        """An N:M pattern: well formed, chosen per row, and the sparsity it fixes not contradicted."""
+        if self.pattern == "unstructured":
+            return
+        m = _NM.match(str(self.pattern))
+        if not m or not 0 < int(m.group(1)) < int(m.group(2)):
+            raise ValueError(
+                f"PruningConfig.pattern={self.pattern!r} is invalid; allowed: 'unstructured' or 'N:M' with "
+                "0 < N < M, e.g. '2:4'"
+            )
+        if self.sparsity_scope not in ("layer", "row"):
+            raise ValueError(
+                f"PruningConfig.sparsity_scope={self.sparsity_scope!r} cannot be combined with pattern="
+                f"{self.pattern!r}; N:M patterns are chosen within each row (use 'layer' or 'row')"
+            )
+        fixed = 1 - int(m.group(1)) / int(m.group(2))
+        if self.sparsity and not math.isclose(self.sparsity, fixed):
+            raise ValueError(
+                f"PruningConfig.sparsity={self.sparsity!r} contradicts pattern={self.pattern!r}: an N:M pattern "
+                f"fixes the sparsity at 1 - N/M = {fixed:g}; leave sparsity at 0 (or set it to {fixed:g}), or use "
+                "pattern='unstructured' for any other sparsity"
+            )
 
     # ---- derived ----------------------------------------------------------------------------------------
     @property
@@ -280,8 +389,13 @@ class PruningConfig(JsonMixin):
         return self.structured or bool(self.layers or self.max_layers)
 
     @property
+    def needs_gradients(self) -> bool:
+        """The structured criterion is scored from mask gradients on calibration data (taylor/fisher)."""
+        return self.criterion in GRADIENT_CRITERIA
+
+    @property
     def needs_data(self) -> bool:
-        structured_data = self.structured and (self.criterion in ("taylor", "fisher") or self.reconstruct)
+        structured_data = self.structured and (self.needs_gradients or self.reconstruct)
         sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)
         depth_data = (bool(self.layers) and self.layer_criterion != "last") or bool(self.max_layers)
         return structured_data or sparse_data or depth_data
@@ -292,11 +406,24 @@ class PruningConfig(JsonMixin):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "PruningConfig") -> PruningConfig:
-        """Build from a dict; unknown keys raise ``ValueError`` naming the closest valid key."""
+        """Build from a dict; unknown keys raise :class:`UnknownKeyError` (a ``ValueError``) naming the closest
+        valid key."""
         if not isinstance(data, dict):
             raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
-        names = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in names:
-                raise ValueError(f"{where}: unknown key {key!r}{closest(str(key), names)}; allowed: {', '.join(names)}")
+        check_keys(data, [f.name for f in fields(cls)], where)
         return cls(**data)
+
+    @classmethod
+    def coerce(cls, config: Any, where: str = "config") -> PruningConfig:
+        """The one check every entry point (``prune``, ``allocate``, the trainer and its callback) runs on the
+        config it is given: a :class:`PruningConfig` is returned as is, a dict of its fields is built (and
+        validated) through :meth:`from_dict`, anything else raises ``TypeError`` saying what is accepted."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config, where)
+        shown = repr(config) if len(repr(config)) <= 80 else repr(config)[:77] + "..."
+        raise TypeError(
+            f"{where} must be a PruningConfig or a dict of its fields (e.g. {{'target_flops': 0.5}}); got "
+            f"{type(config).__name__} {shown}"
+        )

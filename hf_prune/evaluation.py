@@ -1,14 +1,20 @@
-"""Evaluation through ``transformers.Trainer``'s own evaluation loop, for the runner, the CLI and the benchmarks.
+"""Evaluation for the runner, the CLI and the benchmarks: every model metric they report is computed here.
 
-One loop serves all of them: ``Trainer.evaluation_loop`` (batching, collation, device placement, gathering across
-processes). A running trainer is reused when there is one (mid-training evaluation); otherwise a plain ``Trainer``
-is built for the model where it already is. Inside a training run, always pass ``trainer=``: building a new
-``TrainingArguments`` there would reset accelerate's process state under the running trainer.
+PyTorch models go through ``transformers.Trainer``'s own evaluation loop (batching, collation, device placement,
+gathering across processes). A running trainer is reused when there is one (mid-training evaluation); otherwise a
+plain ``Trainer`` is built for the model where it already is. Inside a training run, always pass ``trainer=``:
+building a new ``TrainingArguments`` there would reset accelerate's process state under the running trainer.
+
+Exported ONNX graphs (:func:`onnx_predict_logits`, :func:`onnx_perplexity`) read the same datasets through the
+same collators, so a PyTorch and an ONNX score of one model differ only by the engine. :func:`window_perplexity`
+scores a long token stream in fixed windows, every token weighted the same (``Trainer.evaluate``'s ``eval_loss``
+averages per batch, which weights the short last window like a full one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, default_data_collator
 
-from .scoring.calibration import model_device
+from .utils import eval_mode, model_device, restored_mode
 
 
 @contextlib.contextmanager
@@ -62,13 +68,10 @@ def _loop(
 ) -> Any:
     with preserved_rng(), tempfile.TemporaryDirectory() as workdir:
         runner = trainer or _evaluation_trainer(model, collator, batch_size, workdir, loss_only)
-        was_training = runner.model.training
-        try:
+        with restored_mode(runner.model):  # the loop leaves the model in eval mode
             return runner.evaluation_loop(
                 runner.get_eval_dataloader(dataset), "hf_prune evaluation", prediction_loss_only=loss_only
             )
-        finally:
-            runner.model.train(was_training)
 
 
 def predict_logits(
@@ -101,3 +104,70 @@ def mean_loss(
     the mean token negative log-likelihood, whose exponential is the perplexity."""
     out = _loop(model, dataset, collator, batch_size, trainer, loss_only=True)
     return float(out.metrics["eval_loss"])
+
+
+def window_perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512) -> float:
+    """Perplexity of a causal LM over the token stream ``ids`` (1-D), read in non-overlapping ``window``-token
+    windows, every predicted token weighted the same (a window of ``n`` tokens predicts ``n - 1``)."""
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(f"ids must be a 1-D tensor of at least 2 tokens, got shape {tuple(ids.shape)}")
+    if window < 2:
+        raise ValueError(f"window={window} is not allowed; a window needs at least 2 tokens")
+    device = model_device(model)
+    nll, count = 0.0, 0
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, ids.numel() - 1, window):
+            chunk = ids[start : start + window].unsqueeze(0).to(device)
+            if chunk.shape[1] < 2:
+                break
+            out = model(input_ids=chunk, labels=chunk)
+            n = chunk.shape[1] - 1
+            nll += float(out.loss) * n
+            count += n
+    return math.exp(nll / count)
+
+
+ONNX_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+
+def _onnx_batches(session: Any, dataset: Any, collator: Callable[..., Any] | None, batch_size: int) -> Iterator:
+    """``(logits, batch)`` per batch of ``dataset`` (its model-input and label columns), run through ``session``."""
+    from .io.onnx import onnx_logits
+
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: there is nothing to evaluate")
+    columns = [c for c in dataset.column_names if c in ONNX_COLUMNS]
+    loader = torch.utils.data.DataLoader(
+        dataset.select_columns(columns), batch_size=batch_size, collate_fn=collator or default_data_collator
+    )
+    return onnx_logits(session, loader)
+
+
+def onnx_predict_logits(
+    session: Any, dataset: Any, collator: Callable[..., Any] | None = None, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_logits` for an ONNX Runtime session (``hf_prune.io.onnx.onnx_session``): logits and labels of
+    ``dataset`` (tokenized examples with a ``labels`` column), batched by ``collator`` (default: stacking)."""
+    if "labels" not in dataset.column_names:
+        raise ValueError(f"the dataset needs a 'labels' column; it has {dataset.column_names}")
+    logits, labels = [], []
+    for out, batch in _onnx_batches(session, dataset, collator, batch_size):
+        logits.append(out.numpy())
+        labels.append(batch["labels"].numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def onnx_perplexity(
+    session: Any, dataset: Any, collator: Callable[..., Any] | None = None, batch_size: int = 32
+) -> float:
+    """Perplexity of an exported causal LM over ``dataset``'s ``input_ids`` blocks: next-token negative
+    log-likelihood summed over every position, divided by the number of predicted tokens."""
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"the dataset needs an 'input_ids' column; it has {dataset.column_names}")
+    nll, tokens = 0.0, 0
+    for logits, batch in _onnx_batches(session, dataset, collator, batch_size):
+        labels = batch["input_ids"][:, 1:]
+        flat = logits[:, :-1].flatten(0, 1).float()
+        loss = torch.nn.functional.cross_entropy(flat, labels.flatten(), reduction="sum")
+        nll, tokens = nll + float(loss), tokens + labels.numel()
+    return math.exp(nll / tokens)

@@ -17,7 +17,10 @@ from transformers import PreTrainedModel
 
 from .architectures import ArchAdapter, LayerShape, get_adapter
 from .architectures.generic import block_lists
-from .scoring.calibration import model_device, to_device
+from .scoring.calibration import to_device
+from .sparsity.masks import sparsity_report
+from .structure.state import pruning_state
+from .utils import model_device
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -93,6 +96,48 @@ def prunable_parameters(model: nn.Module) -> int:
     return sum(layer_params(s, hidden, head_dim, adapter.ffn_in_mats) for s in adapter.layer_shapes(model))
 
 
+def layer_sparsity(per_module: Mapping[str, float], index: int, layers_path: str) -> float:
+    """Mean zero fraction of the prunable matrices of block ``index`` (``per_module``: ``sparsity_report``'s)."""
+    values = [v for k, v in per_module.items() if f"{layers_path.split('.')[-1]}.{index}." in k]
+    return sum(values) / len(values) if values else 0.0
+
+
+def model_summary(model: nn.Module, seq_len: int = 128) -> dict[str, Any]:
+    """What a model is, as measured: the one summary behind ``PruningReport``, the recipe report, the trainer's
+    pruning logs and ``hf-prune inspect``, so they can never disagree.
+
+    Keys: ``model_type``, ``class``, ``parameters`` (:func:`count_parameters`), ``seq_len`` and ``encoder_flops``
+    (:func:`encoder_flops` at ``seq_len``), ``num_layers`` (blocks), ``layers`` (per block ``heads``, ``kv_heads``,
+    ``ffn``; empty for a family without an adapter), ``sparsity`` (zero fraction of the blocks' weights),
+    ``sparsity_per_module`` and ``sparsity_per_layer``, and from the recorded pruning state ``kept_layers`` (original
+    indices of the remaining blocks, ``None`` when none was removed), ``original`` (the sizes before pruning),
+    ``kept_original_head_ids`` and ``pruned_by_hf_prune``.
+    """
+    adapter = get_adapter(model, structural=False)
+    shapes = adapter.layer_shapes(model)
+    sparsity = sparsity_report(model)
+    state = pruning_state(model) or {}
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "class": type(model).__name__,
+        "parameters": count_parameters(model),
+        "seq_len": seq_len,
+        "encoder_flops": encoder_flops(model, seq_len).total,
+        "num_layers": len(adapter.layers(model)),
+        "layers": [s.to_dict() for s in shapes],
+        "sparsity": sparsity["overall"],
+        "sparsity_per_module": sparsity["per_module"],
+        "sparsity_per_layer": [
+            layer_sparsity(sparsity["per_module"], i, adapter.layers_path) for i in range(len(shapes))
+        ],
+        "kept_layers": state.get("kept_layers"),
+        "original": state.get("original"),
+        "kept_original_head_ids": state.get("kept_heads"),
+        "pruned_by_hf_prune": bool(state),
+    }
+
+
 def saved_size_bytes(model: nn.Module) -> int:
     """Bytes on disk of ``model.save_pretrained`` (safetensors + config)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,14 +164,9 @@ class LatencyResult:
         }
 
 
-def device_name(device: torch.device | str) -> str:
-    """The hardware a timing on ``device`` belongs to: the GPU's name, else the CPU model (``/proc/cpuinfo``'s
-    ``model name`` on Linux, ``platform.processor()`` elsewhere). Latency tables are cached per this name."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type != "cpu":
-        return device.type
+def cpu_name() -> str:
+    """The CPU model: ``/proc/cpuinfo``'s ``model name`` on Linux (``platform.processor()`` there is often just the
+    architecture), else ``platform.processor()``, else the architecture."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -135,6 +175,17 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    """The hardware a timing on ``device`` belongs to: the GPU's name, else :func:`cpu_name`. Latency tables are
+    cached per this name, since a table timed on one chip says nothing about another."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    return cpu_name()
 
 
 def _timing_device(model: nn.Module | Callable[..., Any], inputs: Mapping[str, Any]) -> torch.device | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,12 +16,12 @@ from transformers.utils import logging
 from .architectures import get_adapter
 from .compat import float_weights
 from .config import PruningConfig
-from .measure import count_parameters, encoder_flops
+from .measure import model_summary
+from .planning.depth_search import depth_step
 from .planning.plan import PruningPlan
 from .scoring.calibration import calibration_set
-from .sparsity.masks import sparsity_report
 from .sparsity.reconstruct import sequential_prune
-from .step import depth_step, mask_step, structural_step
+from .step import mask_step, structural_step
 
 logger = logging.get_logger(__name__)
 
@@ -41,6 +42,28 @@ class PruningReport:
     sparsity_per_module: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     layers_removed: list[int] = field(default_factory=list)  # blocks removed (indices before pruning), see depth.py
+    # what the width and sparsity steps work to after the blocks went: ``config`` without ``layers``/``max_layers``,
+    # a keep-target rescaled to the model the blocks left (equal to ``config`` when no block was removed)
+    width_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_summaries(
+        cls, config: dict[str, Any], plan: dict[str, Any], before: dict[str, Any], after: dict[str, Any], **extra: Any
+    ) -> PruningReport:
+        """The report of a run from :func:`~hf_prune.measure.model_summary` of the model before and after it."""
+        return cls(
+            config=config,
+            plan=plan,
+            params_before=before["parameters"],
+            params_after=after["parameters"],
+            flops_before=before["encoder_flops"],
+            flops_after=after["encoder_flops"],
+            layers_before=before["layers"],
+            layers_after=after["layers"],
+            sparsity=after["sparsity"],
+            sparsity_per_module=after["sparsity_per_module"],
+            **extra,
+        )
 
     @property
     def flops_ratio(self) -> float:
@@ -71,11 +94,25 @@ class PruningReport:
         )
 
 
+def _check_model(model: Any) -> None:
+    """A name or path is not a model: say how to load it (rather than fail later reading it as a model type)."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"prune() takes a loaded model; got the {type(model).__name__} {str(model)!r}. Load it first, e.g. "
+            f"AutoModelForSequenceClassification.from_pretrained({str(model)!r}) (or hf_prune.from_pretrained for a "
+            "pruned checkpoint), then pass the model"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune() takes a loaded model (a torch nn.Module); got {type(model).__name__}")
+
+
 def prune(
     model: nn.Module,
     config: PruningConfig | dict[str, Any],
     calibration_data: Any = None,
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+    *,
+    depth_only: bool = False,
 ) -> PruningReport:
     """Prune ``model`` in place to ``config``'s targets in one shot, and report what changed.
 
@@ -88,16 +125,26 @@ def prune(
             list of dicts, ragged lengths padded, batched with ``collate_fn``), ready batches of any padded lengths
             (a list, generator or DataLoader). At most ``config.max_samples`` examples are drawn, once, and reused by
             every pass.
+        depth_only: remove only the blocks (``config.layers`` / ``max_layers``) and leave width and sparsity to a
+            later step, typically the :class:`~hf_prune.PruningTrainer`'s schedule (which does not remove blocks):
+            train with ``PruningConfig.from_dict(report.width_config)``, which holds the rest of a keep-target.
 
     Raises:
         ValueError: unsupported architecture, or a data-driven criterion without calibration data (raised
             before anything is computed).
-        TypeError: calibration data in a form that is not accepted (the message lists the accepted forms).
+        TypeError: a model that is not a loaded ``nn.Module`` (e.g. a name to load), a config that is neither a
+            :class:`PruningConfig` nor a dict of its fields, or calibration data in a form that is not accepted (the
+            message lists the accepted forms).
     """
-    if isinstance(config, dict):
-        config = PruningConfig.from_dict(config)
+    _check_model(model)
+    config = PruningConfig.coerce(config, "prune(config=...)")
     # weight sparsity alone works on any family; removing heads, neurons or blocks needs its adapter
-    adapter = get_adapter(model, structural=config.removes_structure)
+    get_adapter(model, structural=config.removes_structure)
+    if depth_only and not (config.layers or config.max_layers):
+        raise ValueError(
+            f"prune(depth_only=True) removes blocks only, but the config sets layers={config.layers} and "
+            f"max_layers={config.max_layers}; set one of them (a fraction of the blocks in (0, 1))"
+        )
     float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
     if config.needs_data and calibration_data is None:
         raise ValueError(
@@ -113,9 +160,7 @@ def prune(
         calibration = calibration_set(calibration_data, model, config.batch_size, config.max_samples, collate_fn)
 
     timings: dict[str, float] = {}
-    params_before = count_parameters(model)
-    flops_before = encoder_flops(model, config.seq_len).total
-    layers_before = [s.to_dict() for s in adapter.layer_shapes(model)]
+    before = model_summary(model, config.seq_len)
     removed_blocks: list[int] = []
     width = config
     # depth first; a keep-target covers both, the width step gets what the removed blocks leave of it
@@ -123,6 +168,29 @@ def prune(
         start = time.perf_counter()
         removed_blocks, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start
+    plan = PruningPlan() if depth_only else _width_and_sparsity(model, config, width, calibration, timings)
+    result = PruningReport.from_summaries(
+        config.to_dict(),
+        plan.to_dict(),
+        before,
+        model_summary(model, config.seq_len),
+        timings_s=timings,
+        layers_removed=removed_blocks,
+        width_config=width.to_dict(),
+    )
+    logger.info("hf_prune.prune: %s", str(result).replace("\n", "; "))
+    return result
+
+
+def _width_and_sparsity(
+    model: nn.Module,
+    config: PruningConfig,
+    width: PruningConfig,
+    calibration: Any,
+    timings: dict[str, float],
+) -> PruningPlan:
+    """The steps after depth: heads and neurons to ``width`` (what the depth step left of the target), then the
+    unstructured masks to ``config``'s sparsity, baked into the weights. Returns the applied plan."""
     plan = PruningPlan()
     if width.structured:
         plan = structural_step(model, width, calibration, timings=timings)
@@ -134,20 +202,4 @@ def prune(
         else:
             mask_step(model, config, sparsity, config.nm, calibration)
         timings["unstructured"] = time.perf_counter() - start
-    report = sparsity_report(model)
-    result = PruningReport(
-        config=config.to_dict(),
-        plan=plan.to_dict(),
-        params_before=params_before,
-        params_after=count_parameters(model),
-        flops_before=flops_before,
-        flops_after=encoder_flops(model, config.seq_len).total,
-        layers_before=layers_before,
-        layers_after=[s.to_dict() for s in adapter.layer_shapes(model)],
-        sparsity=report["overall"],
-        sparsity_per_module=report["per_module"],
-        timings_s=timings,
-        layers_removed=removed_blocks,
-    )
-    logger.info("hf_prune.prune: %s", str(result).replace("\n", "; "))
-    return result
+    return plan

@@ -10,6 +10,7 @@ import transformers as tf
 from torch import nn
 
 from hf_prune.testing import zero_heads_and_neurons  # noqa: F401  (re-exported for the tests)
+from hf_prune.utils import random_token_ids
 
 VOCAB = 97
 
@@ -215,8 +216,7 @@ def make_model(family: Family, cls: type | None = None, seed: int = 0) -> nn.Mod
 
 
 def make_inputs(family: Family, batch: int = 3, seq: int = 11, padded: bool = True, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    input_ids = random_token_ids(VOCAB, batch, seq, low=3, seed=seed)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if padded:
         # right padding for encoders, left padding for decoders (as generate() expects)

@@ -18,8 +18,13 @@ README = BENCH.parent / "README.md"
 
 
 def _load(name: str):
+    """A benchmark module loaded from its file; its siblings (common, results) import from ``benchmarks/``, as when
+    the script runs."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -194,7 +199,7 @@ def test_a_benchmark_script_writes_rows_that_name_their_run(tmp_path):
     assert record["command"].startswith("python benchmarks/trainer_overhead.py --steps 3")
     assert record["commit"] and len(rows[0][1]["round_ratios"]) == 2
     assert (BENCH / "RESULTS.md").read_text() == before
-    assert any("PruningTrainer ms/step" in line for line in module.render_trainer_overhead(result))
+    assert any("PruningTrainer ms/step" in line for line in _load("trainer_overhead").render(result))
 
 
 def test_neutral_commits_are_not_counted_as_changes_and_bad_entries_fail(tmp_path, monkeypatch):
@@ -236,6 +241,7 @@ def test_latency_rows_of_every_machine_kind_stay_side_by_side():
     def row(model: str, batch: int, run: str) -> dict:
         return {
             "model": model,
+            "plan": "width",
             "batch": batch,
             "seq_len": 32,
             "params_dense": 1e8,
@@ -260,7 +266,7 @@ def test_latency_rows_of_every_machine_kind_stay_side_by_side():
     # another thread count is another kind, and a CUDA run never replaces CPU rows
     assert len(module.rows_of_other_machines(previous, {"machine": {**epyc, "torch_threads": 4}})) == 3
     assert len(module.rows_of_other_machines(previous, {"machine": {**epyc, "gpu": "H100"}}, device="cuda")) == 3
-    text = "\n".join(module.render_latency(previous))
+    text = "\n".join(_load("latency").render(previous))
     assert "| AMD EPYC 7B13, 2 threads | bert-base |" in text and "| Intel Xeon 8481C, 2 threads | bert-base |" in text
 
 
@@ -292,13 +298,14 @@ def test_latency_breakdown_and_latency_target_headline_are_rendered_from_the_row
             }
         ],
     }
-    text = "\n".join(module.render_latency(latency))
+    latency_module = _load("latency")
+    text = "\n".join(latency_module.render(latency))
     assert (
         "| AMD EPYC 7B13, 2 threads | bert-base | width+depth | 1 x 32 | 90.0 -> 45.0 | 10.0 -> 10.0 | 10.0 -> 7.5 |"
         in text
     )
     del latency["rows"][0]["breakdown_ms"]
-    assert "Where a forward's time goes" not in "\n".join(module.render_latency(latency))
+    assert "Where a forward's time goes" not in "\n".join(latency_module.render(latency))
 
     def target(t: float, keep: float, cache: str, prune_s: float) -> dict:
         return {
@@ -362,7 +369,7 @@ def test_decoder_dense_recovery_row_is_the_reference_in_the_table_and_headline()
         "unstructured": [],
         "peak_rss_mb": 1000,
     }
-    table = "\n".join(module.render_decoder(result))
+    table = "\n".join(_load("decoder").render(result))
     assert "| 1x | dense | 30 | 1.000 | 100.0M | 26.15 | n/a | 21.50 |  | 300 s |" in table
     lines = [x for x in module.headline({"decoder": result}) if "block-FLOPs cut" in x]
     assert len(lines) == 1  # no headline line for the dense row's own "cut"

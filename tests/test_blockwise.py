@@ -90,8 +90,16 @@ def test_blocks_replay_under_the_autocast_of_a_wrapped_forward():
     model.forward = autocast_forward
     batches = [make_inputs(family, batch=4, seq=11, padded=True, seed=s) for s in range(2)]
     plan = hf_prune.PruningPlan(heads={0: [0, 1]}, ffn={1: list(range(0, 40, 2))})
+    sliced = copy.deepcopy(model)
+    plan.apply(sliced)  # no calibration: the kept columns as they were
     plan.apply(model, batches)
     assert [s.ffn for s in hf_prune.get_adapter(model).layer_shapes(model)] == [40, 20, 40]
     assert all(p.dtype == torch.bfloat16 for p in model.model.layers.parameters())
+    # the refit ran (under the recorded autocast) and moved what is left of both shrunk projections
+    for refitted, plain in (
+        (model.model.layers[0].self_attn.o_proj, sliced.model.layers[0].self_attn.o_proj),
+        (model.model.layers[1].mlp.down_proj, sliced.model.layers[1].mlp.down_proj),
+    ):
+        assert refitted.weight.shape == plain.weight.shape and not torch.equal(refitted.weight, plain.weight)
     with torch.no_grad():
         assert torch.isfinite(model(**batches[0]).logits.float()).all()

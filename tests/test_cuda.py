@@ -18,6 +18,7 @@ from hf_prune.training.distributed import all_reduce_sum
 
 from .families import FAMILIES, make_inputs, make_model
 from .test_calibration import model_and_examples, ready_batches
+from .test_deploy import assert_int8_close, int8_test_model
 from .test_distributed import check_ranks_agree, launch
 from .test_trainer import toy_data
 
@@ -27,10 +28,28 @@ pytestmark = [
 ]
 
 
+# GPU logits in each dtype may differ from the CPU's float32 ones by this fraction of the logits' largest magnitude:
+# about 12 (fp16) and 6 (bf16) times the dtype's machine epsilon, since rounding compounds through the blocks and the
+# calibration statistics are gathered in that dtype; float32 only by reduction order. All are well below what the
+# pruning itself changes (checked in the test), so a GPU path that skipped or broke the refit or the masks fails.
+LOGIT_RTOL = {torch.float32: 1e-4, torch.float16: 0.012, torch.bfloat16: 0.05}
+
+
+def _input_sensitive(model: torch.nn.Module) -> torch.nn.Module:
+    """Linear weights 5x BERT's initial scale: logits that move with the input and with the pruning (at 0.02 the
+    pooler and classifier leave logits that are mostly their biases)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(5)
+    return model
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("criterion", ["magnitude", "random", "taylor", "fisher"])
 def test_oneshot_prune_on_cuda_matches_cpu(criterion, dtype):
     model, examples = model_and_examples()
+    _input_sensitive(model)
     batches = ready_batches(examples)
     config = PruningConfig(
         target_flops=0.6,
@@ -41,18 +60,28 @@ def test_oneshot_prune_on_cuda_matches_cpu(criterion, dtype):
         sparsity_criterion="activation",
         seq_len=16,
     )
-    cpu = copy.deepcopy(model)
+    dense, cpu = copy.deepcopy(model), copy.deepcopy(model)
     gpu = model.to("cuda", dtype)
     report = prune(gpu, config, calibration_data=batches)  # CPU batches: moved to the model's device
     assert all(p.device.type == "cuda" and p.dtype == dtype for p in gpu.parameters())
+    cpu_report = prune(cpu, config, calibration_data=batches)
+    assert report.flops_after == pytest.approx(cpu_report.flops_after, rel=0.02)
+    same_plan = report.plan["heads"] == cpu_report.plan["heads"] and report.plan["ffn"] == cpu_report.plan["ffn"]
+    if criterion in ("magnitude", "random"):
+        # random scores come from a CPU generator, magnitude from the weights (their bf16/fp16 rounding does not
+        # reorder this model's heads and neurons): the very same structure on either device, in every dtype
+        assert same_plan and report.layers_after == cpu_report.layers_after
+    if not same_plan:
+        return  # gradient scores in reduced precision may rank near-ties differently: other heads, other logits
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
     with torch.no_grad():
-        logits = gpu(**{k: v.cuda() for k, v in batches[0].items() if k != "labels"}).logits
-    assert bool(torch.isfinite(logits.float()).all())
-    if dtype == torch.float32:
-        cpu_report = prune(cpu, config, calibration_data=batches)
-        assert report.flops_after == pytest.approx(cpu_report.flops_after, rel=0.02)
-        if criterion in ("magnitude", "random"):  # no data involved: the very same plan on either device
-            assert report.plan["heads"] == cpu_report.plan["heads"] and report.plan["ffn"] == cpu_report.plan["ffn"]
+        want = torch.cat([cpu(**b).logits for b in inputs])
+        effect = float((torch.cat([dense(**b).logits for b in inputs]) - want).abs().max())
+        got = torch.cat([gpu(**{k: v.cuda() for k, v in b.items()}).logits.float().cpu() for b in inputs])
+    tol = LOGIT_RTOL[dtype] * float(want.abs().max())
+    assert tol < effect, f"tolerance {tol:.3g} cannot tell the pruned model from the dense one ({effect:.3g})"
+    err = float((got - want).abs().max())
+    assert err <= tol, f"{dtype} GPU logits off the CPU float32 ones by {err:.3g} (tolerance {tol:.3g})"
 
 
 def test_target_latency_profiles_on_the_gpu():
@@ -139,14 +168,14 @@ def test_onnx_export_of_a_cuda_model_matches_it_and_leaves_it_on_the_gpu(tmp_pat
     pytest.importorskip("onnxruntime")
     from hf_prune.io.onnx import export_onnx, onnx_session, run_onnx
 
-    model = _non_uniform_cuda_bert(torch.float32)
+    model = int8_test_model().cuda()
     report = export_onnx(model, tmp_path / "onnx", int8=True)
     assert all(p.device.type == "cuda" for p in model.parameters())
-    inputs = make_inputs(FAMILIES["bert"], batch=4, seq=19)
+    inputs = make_inputs(FAMILIES["bert"], batch=8, seq=19)
     with torch.no_grad():
         want = model(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
     got = run_onnx(onnx_session(report.path), inputs)[0]
-    assert got.shape == want.shape and (got - want).abs().max() < 0.5 * max(1.0, float(want.abs().max()))
+    assert_int8_close(got, want)
 
 
 def test_reduction_helper_outside_a_process_group_is_a_copy_on_the_same_device():

@@ -160,7 +160,7 @@ def test_blocks_alone_past_the_target_remove_no_width(caplog):
 
 def test_depth_search_trades_blocks_against_width_by_calibration_loss(caplog):
     from hf_prune.measure import encoder_flops
-    from hf_prune.step import depth_candidates, divergence_from, reference_logits
+    from hf_prune.planning.depth_search import depth_candidates, divergence_from, reference_logits
 
     model = _llama(layers=6)
     _identity(model, [2, 3])  # two blocks that do nothing: removing them is free, any width cut is not
@@ -184,14 +184,23 @@ def test_depth_search_trades_blocks_against_width_by_calibration_loss(caplog):
     assert depth_candidates(40, 0.5) == [0, 2, 5, 8, 10, 12, 15, 18, 20]
 
 
-def test_depth_search_with_real_blocks_still_meets_the_target():
+def test_depth_search_with_real_blocks_still_meets_the_target(caplog):
+    import re
+
     from hf_prune.measure import encoder_flops
 
     model = _llama(layers=6)
     dense_flops = encoder_flops(model, 128).total
+    caplog.set_level("INFO")
     config = PruningConfig(target_flops=0.5, max_layers=0.5, criterion="magnitude", layer_criterion="last")
     report = hf_prune.prune(model, config, calibration_data=_batches())
-    assert len(report.layers_removed) <= 3
+    # every candidate (0 to 3 of 6 blocks) was compared, and the one closest to the dense model is the one removed
+    found = re.search(r"KL from the dense model\): (.*); chose (\d+)", caplog.text)
+    assert found is not None, caplog.text
+    losses = {int(k): float(v) for k, v in (item.split(" -> ") for item in found.group(1).split(", "))}
+    assert sorted(losses) == [0, 1, 2, 3] and int(found.group(2)) == min(losses, key=losses.get)
+    k = int(found.group(2))
+    assert report.layers_removed == list(range(5 - k, 5))  # "last": the blocks before the final one
     assert encoder_flops(model, 128).total / dense_flops == pytest.approx(0.5, abs=0.01)
 
 
@@ -264,29 +273,32 @@ def test_max_layers_under_target_latency_prices_each_depth_with_its_timed_blocks
     """Each candidate block count is timed (its fixed cost goes with it) and its width is allocated against the
     table of the shallower model; the pruned model lands on the target."""
     from hf_prune import step
+    from hf_prune.planning import depth_search, latency_search
 
     model = _bert()
     adapter = hf_prune.get_adapter(model)
     dense_ms = _model_ms(adapter.layer_shapes(model))
 
-    monkeypatch.setattr(step, "profile_latency", lambda m, *a, **k: _additive_table(len(adapter.layers(m))))
+    for module in (step, depth_search):  # the depth search's table, and the width step's after the cut
+        monkeypatch.setattr(module, "profile_latency", lambda m, *a, **k: _additive_table(len(adapter.layers(m))))
     monkeypatch.setattr(
-        step, "depth_keep", lambda m, removed, config: 1 - len(removed) * (dense_ms - FIXED_MS) / 4 / dense_ms
+        depth_search, "depth_keep", lambda m, removed, config: 1 - len(removed) * (dense_ms - FIXED_MS) / 4 / dense_ms
     )
     monkeypatch.setattr(
-        step,
+        latency_search,
         "measure_keep",
         lambda m, shapes, *a, **k: _model_ms(shapes) / _model_ms(hf_prune.get_adapter(m).layer_shapes(m)),
     )
     priced = []
-    real_allocate = step.allocate
+    real_allocate = depth_search.allocate
 
     def allocate(m, scores, config, latency=None, **kw):
         if latency is not None:
             priced.append((len(adapter.layers(m)), latency.num_layers, latency.full_ms))
         return real_allocate(m, scores, config, latency, **kw)
 
-    monkeypatch.setattr(step, "allocate", allocate)
+    for module in (depth_search, latency_search):  # the candidates' width, and the final width search
+        monkeypatch.setattr(module, "allocate", allocate)
     config = PruningConfig(target_latency=0.6, max_layers=0.5, criterion="magnitude", layer_criterion="last")
     report = hf_prune.prune(model, config, calibration_data=_batches())
     assert report.layers_removed in ([2], [1, 2])  # "last": the blocks before the final one
@@ -294,5 +306,5 @@ def test_max_layers_under_target_latency_prices_each_depth_with_its_timed_blocks
     assert (3, 3, pytest.approx(_model_ms([hf_prune.LayerShape(4, 4, 48)] * 3))) in priced
     assert all(layers == table_layers for layers, table_layers, _ in priced)
     kept = _model_ms(adapter.layer_shapes(model)) / dense_ms
-    assert abs(kept - 0.6) <= step.LATENCY_TOLERANCE * 0.6
+    assert abs(kept - 0.6) <= latency_search.LATENCY_TOLERANCE * 0.6
     assert (4, 4, pytest.approx(dense_ms)) in priced  # no block removed: the model's own table

@@ -320,7 +320,7 @@ LLAMA_LIKE = ("llama", "gemma2", "granite_swa")
 
 @pytest.mark.parametrize("name", [*ALL, "gemma2", "granite_swa", "modernbert"])
 def test_structured_reconstruct_is_the_least_squares_refit(name):
-    from hf_prune.sparsity.reconstruct import apply_plan_with_compensation
+    from hf_prune.structure.refit import apply_plan_with_compensation
 
     family, model = task_model(name)
     adapter = hf_prune.get_adapter(model)
@@ -406,7 +406,7 @@ def test_structured_reconstruct_needs_data_before_touching_the_model():
 
 
 def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
-    from hf_prune.sparsity.reconstruct import apply_plan_with_compensation
+    from hf_prune.structure.refit import apply_plan_with_compensation
 
     _family, model = task_model("llama")
     snapshot = copy.deepcopy(model.state_dict())
@@ -422,7 +422,7 @@ def test_structured_reconstruct_rejects_a_bad_plan_before_calibrating():
 
 def test_structured_reconstruct_warns_when_the_refit_is_underdetermined(caplog):
     """Fewer calibration tokens than a projection's kept inputs: the fit is exact on them and poor elsewhere."""
-    from hf_prune.sparsity.reconstruct import apply_plan_with_compensation
+    from hf_prune.structure.refit import apply_plan_with_compensation
 
     caplog.set_level("WARNING")
     family, model = task_model("llama")

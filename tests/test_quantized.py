@@ -98,6 +98,8 @@ def test_packed_or_other_quantized_weights_are_refused_by_name():
 
     model = _mark_gguf(_llama())
     model.model.layers[0].mlp.down_proj = GgufLinear(64, 32, bias=False)
+    # what GgufHfQuantizer records for every layer it swapped in to keep the weight packed
+    model.hf_quantizer.packed_modules = {"model.layers.0.mlp.down_proj.weight": model.model.layers[0].mlp.down_proj}
     with pytest.raises(
         ValueError, match=r"packed weights \(e\.g\. model\.layers\.0\.mlp\.down_proj\).*dequantize=True"
     ):

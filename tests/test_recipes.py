@@ -13,6 +13,7 @@ import yaml
 
 import hf_prune
 from hf_prune.recipes import cli, runner
+from hf_prune.recipes import data as recipe_data
 from hf_prune.recipes.metrics import classification_metrics, load_metric, perplexity
 from hf_prune.recipes.schema import RecipeError, load_recipe
 
@@ -55,7 +56,12 @@ def base_recipe(tmp_path: Path, model_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random BERT with a real (small) WordPiece vocabulary, saved like a Hub checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
+
+
+def tiny_bert(folder: Path, layers: int) -> Path:
+    """A random BERT of ``layers`` blocks (hidden 32, 4 heads, FFN 64), seeded, saved with its tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
     words = sorted({w for line in (REPO / "data/sst2/dev.tsv").read_text().split("\n")[1:] for w in line.split()[:-1]})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words[:2000]]
     (folder / "vocab.txt").write_text("\n".join(vocab))
@@ -64,7 +70,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     config = tf.BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
@@ -93,7 +99,7 @@ def test_shipped_recipes_are_valid_and_their_data_ship_with_the_repository(path,
         assert "not loaded offline" in capsys.readouterr().out
         return
     for f in recipe.data.files.values():
-        resolved = Path(runner.resolve_path(recipe, f)).resolve()
+        resolved = Path(recipe_data.resolve_path(recipe, f)).resolve()
         assert resolved.is_relative_to(REPO) and resolved.exists(), f"{path.name}: {f} is not in the repository"
     # the dry run loads the data (files, splits and columns), everything short of the model
     assert cli.main(["run", str(path), "--dry-run"]) == 0
@@ -102,7 +108,9 @@ def test_shipped_recipes_are_valid_and_their_data_ship_with_the_repository(path,
 
 
 def test_data_format_is_read_from_the_name_compression_aside(tmp_path):
-    assert [runner.data_format(n) for n in ("a.tsv.xz", "a.jsonl", "a.JSON.gz", "b.txt", "c.parquet", "d.csv")] == [
+    assert [
+        recipe_data.data_format(n) for n in ("a.tsv.xz", "a.jsonl", "a.JSON.gz", "b.txt", "c.parquet", "d.csv")
+    ] == [
         "tsv",
         "json",
         "json",
@@ -112,16 +120,16 @@ def test_data_format_is_read_from_the_name_compression_aside(tmp_path):
     ]
     (tmp_path / "rows.jsonl").write_text('{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0}\n')
     (tmp_path / "odd.dat").write_text("x")
-    data = {
+    rows = {
         "model": {"name_or_path": "m", "task": "sequence-classification"},
         "data": {"files": {"train": str(tmp_path / "rows.jsonl"), "validation": str(tmp_path / "rows.jsonl")}},
         "output": {"dir": str(tmp_path / "out")},
     }
-    loaded = runner.load_data(load_recipe(write(tmp_path, data)))
+    loaded = recipe_data.load_data(load_recipe(write(tmp_path, rows)))
     assert loaded["train"].column_names == ["sentence", "label"] and len(loaded["train"]) == 2
-    data["data"]["files"] = {"train": str(tmp_path / "odd.dat"), "validation": str(tmp_path / "odd.dat")}
+    rows["data"]["files"] = {"train": str(tmp_path / "odd.dat"), "validation": str(tmp_path / "odd.dat")}
     with pytest.raises(RecipeError, match=r"set data\.format to one of csv, tsv, json, text, parquet"):
-        runner.load_data(load_recipe(write(tmp_path, data)))
+        recipe_data.load_data(load_recipe(write(tmp_path, rows)))
 
 
 def test_shipped_data_match_their_published_checksums():
@@ -264,8 +272,10 @@ def test_offline_metrics_match_reference_values():
 
 
 # ---- end to end -----------------------------------------------------------------------------------------
-def test_recipe_runs_end_to_end_and_writes_everything(tmp_path, tiny_model_dir):
-    recipe = load_recipe(write(tmp_path, base_recipe(tmp_path, tiny_model_dir)))
+def test_recipe_runs_end_to_end_and_writes_everything(tmp_path, tiny_model_dir, capsys):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["training"]["logging_steps"] = 1
+    recipe = load_recipe(write(tmp_path, data))
     report = runner.run_recipe(recipe)
     out = Path(report["output_dir"])
     names = {p.name for p in out.iterdir()}
@@ -305,6 +315,18 @@ def test_recipe_runs_end_to_end_and_writes_everything(tmp_path, tiny_model_dir):
     assert hf_prune.count_parameters(model) == saved["params"]["pruned"]
     assert [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)] == saved["plan"]["kept_heads"]
     assert "accuracy" in runner.summary_table(report)
+    assert "pending" not in saved and "error" not in saved and "unfinished" not in card
+    # the trainer's logs and `hf-prune inspect` describe the saved model exactly as the report does
+    last_log = saved["train_log"][-1]
+    assert last_log["pruning/params"] == saved["params"]["pruned"]
+    assert last_log["pruning/kept_heads"] == str(saved["plan"]["kept_heads"])
+    assert last_log["pruning/kept_ffn"] == str(saved["plan"]["kept_ffn"])
+    seq = str(saved["encoder_flops"]["seq_len"])
+    capsys.readouterr()  # the run's own output
+    assert cli.main(["inspect", str(out), "--task", "sequence-classification", "--json", "--seq-len", seq]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == saved["params"]["pruned"] and info["encoder_flops"] == saved["encoder_flops"]["pruned"]
+    assert [layer["ffn"] for layer in info["layers"]] == saved["plan"]["kept_ffn"] and info["pruned_by_hf_prune"]
 
 
 def test_failed_run_leaves_no_half_written_output(tmp_path, tiny_model_dir, monkeypatch):
@@ -320,6 +342,40 @@ def test_failed_run_leaves_no_half_written_output(tmp_path, tiny_model_dir, monk
         runner.run_recipe(recipe)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize(
+    ("target", "step", "not_done"),
+    [("_export", "export", ["export"]), ("compare_latency", "latency", ["latency", "export"])],
+)
+def test_a_failure_after_training_keeps_the_trained_model_and_records_the_error(
+    tmp_path, tiny_model_dir, monkeypatch, target, step, not_done
+):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["dense_training"] = None
+    data["output"]["export"] = "onnx"
+    recipe = load_recipe(write(tmp_path, data))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"{step} broke")
+
+    monkeypatch.setattr(runner, target, boom)
+    with pytest.raises(RuntimeError, match=f"{step} broke"):
+        runner.run_recipe(recipe)
+    out = tmp_path / "out"
+    saved = json.loads((out / "pruning_report.json").read_text())
+    assert saved["error"] == {"step": step, "type": "RuntimeError", "message": f"{step} broke"}
+    assert saved["pending"] == not_done
+    assert set(saved["metrics"]["after_recovery"]) == {"accuracy", "f1", "matthews_correlation"}
+    assert ("latency" in saved) == (step == "export")
+    assert f"failed at `{step}`" in (out / "SUMMARY.md").read_text()
+    assert f"failed at `{step}`" in (out / "README.md").read_text()
+    # the trained model is on disk whole and loads; nothing staged or half-exported is left behind
+    model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
+    assert hf_prune.count_parameters(model) == saved["params"]["pruned"]
+    assert [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)] == saved["plan"]["kept_heads"]
+    assert not (out / "onnx").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
 def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, tiny_model_dir, monkeypatch):
@@ -387,6 +443,48 @@ def test_recipe_with_depth_pruning_removes_blocks_before_training(tmp_path, tiny
     model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
     assert len(hf_prune.get_adapter(model).layers(model)) == 1
     assert hf_prune.count_parameters(model) == saved["params"]["pruned"]
+
+
+def test_depth_and_width_recipe_keeps_the_plan_it_had_before_the_runner_called_prune(tmp_path):
+    """Recorded from the runner that ran the depth step itself (before it called ``prune(depth_only=True)``): the
+    same blocks, heads and neurons, and the same training losses, come out."""
+    data = base_recipe(tmp_path, tiny_bert(tmp_path / "bert4", layers=4))
+    data["pruning"] = {
+        "layers": 0.25,
+        "layer_criterion": "influence",
+        "target_flops": 0.5,
+        "criterion": "fisher",
+        "scope": "global",
+        "reconstruct": True,
+    }
+    data["training"]["logging_steps"] = 1
+    report = runner.run_recipe(load_recipe(write(tmp_path, data)))
+    plan = report["plan"]
+    assert plan["kept_layers"] == [0, 2, 3] and plan["original_layers"] == 4
+    assert plan["kept_heads"] == [3, 2, 4] and plan["kept_ffn"] == [32, 40, 32]
+    assert plan["kept_original_head_ids"] == [[0, 1, 3], [2, 3], [0, 1, 2, 3]]
+    assert report["params"] == {"dense": 101634, "pruned": 84226}
+    assert [round(h["loss"], 4) for h in report["train_log"]] == [0.6967, 0.6947, 0.6969, 0.6935]
+
+
+def test_prune_depth_only_removes_blocks_and_hands_on_the_rest_of_the_target():
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+    )
+    model = tf.BertForSequenceClassification(config)
+    pruning = hf_prune.PruningConfig(layers=0.25, layer_criterion="last", target_flops=0.5, criterion="magnitude")
+    report = hf_prune.prune(model, pruning, depth_only=True)
+    assert report.layers_removed == [2] and report.layers_after == report.layers_before[:3]
+    assert report.flops_after / report.flops_before == pytest.approx(3 / 4)  # equal blocks: 3 of 4 remain
+    width = hf_prune.PruningConfig.from_dict(report.width_config)
+    # what is left of the target: 3/4 of the FLOPs kept so far, times the width target, is the recipe's 0.5
+    assert width.layers == 0 and width.target_flops == pytest.approx(0.5 / 0.75)
+    assert report.plan == hf_prune.PruningPlan().to_dict() and report.sparsity == 0.0
+    with pytest.raises(
+        ValueError, match=r"prune\(depth_only=True\) removes blocks only.*layers=0.0 and max_layers=0.0"
+    ):
+        hf_prune.prune(model, hf_prune.PruningConfig(target_flops=0.5), depth_only=True)
 
 
 def test_recipe_saves_sparse_weights_and_exports_an_onnx_model_it_evaluates(tmp_path, tiny_model_dir):

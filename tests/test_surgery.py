@@ -183,8 +183,10 @@ class FamilyInvariants:
                 with torch.no_grad():
                     got = output_tensor(loaded(**inputs))
                 torch.testing.assert_close(got, expected, atol=0, rtol=0)
-                for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
-                    assert n1 == n2 and p1.shape == p2.shape
+                want, have = model.state_dict(), loaded.state_dict()
+                assert list(have) == list(want)
+                different = [k for k in want if have[k].dtype != want[k].dtype or not torch.equal(have[k], want[k])]
+                assert not different, f"{cls.__name__}: reloaded tensors differ: {different}"
 
     def test_atomic_save_helper_and_resave(self, tmp_path):
         model = make_model(self.family)
@@ -197,7 +199,11 @@ class FamilyInvariants:
         again = hf_prune.from_pretrained(out, type(model)).eval()
         inputs = make_inputs(self.family)
         with torch.no_grad():
-            torch.testing.assert_close(output_tensor(again(**inputs)), output_tensor(loaded.eval()(**inputs)))
+            torch.testing.assert_close(
+                output_tensor(again(**inputs)), output_tensor(loaded.eval()(**inputs)), atol=0, rtol=0
+            )
+        want, have = loaded.state_dict(), again.state_dict()
+        assert list(have) == list(want) and all(torch.equal(have[k], want[k]) for k in want)
         assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
     def test_uniform_ffn_loads_with_stock_from_pretrained(self, tmp_path):
@@ -400,7 +406,9 @@ def test_prune_layers_errors_leave_the_model_untouched():
             hf_prune.prune_layers(model, bad)
     with pytest.raises(TypeError, match="list of integer indices"):
         hf_prune.prune_layers(model, {0: [1]})
-    assert set(snapshot) == set(model.state_dict()) and getattr(model.config, "hf_prune", None) is None
+    after = model.state_dict()
+    assert set(snapshot) == set(after) and all(torch.equal(snapshot[k], after[k]) for k in snapshot)
+    assert getattr(model.config, "hf_prune", None) is None
 
 
 def test_depth_and_width_pruning_combine_and_reload(tmp_path):

@@ -369,7 +369,7 @@ def test_copy_of_trainer_model_is_not_pruned_teacher(tmp_path):
 
 
 def test_structured_reconstruct_runs_at_every_event(tmp_path, monkeypatch):
-    import hf_prune.sparsity.reconstruct as reconstruct_module
+    import hf_prune.structure.refit as reconstruct_module
 
     calls = []
     real = reconstruct_module.apply_plan_with_compensation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -52,26 +53,37 @@ def test_bare_callback_on_a_stock_trainer_prunes_and_keeps_the_optimizer_live(tm
     trainer = tf.Trainer(model=model, args=args(tmp_path), train_dataset=toy_data())
     callback = PruningCallback(config)
     trainer.add_callback(callback)
-    before = {}
+    stale: list[int] = []  # per step: optimizer tensors that are no longer the model's
+    graded: list[bool] = []  # per optimizer step: the current query weight got a non-zero gradient
+    weights: dict[int, torch.Tensor] = {}  # the query weight after each step
+
+    def query() -> torch.nn.Parameter:
+        return model.bert.encoder.layer[0].attention.self.query.weight
 
     class Probe(tf.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grad = query().grad
+            graded.append(grad is not None and bool(grad.abs().sum() > 0))
+
         def on_step_end(self, args, state, control, **kwargs):
             inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
             live = {id(p) for p in model.parameters()}
-            before.setdefault("stale", 0)
-            before["stale"] += sum(id(p) not in live for g in inner.param_groups for p in g["params"])
-            before["moved"] = any(
-                p.grad is not None for p in model.bert.encoder.layer[0].attention.self.query.parameters()
-            )
+            stale.append(sum(id(p) not in live for g in inner.param_groups for p in g["params"]))
+            weights[state.global_step] = query().detach().clone()
 
     trainer.add_callback(Probe())
-    first_q = model.bert.encoder.layer[0].attention.self.query.weight
+    first_q = query()
     trainer.train()
-    last_q = model.bert.encoder.layer[0].attention.self.query.weight
+    last_q = query()
     assert callback.done_steps == [0, 4, 8]
     assert [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)] == [2, 2, 2]
-    assert before["stale"] == 0  # the optimizer never held a removed tensor after an event
+    assert len(stale) == 16 and not any(stale)  # the optimizer never held a removed tensor after an event
     assert last_q is not first_q and last_q.shape[0] < first_q.shape[0]
+    # every step, before and after each event, back-propagated into the query weight the model holds then ...
+    assert len(graded) == 16 and all(graded)
+    # ... and the tensor made by the last event moved from one step to the next
+    after_last = [weights[step] for step in sorted(weights) if weights[step].shape == last_q.shape]
+    assert len(after_last) >= 7 and not any(torch.equal(a, b) for a, b in itertools.pairwise(after_last))
     # the optimizer kept training the new tensor: it has Adam state
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert last_q in inner.state and int(inner.state[last_q]["step"]) == 16

@@ -2,7 +2,7 @@
 
 Stock ``from_pretrained`` builds every layer at the config's size, so a model whose layers lost different
 numbers of heads/neurons cannot load. :func:`from_pretrained` resolves the concrete class, wraps it in a
-throw-away subclass whose ``__init__`` resizes the layers to the shapes recorded in ``config.hf_prune``, and
+throw-away subclass whose ``__init__`` restores the shapes recorded in ``config.hf_prune``, and
 then defers to the stock ``from_pretrained`` so dtype, device_map, sharded safetensors, tied weights and Hub
 downloads keep working exactly as users expect.
 """
@@ -15,17 +15,24 @@ from typing import Any
 
 from accelerate import init_empty_weights
 from huggingface_hub import file_exists, snapshot_download
+from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.errors import HTTPError as HubHTTPError
 from torch import nn
 from transformers import AutoConfig, AutoModel, GenerationConfig, GgufConfig, PreTrainedModel
 from transformers.utils import logging
 
-from ..compat import float_weights
+from ..compat import float_weights, swap_class
 from ..sparsity.sparse_io import SPARSE_INDEX, SPARSE_SUFFIX, load_sparse_state_dict, sparse_files
 from ..structure.portable import forget_portable
-from ..structure.state import STATE_KEY
+from ..structure.remote_code import pruned_class, recorded_state
 from ..structure.surgery import apply_layer_shapes
 
 logger = logging.get_logger(__name__)
+
+# what the Hub check for sparse weights may raise when it cannot tell: a name that is no repo id (a missing local
+# folder), offline mode, and the HTTP client's errors (no network, timeouts, gated repos, server errors). Anything
+# else is a bug and propagates.
+_CANNOT_TELL = (HFValidationError, OfflineModeIsEnabled, HubHTTPError)
 
 # kwargs that select *where* a config/checkpoint comes from; they must reach AutoConfig too.
 _HUB_KWARGS = (
@@ -57,15 +64,10 @@ def _resolve_class(model_class: type, config: Any, trust_remote_code: bool = Fal
 
 
 def _shaped_subclass(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """A subclass of ``cls`` whose ``__init__`` resizes layers to ``config.hf_prune`` before weights load."""
-
-    def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
-        cls.__init__(self, config, *args, **kwargs)
-        state = getattr(config, STATE_KEY, None)
-        if state and state.get("layers"):
-            apply_layer_shapes(self, state["layers"])
-
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    """A subclass of ``cls`` whose ``__init__`` restores the shapes ``config.hf_prune`` records before weights load:
+    the remote-code file's own :func:`~hf_prune.structure.remote_code.pruned_class`, so hf_prune and stock loaders
+    read the recorded state alike, with hf_prune's per-layer resizing (which also checks and records the state)."""
+    return pruned_class(cls, apply_layer_shapes)
 
 
 def from_pretrained(
@@ -89,7 +91,7 @@ def from_pretrained(
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
     cls = _resolve_class(model_class, config, bool(kwargs.get("trust_remote_code", False)))
-    load_cls = _shaped_subclass(cls) if getattr(config, STATE_KEY, None) else cls
+    load_cls = _shaped_subclass(cls) if recorded_state(config) else cls
     folder = _sparse_folder(pretrained_model_name_or_path, hub_kwargs)
     if folder is not None:
         # weights stored as values + bitmask (save_pretrained(sparse=True)): restored to the exact dense tensors,
@@ -105,7 +107,7 @@ def from_pretrained(
     if load_cls is not cls:
         loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True returns a tuple
         # Hand back the stock class so isinstance, save_pretrained's "architectures" and pickling look normal.
-        loaded.__class__ = cls
+        swap_class(loaded, cls)
     loaded = model[0] if isinstance(model, tuple) else model
     forget_portable(loaded.config)
     if kwargs.get("gguf_file") is not None:
@@ -124,7 +126,7 @@ def _sparse_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) 
             file_exists(str(name_or_path), f"{subfolder}/{f}".lstrip("/"), revision=hub_kwargs.get("revision"))
             for f in (f"model{SPARSE_SUFFIX}", SPARSE_INDEX)
         )
-    except Exception:  # offline, private without token, not a repo id: the stock loader reports it
+    except _CANNOT_TELL:  # not a repo id, offline, unreachable, gated or failing: the stock loader reports it
         return None
     if not has:
         return None
@@ -135,4 +137,5 @@ def _sparse_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) 
 
 def is_pruned(model: nn.Module) -> bool:
     """True when ``model`` carries an hf_prune state (structure removed by hf_prune)."""
-    return bool(getattr(getattr(model, "config", None), STATE_KEY, None))
+    config = getattr(model, "config", None)
+    return config is not None and recorded_state(config) is not None

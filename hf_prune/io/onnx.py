@@ -22,8 +22,8 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.utils import logging
+
+from ..config import check_int, check_number
+from ..utils import eval_mode, random_token_ids, staged_dir
 
 logger = logging.get_logger(__name__)
 
@@ -108,9 +111,7 @@ def sample_inputs(
     model: nn.Module, names: list[str], batch: int, seq_len: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Deterministic token batches with some padding (right for encoders, left for decoders)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = int(model.config.vocab_size)
-    ids = torch.randint(min(5, vocab - 1), vocab, (batch, seq_len), generator=g)
+    ids = random_token_ids(int(model.config.vocab_size), batch, seq_len, low=5, seed=seed)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
     if batch > 1 and seq_len > 2:
         cut = seq_len // 3
@@ -232,6 +233,80 @@ def torch_int8(model: nn.Module) -> nn.Module:
     return quantize_dynamic(copy.deepcopy(model).float().cpu().eval(), {nn.Linear}, dtype=torch.qint8)
 
 
+def _check_shape(where: str, shape: Any) -> None:
+    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        raise ValueError(f"export_onnx: {where}={shape!r} is invalid; allowed: a (batch, sequence) pair of integers")
+    for name, value in zip(("batch", "sequence"), shape, strict=True):
+        check_int(f"export_onnx: {where} {name}", value, 1)
+
+
+def _check_export_args(
+    model: Any, output_dir: Any, int8: Any, atol: Any, trace_shape: Any, check_shapes: Any
+) -> Path | None:
+    """Validate :func:`export_onnx`'s arguments before anything loads or traces; returns the source folder (for a
+    folder model) or None."""
+    if not isinstance(model, (nn.Module, str, os.PathLike)):
+        raise TypeError(f"export_onnx: model must be a torch model or a saved model folder; got {type(model).__name__}")
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise TypeError(f"export_onnx: output_dir must be a folder path (str or Path); got {output_dir!r}")
+    if not isinstance(int8, bool):
+        raise TypeError(f"export_onnx: int8={int8!r} is invalid; allowed: True or False")
+    check_number("export_onnx: atol", atol, 0)
+    _check_shape("trace_shape", trace_shape)
+    if not isinstance(check_shapes, (tuple, list)) or not check_shapes:
+        raise ValueError(f"export_onnx: check_shapes={check_shapes!r} is invalid; allowed: (batch, sequence) pairs")
+    for shape in check_shapes:
+        _check_shape("check_shapes", shape)
+    if isinstance(model, nn.Module):
+        return None
+    source, target = Path(model).resolve(), Path(output_dir).resolve()
+    if target == source or target in source.parents:
+        # the finished export replaces output_dir as a whole: here that would delete the model it came from
+        raise ValueError(
+            f"export_onnx: output_dir={str(output_dir)!r} is the model folder or holds it, and is replaced by the "
+            "export; choose a folder outside the model's"
+        )
+    return Path(model)
+
+
+def _export_verified(
+    wrapper: nn.Module,
+    example: dict[str, torch.Tensor],
+    path: Path,
+    outputs: list[str],
+    checks: list[dict[str, torch.Tensor]],
+    atol: float,
+) -> tuple[str, list[tuple[float, float, float]]]:
+    """Write the float32 graph with the first exporter whose graph matches PyTorch on every check input within
+    ``atol``: the exporter's name and the ``(max diff, output scale, agreement)`` per check."""
+    failures = []
+    for exporter in EXPORTERS:
+        # TorchScript first: it exports an encoder far faster than the dynamo exporter; dynamo where TorchScript
+        # fails or traces something that does not generalise (GPT-2's positions)
+        try:
+            _torch_export(wrapper, example, path, outputs, exporter)
+        except Exception as exc:
+            failures.append(f"{exporter}: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        results = [_compare(_session(path), wrapper, check) for check in checks]
+        diff, scale = max(r[0] for r in results), max(r[1] for r in results)
+        if diff <= atol * max(1.0, scale):
+            if failures:
+                logger.info(f"hf_prune: ONNX export used the {exporter} exporter ({'; '.join(failures)})")
+            return exporter, results
+        failures.append(f"{exporter}: off by {diff:.3g} (tolerance {atol} x {max(1.0, scale):.3g})")
+    raise ExportError("no ONNX exporter reproduced the model: " + "; ".join(failures))
+
+
+def _save_tokenizer(folder: Path, tokenizer: Any | None, source: Path | None) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    elif source is not None and source.is_dir():
+        for f in source.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")) and f.is_file():
+                shutil.copy2(f, folder / f.name)
+
+
 def export_onnx(
     model: nn.Module | str | Path,
     output_dir: str | Path,
@@ -246,31 +321,29 @@ def export_onnx(
 
     Args:
         int8: quantize the graph with ONNX Runtime dynamic int8 quantization.
-        atol: float32 exports must match PyTorch within ``atol`` x max(1, largest output magnitude).
+        atol: float32 exports must match PyTorch within ``atol`` x max(1, largest output magnitude); a finite
+            number >= 0.
         tokenizer: saved next to the graph (a folder's own tokenizer files are copied).
         trace_shape / check_shapes: (batch, sequence) of the traced inputs and of the check runs (shorter and
             longer than traced, so the dynamic axes are tested).
 
     Raises:
+        TypeError / ValueError: an argument of the wrong kind or out of range (before anything loads); an
+            ``output_dir`` that is, or holds, the model folder being exported (the export replaces it).
         ExportError: the float32 graph does not reproduce PyTorch within ``atol``.
         ImportError: onnx / onnxruntime are not installed.
     """
+    source = _check_export_args(model, output_dir, int8, atol, trace_shape, check_shapes)
     _require_onnx()
     start = time.time()
-    source = None
-    if isinstance(model, (str, Path)):
-        source = Path(model)
+    if source is not None:
         model = load_for_export(source)
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         # the graph is traced and checked in float32 on CPU (where ONNX Runtime runs it here); a copy, so the
         # caller's GPU or half-precision model stays where and what it was
         model = copy.deepcopy(model).float().cpu()
-    was_training = model.training
-    model.eval()
     target = Path(output_dir).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with eval_mode(model), staged_dir(target) as tmp:
         names = model_inputs(model)
         example = sample_inputs(model, names, *trace_shape)
         outputs = _output_names(model, example)
@@ -278,61 +351,28 @@ def export_onnx(
         fp32 = tmp / ("model_fp32.onnx" if int8 else ONNX_FILE)
         # checked on a shorter and a longer sequence than traced: a tracer that baked a length in fails one of them
         checks = [sample_inputs(model, names, *shape, seed=i + 1) for i, shape in enumerate(check_shapes)]
-        failures = []
-        for exporter in EXPORTERS:
-            # TorchScript first: seconds for a BERT where the dynamo exporter takes minutes on 2 CPU cores; dynamo
-            # where TorchScript fails or traces something that does not generalise (GPT-2's positions)
-            try:
-                _torch_export(wrapper, example, fp32, outputs, exporter)
-            except Exception as exc:
-                failures.append(f"{exporter}: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            results = [_compare(_session(fp32), wrapper, check) for check in checks]
-            diff, scale = max(r[0] for r in results), max(r[1] for r in results)
-            if diff <= atol * max(1.0, scale):
-                break
-            failures.append(f"{exporter}: off by {diff:.3g} (tolerance {atol} x {max(1.0, scale):.3g})")
-        else:
-            raise ExportError("no ONNX exporter reproduced the model: " + "; ".join(failures))
-        if failures:
-            logger.info(f"hf_prune: ONNX export used the {exporter} exporter ({'; '.join(failures)})")
-        agreement = min(r[2] for r in results)
+        exporter, results = _export_verified(wrapper, example, fp32, outputs, checks, atol)
         if int8:
             quantize_int8(fp32, tmp / ONNX_FILE)
             fp32.unlink()
             results = [_compare(_session(tmp / ONNX_FILE), wrapper, check) for check in checks]
-            diff, scale = max(r[0] for r in results), max(r[1] for r in results)
-            agreement = min(r[2] for r in results)
         model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif source is not None and source.is_dir():
-            for f in source.iterdir():
-                if f.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")) and f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        _save_tokenizer(tmp, tokenizer, source)
         report = ExportReport(
             path=str(target / ONNX_FILE),
             int8=int8,
             inputs=names,
             outputs=outputs,
             size_bytes=(tmp / ONNX_FILE).stat().st_size,
-            max_abs_diff=diff,
-            output_scale=scale,
+            max_abs_diff=max(r[0] for r in results),
+            output_scale=max(r[1] for r in results),
             atol=None if int8 else atol,
-            agreement=agreement,
+            agreement=min(r[2] for r in results),
             exporter=f"torch.onnx ({exporter})",
             seconds=round(time.time() - start, 1),
             checked_shapes=[list(c) for c in check_shapes],
         )
         (tmp / "export_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        from .save import write_atomic_dir
-
-        write_atomic_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        model.train(was_training)
     return report
 
 
@@ -340,7 +380,7 @@ def load_for_export(folder: Path) -> nn.Module:
     """Load a saved folder with the class named in its config (``architectures``), pruned shapes and all."""
     import transformers
 
-    from .save import from_pretrained
+    from .load import from_pretrained
 
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a saved model folder (no config.json); export a local folder")

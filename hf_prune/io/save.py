@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from ..sparsity.sparse_io import sparsify_folder
 from ..structure.portable import NotPortable, Portable, forget_portable, modeling_source, portable_files
 from ..structure.remote_code import MANIFEST_KEY, MODELING_FILE
 from ..structure.state import STATE_KEY
+from ..utils import staged_dir
 
 logger = logging.get_logger(__name__)
 
@@ -79,9 +78,7 @@ def save_pretrained(
     if sparse and kwargs.get("safe_serialization") is False:
         raise ValueError("sparse=True stores safetensors; drop safe_serialization=False")
     target = Path(save_directory).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         with _portable_config(model.config, portable):
             model.save_pretrained(tmp, **kwargs)
         if portable.needs_remote_code:
@@ -94,10 +91,6 @@ def save_pretrained(
             )
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_atomic_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -117,21 +110,3 @@ def add_remote_code(model: PreTrainedModel, folder: str | os.PathLike) -> bool:
         model.config.save_pretrained(folder)
     (folder / MODELING_FILE).write_text(modeling_source())
     return True
-
-
-def write_atomic_dir(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` to ``target``, replacing any existing folder as late as possible."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(target, backup)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

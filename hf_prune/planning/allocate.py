@@ -1,9 +1,8 @@
 """Allocation: importance scores + targets -> a :class:`~hf_prune.planning.plan.PruningPlan`.
 
 Heads are allocated in *units* (:mod:`hf_prune.planning.units`): one head without grouped-query attention; under GQA
-either one
-key/value group with all its query heads, or one query head from every group (``config.head_unit``). FFN neurons
-are allocated per layer and each layer's kept width is rounded to ``ffn_multiple``.
+either one key/value group with all its query heads, or one query head from every group (``config.head_unit``). FFN
+neurons are allocated per layer and each layer's kept width is rounded to ``ffn_multiple``.
 
 Targets:
 * ``heads`` / ``ffn`` fractions: that fraction of units is removed, in every layer (``scope="layer"``) or across
@@ -16,10 +15,9 @@ Targets:
   until the kept cost is within 0.5% of the target.
 * ``target_latency`` (fraction of the measured latency to keep): costs come from a
   :class:`~hf_prune.planning.latency_table.LatencyTable`, which is not linear in width, so taylor/fisher global
-  scores go
-  through a Lagrangian search (:meth:`_Allocator.latency_search`) and other criteria cut heads and FFN by the same
-  fraction, bisected to the budget. Timing the chosen shapes and correcting the budget is orchestrated outside, by
-  :func:`hf_prune.step.plan_structure`: allocation itself never runs the model.
+  scores go through a Lagrangian search (:meth:`_Allocator.latency_search`) and other criteria cut heads and FFN by
+  the same fraction, bisected to the budget. Timing the chosen shapes and correcting the budget is orchestrated
+  outside (:mod:`hf_prune.planning.latency_search`): allocation itself never runs the model.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..architectures import LayerShape, get_adapter
-from ..config import PruningConfig
+from ..config import GRADIENT_CRITERIA, PruningConfig
 from ..measure import layer_flops, layer_params
 from ..scoring.criteria import Scores
 from .latency_table import LatencyTable
@@ -243,8 +241,7 @@ class _Allocator:
         """Most kept importance under a measured-latency budget (taylor/fisher scores, global scope).
 
         Latency is not linear in width (see :mod:`hf_prune.planning.latency_table`), so the linear mask search above
-        does
-        not apply. The block cost is additive in its attention and FFN parts, so for a price ``mu`` every layer
+        does not apply. The block cost is additive in its attention and FFN parts, so for a price ``mu`` every layer
         picks, independently, the head count and FFN width maximising ``kept score - mu * latency``; ``mu`` is
         bisected to the budget (Lagrangian relaxation of the knapsack), then the leftover budget is filled
         greedily by the best score per millisecond.
@@ -402,9 +399,9 @@ def allocate(
     promised the user).
     ``latency`` is the measured table ``config.target_latency`` is priced with (profile one with
     :func:`~hf_prune.planning.latency_table.profile_latency`); :func:`hf_prune.step.plan_structure` profiles it and
-    checks
-    the plan against the clock.
+    checks the plan against the clock.
     """
+    config = PruningConfig.coerce(config, "allocate(config=...)")
     target = config.keep_target
     if target == "latency" and latency is None:
         raise ValueError(
@@ -418,7 +415,7 @@ def allocate(
     if target is not None:
         keep = getattr(config, f"target_{target}")
         budget = keep * alloc.total_cost(full_units, full_ffn, target)
-        loss_scores = config.scope == "global" and scores.criterion in ("taylor", "fisher")
+        loss_scores = config.scope == "global" and scores.criterion in GRADIENT_CRITERIA
         if target == "latency":
             units, ffn = alloc.latency_search(budget) if loss_scores else alloc.fraction_search(budget, "latency")
         elif loss_scores:

@@ -1,21 +1,19 @@
 """Measured latency: a lookup table so allocation can target wall time on the user's hardware, not FLOPs.
 
-Why not FLOPs: wall time is not proportional to FLOPs. On the benchmark machine (2-core Xeon, torch 2.13 CPU,
-MiniLM, batch 32 x 64 tokens) the model slows by about 4 ms per layer when its FFNs grow from 1024 to 1152 neurons
-(a threshold we measured but did not trace to a kernel), so a FLOPs-optimal allocation that leaves two layers
-wide and four narrow ran 1.73-1.80x faster at a 2x FLOPs cut, where the uniform 6-head/768-neuron model ran
-1.87-1.96x faster.
+Why not FLOPs: wall time is not proportional to FLOPs. Kernels change speed in steps at size thresholds and every
+layer pays a fixed overhead whatever its width, so a FLOPs-optimal allocation that leaves some layers wide and others
+narrow can run slower than a uniform cut of the same FLOPs.
 
 The table: a copy of the model is timed end to end, on its own device and dtype, with every layer cut to each
 key/value-unit count (FFN whole), and a second copy with every layer cut to a grid of FFN widths (attention whole).
 Per layer, ``attention(u)`` and ``ffn(n)`` are the model's latency differences divided by the layer count, and a
 model of per-layer shapes ``(u_l, n_l)`` is predicted as ``T_dense + sum_l [attention(u_l) - attention(U)] +
 sum_l [ffn(n_l) - ffn(N)]`` with linear interpolation between grid widths. Kwon et al. (2022) build a per-module
-lookup table for their latency-constrained mask search; timing single modules (or single blocks) in isolation
-was tried first and overestimated wide blocks by about 30% here (33 ms alone vs 26 ms inside the model), which
-made its predictions useless, so the sweeps time the whole model in its real context. ``torch.utils.benchmark``
-is not used because it times one statement, not a sweep of resized models; the loop is
-:func:`hf_prune.measure.measure_latency`'s median.
+lookup table for their latency-constrained mask search; here the sweeps time the whole model in its real context,
+because a module or block timed in isolation runs at another speed than inside the model (it overestimates wide
+blocks), which makes such predictions useless. ``torch.utils.benchmark`` is not used because it times one statement,
+not a sweep of resized models; the loop is :func:`hf_prune.measure.measure_latency`'s median. Tables are cached in
+memory and on disk (:mod:`hf_prune.planning.latency_cache`).
 """
 
 from __future__ import annotations
@@ -23,13 +21,9 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,67 +33,23 @@ from transformers.utils import logging
 
 from ..architectures import LayerShape, get_adapter
 from ..config import check_int
-from ..measure import compare_latency, device_name, measure_latency
-from ..scoring.calibration import model_device, no_cache
+from ..measure import device_name, measure_latency
+from ..scoring.calibration import no_cache
 from ..structure.surgery import apply_layer_shapes
-from ..utils import JsonMixin
+from ..utils import JsonMixin, eval_mode, model_device
+from ..utils import dummy_inputs as token_inputs
+from .latency_cache import read_cached, write_cached
 from .units import HeadUnits, head_unit_mode
 
 logger = logging.get_logger(__name__)
 
 _CACHE: dict[str, LatencyTable] = {}
 TABLE_FORMAT = 2  # bump when the sweep changes, so tables measured the old way are not reused
-CACHE_ENV = "HF_PRUNE_LATENCY_CACHE"
 
 
-def latency_cache_dir() -> Path | None:
-    """Where measured latency tables are kept between runs: ``$HF_PRUNE_LATENCY_CACHE`` if set (``0``, ``off`` or
-    an empty value turns the disk cache off), else ``$HF_HOME/hf_prune/latency`` (``~/.cache/huggingface/...``)."""
-    value = os.environ.get(CACHE_ENV)
-    if value is not None:
-        return None if value.strip().lower() in ("", "0", "off", "false", "none") else Path(value).expanduser()
-    from huggingface_hub.constants import HF_HOME
-
-    return Path(HF_HOME) / "hf_prune" / "latency"
-
-
-def _cache_file(key: dict[str, Any]) -> Path | None:
-    folder = latency_cache_dir()
-    if folder is None:
-        return None
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return folder / f"{key['model_type']}-{key['device']}-{digest}.json"
-
-
-def _read_cached(key: dict[str, Any]) -> LatencyTable | None:
-    path = _cache_file(key)
-    if path is None or not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        if data.get("key") != key:  # a digest collision or a hand-edited file
-            return None
-        table = LatencyTable.from_dict(data["table"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning(f"hf_prune: ignoring the unreadable latency table {path} ({exc})")
-        return None
-    logger.info(f"hf_prune: latency table read from {path} (measured {data.get('measured', '?')})")
-    return table
-
-
-def _write_cached(key: dict[str, Any], table: LatencyTable) -> None:
-    path = _cache_file(key)
-    if path is None:
-        return
-    record = {"key": key, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "table": table.to_dict()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # written whole then renamed: two runs profiling at once never leave a half-written table to the other
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump(record, f, indent=1)
-        os.replace(f.name, path)
-    except OSError as exc:  # a read-only home must not fail the pruning
-        logger.warning(f"hf_prune: could not cache the latency table in {path.parent} ({exc})")
+def clear_cache() -> None:
+    """Forget the tables held in memory, so the next lookup reads the disk cache or measures (a cold start)."""
+    _CACHE.clear()
 
 
 def _interp(xs: list[int], ys: list[float], x: float) -> float:
@@ -118,9 +68,8 @@ class LatencyTable(JsonMixin):
     Attributes:
         num_layers: transformer blocks of the profiled model.
         units, unit_ms: model latency with every layer at ``units[i]`` head units (:mod:`hf_prune.planning.units`:
-        one head;
-            under GQA one key/value group, or one query head per group) and its FFN whole; ascending, ``units[-1]``
-            is the full count.
+            one head; under GQA one key/value group, or one query head per group) and its FFN whole; ascending,
+            ``units[-1]`` is the full count.
         ffn, ffn_ms: model latency with every layer at ``ffn[i]`` FFN neurons and its attention whole; ascending.
         batch_size, seq_len: the input the model was timed on.
         device, dtype, threads: where it was timed (``threads`` is ``torch.get_num_threads()``).
@@ -225,18 +174,14 @@ def record_observations(table: LatencyTable, pairs: list[tuple[float, float]]) -
     table.observed = [*table.observed, *([round(p, 4), round(m, 4)] for p, m in pairs)][-MAX_OBSERVED:]
     memory_key = next((k for k, t in _CACHE.items() if t is table), None)
     if memory_key is not None:
-        _write_cached(json.loads(memory_key), table)
+        write_cached(json.loads(memory_key), table.to_dict())
 
 
 def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch.device) -> dict[str, Any]:
-    """Random token inputs of ``batch_size`` x ``seq_len`` for timing ``model`` (token ids avoid the special ids)."""
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    if vocab < 2:
-        raise ValueError("latency profiling needs config.vocab_size to build token inputs")
-    g = torch.Generator().manual_seed(0)
-    # avoid low ids (special tokens); token values do not change the cost
-    ids = torch.randint(min(vocab - 1, 1000), vocab, (batch_size, seq_len), generator=g).to(device)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **no_cache(model)}
+    """Seeded token inputs of ``batch_size`` x ``seq_len`` on ``device`` for timing ``model``
+    (:func:`hf_prune.utils.dummy_inputs`), with the KV cache off: token values do not change the cost, a cache
+    would."""
+    return {**token_inputs(model, batch_size, seq_len, device=device), **no_cache(model)}
 
 
 def _median_ms(model: nn.Module, inputs: dict[str, Any], repeats: int, warmup: int) -> float:
@@ -248,10 +193,9 @@ def _grid(full: int, points: int, multiple: int) -> list[int]:
     to ``multiple``.
 
     Why the smallest width: zero means the branch is gone (no kernels at all, :mod:`hf_prune.structure.remote_code`),
-    while one
-    head or ``multiple`` neurons pay every kernel launch, norm and activation of the branch. Interpolating between
-    0 and the next grid point priced such a sliver at a few percent of that step, so plans that left a layer with
-    one head or a handful of neurons ran slower than the table said.
+    while one head or ``multiple`` neurons pay every kernel launch, norm and activation of the branch. Interpolating
+    between 0 and the next grid point would price such a sliver at a small fraction of that step, and plans that
+    leave a layer with one head or a handful of neurons would run slower than the table says.
     """
     if full <= points:
         return list(range(full + 1))
@@ -264,7 +208,7 @@ def _isotonic(values: list[float]) -> list[float]:
 
     Timing noise can make a narrower shape look slower. A table that rewards keeping more would let the search keep
     it for free, so the sweep must be monotone; pooling averages a noisy pair instead of lifting every later entry
-    to one spike (a running maximum did that, and one slow sample flattened the table for every wider shape). Not
+    to one spike (as a running maximum would: one slow sample would flatten the table for every wider shape). Not
     ``sklearn.isotonic``: hf_prune does not depend on scikit-learn for ten lines.
     """
     blocks: list[list[float]] = []  # [sum, count]
@@ -277,83 +221,76 @@ def _isotonic(values: list[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(int(count))]
 
 
-def profile_latency(
-    model: nn.Module,
-    batch_size: int = 8,
-    seq_len: int = 128,
-    points: int = 8,
-    repeats: int = 2,
-    warmup: int = 1,
-    multiple: int = 8,
-    use_cache: bool = True,
-    progress: bool = True,
-    head_unit: str = "auto",
-) -> LatencyTable:
-    """Time ``model`` with every layer cut to ~``points`` head counts and ~``points`` FFN widths; see the module doc.
-
-    Two deep copies are made one after the other (memory: one extra model) and shrunk in place from full width
-    down to zero, each shape timed ``repeats`` times (after ``warmup`` untimed passes) on dummy token inputs of
-    ``batch_size`` x ``seq_len``; the full-width latency is the median of three timings of ``model`` itself (before,
-    between and after the sweeps). Each sweep is made monotone by isotonic regression. FFN widths are rounded to
-    ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.planning.units`). A layer already
-    narrower
-    than a sweep's width keeps its own.
-
-    Why few points and repeats: the table only prices options for the search; :func:`hf_prune.step.plan_structure`
-    times the chosen shapes against the model itself and corrects the budget, so table noise costs at most a search,
-    while every timed pass costs the user time (MiniLM at 32 x 64 on 2 CPU cores: 0.4 s a pass).
-
-    Cached per model family, layer shapes, head unit, hardware (:func:`~hf_prune.measure.device_name`), device,
-    dtype, thread count, torch version and input size: in memory for the process (the PruningCallback measures once
-    and reuses the table at every event) and, with ``use_cache``, as JSON files in :func:`latency_cache_dir`, so
-    the next run on the same kind of machine skips the profiling.
-
-    Raises:
-        ValueError: a bad size, or a model with no head or no FFN neuron left in any layer.
-    """
-    for name, value, low in (
-        ("batch_size", batch_size, 1),
-        ("seq_len", seq_len, 1),
-        ("points", points, 2),
-        ("repeats", repeats, 1),
-        ("warmup", warmup, 0),
-        ("multiple", multiple, 1),
-    ):
-        check_int(f"profile_latency: {name}", value, low)
+def _table_key(model: nn.Module, head_units: HeadUnits, **sizes: int) -> dict[str, Any]:
+    """What a table depends on: the model's family and shapes, the head unit, where it runs and the timed sizes."""
     adapter = get_adapter(model)
     device, dtype = model_device(model), next(model.parameters()).dtype
-    shapes = adapter.layer_shapes(model)
-    head_units = HeadUnits(head_unit_mode(model, head_unit))
-    key = {
+    return {
         "format": TABLE_FORMAT,
         "model_type": model.config.model_type,
         "hidden_size": adapter.hidden_size(model.config),
         "head_unit": head_units.mode,
-        "shapes": [[s.heads, s.kv_heads, s.ffn] for s in shapes],
+        "shapes": [[s.heads, s.kv_heads, s.ffn] for s in adapter.layer_shapes(model)],
         "device": device.type,
         "hardware": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "points": points,
-        "multiple": multiple,
-        "repeats": repeats,
+        **sizes,
     }
-    memory_key = json.dumps(key, sort_keys=True)
-    if use_cache:
-        if memory_key in _CACHE:
-            return _CACHE[memory_key]
-        cached = _read_cached(key)
-        if cached is not None:
-            _CACHE[memory_key] = cached
-            return cached
+
+
+def _time_sweeps(
+    model: nn.Module,
+    sweeps: tuple[list[Callable[[LayerShape], LayerShape]], ...],
+    inputs: dict[str, Any],
+    repeats: int,
+    warmup: int,
+    progress: bool,
+) -> tuple[list[float], list[list[float]]]:
+    """Time ``model`` (before, between and after the sweeps) and, per sweep, a copy cut to each of its shapes but
+    the first (the full width, which the model's own timings stand for); returns the model's timings and each
+    sweep's, narrowest first."""
+    shapes = get_adapter(model).layer_shapes(model)
+    bar = tqdm(total=sum(len(s) - 1 for s in sweeps), desc="latency table", disable=not progress, leave=False)
+    timings: list[list[float]] = []
+    reference: list[float] = []
+    try:
+        with eval_mode(model), torch.inference_mode():
+            reference.append(_median_ms(model, inputs, repeats, warmup + 1))
+            for sweep in sweeps:
+                work = copy.deepcopy(model)
+                measured = []
+                for shape_of in sweep[1:]:  # widest first, as a copy can only shrink
+                    apply_layer_shapes(work, [shape_of(s) for s in shapes])
+                    measured.append(_median_ms(work, inputs, repeats, warmup))
+                    bar.update()
+                del work
+                reference.append(_median_ms(model, inputs, repeats, warmup))
+                timings.append(measured[::-1])
+    finally:
+        bar.close()
+    return reference, timings
+
+
+def _measure_table(
+    model: nn.Module,
+    head_units: HeadUnits,
+    batch_size: int,
+    seq_len: int,
+    points: int,
+    repeats: int,
+    warmup: int,
+    multiple: int,
+    progress: bool,
+) -> LatencyTable:
+    """Profile ``model`` (uncached; :func:`profile_latency` documents the arguments)."""
+    device, dtype = model_device(model), next(model.parameters()).dtype
+    shapes = get_adapter(model).layer_shapes(model)
     max_units, max_ffn = max(head_units.count(s) for s in shapes), max(s.ffn for s in shapes)
     if max_units == 0 or max_ffn == 0:
         raise ValueError("latency profiling needs a model with at least one head and one FFN neuron")
     units, widths = _grid(max_units, points, 1), _grid(max_ffn, points, multiple)
-    inputs = dummy_inputs(model, batch_size, seq_len, device)
 
     def cut(s: LayerShape, u: int, ffn: int) -> LayerShape:
         return head_units.shape(s, u, min(ffn, s.ffn))
@@ -362,27 +299,8 @@ def profile_latency(
         [lambda s, u=u: cut(s, u, s.ffn) for u in reversed(units)],
         [lambda s, n=n: cut(s, head_units.count(s), n) for n in reversed(widths)],
     )
-    bar = tqdm(total=len(units) + len(widths) - 2, desc="latency table", disable=not progress, leave=False)
-    was_training = model.training
-    model.eval()
-    timings: list[list[float]] = []
-    reference: list[float] = []  # the model as given, timed before, between and after the sweeps
-    try:
-        with torch.inference_mode():
-            reference.append(_median_ms(model, inputs, repeats, warmup + 1))
-            for sweep in sweeps:
-                work = copy.deepcopy(model)
-                measured = []
-                for shape_of in sweep[1:]:  # widest first, as a copy can only shrink; full width is the reference
-                    apply_layer_shapes(work, [shape_of(s) for s in shapes])
-                    measured.append(_median_ms(work, inputs, repeats, warmup))
-                    bar.update()
-                del work
-                reference.append(_median_ms(model, inputs, repeats, warmup))
-                timings.append(measured[::-1])
-    finally:
-        model.train(was_training)
-        bar.close()
+    inputs = dummy_inputs(model, batch_size, seq_len, device)
+    reference, timings = _time_sweeps(model, sweeps, inputs, repeats, warmup, progress)
     full = sorted(reference)[len(reference) // 2]
     # a cut model timed slower than the full one is noise: cap it so both tables end at the same full latency
     unit_ms, ffn_ms = (_isotonic([*(min(v, full) for v in t), full]) for t in timings)
@@ -409,41 +327,65 @@ def profile_latency(
         summary["attention_ms_per_layer"],
         summary["ffn_ms_per_layer"],
     )
-    if use_cache:
-        _CACHE[memory_key] = table
-        _write_cached(key, table)
     return table
 
 
-def measure_keep(
+def profile_latency(
     model: nn.Module,
-    shapes: list[LayerShape],
-    batch_size: int,
-    seq_len: int,
-    repeats: int | None = None,
-    seconds: float = 2.0,
-    dense_ms: float | None = None,
-) -> float:
-    """Measured latency of ``model`` cut to ``shapes`` as a fraction of its own: a copy is cut and the two are timed
-    alternately, one pass each in turn after one untimed pass each, so drift and other load hit both alike.
+    batch_size: int = 8,
+    seq_len: int = 128,
+    points: int = 8,
+    repeats: int = 2,
+    warmup: int = 1,
+    multiple: int = 8,
+    use_cache: bool = True,
+    progress: bool = True,
+    head_unit: str = "auto",
+) -> LatencyTable:
+    """Time ``model`` with every layer cut to ~``points`` head counts and ~``points`` FFN widths; see the module doc.
 
-    Alternating single passes agreed with rounds of passes in a row (the benchmarks' way) within the noise, about
-    +-3%, on a 16-core Xeon at 4 threads and on an H100, and cost fewer untimed passes. ``repeats`` defaults to enough
-    passes for about ``seconds`` of timing (a GPU's millisecond passes are noisy one by one), at least ``3 * seconds``
-    and at most ``15 * seconds``, sized from ``dense_ms`` (the dense model's latency, e.g. the table's) when given,
-    else from one extra pass.
+    Two deep copies are made one after the other (memory: one extra model) and shrunk in place from full width
+    down to zero, each shape timed ``repeats`` times (after ``warmup`` untimed passes) on dummy token inputs of
+    ``batch_size`` x ``seq_len``; the full-width latency is the median of three timings of ``model`` itself (before,
+    between and after the sweeps). Each sweep is made monotone by isotonic regression. FFN widths are rounded to
+    ``multiple``. Head counts are swept in ``head_unit`` units (:mod:`hf_prune.planning.units`). A layer already
+    narrower than a sweep's width keeps its own.
+
+    Why few points and repeats: the table only prices options for the search; :func:`hf_prune.step.plan_structure`
+    times the chosen shapes against the model itself and corrects the budget, so table noise costs at most a search,
+    while every timed pass costs the user time.
+
+    Cached per model family, layer shapes, head unit, hardware (:func:`~hf_prune.measure.device_name`), device,
+    dtype, thread count, torch version and input size: in memory for the process (the PruningCallback measures once
+    and reuses the table at every event) and, with ``use_cache``, as JSON files in
+    :func:`~hf_prune.planning.latency_cache.latency_cache_dir`, so the next run on the same kind of machine skips the
+    profiling.
+
+    Raises:
+        ValueError: a bad size, or a model with no head or no FFN neuron left in any layer.
     """
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        work = apply_layer_shapes(copy.deepcopy(model), shapes)
-        inputs = dummy_inputs(model, batch_size, seq_len, device)
-        if repeats is None:
-            one = (dense_ms if dense_ms is not None else measure_latency(model, inputs, 1, 1).median_ms) / 1000
-            repeats = round(min(15 * seconds, max(3 * seconds, seconds / (1.5 * max(one, 1e-4)))))
-        check_int("measure_keep: repeats", repeats, 1)
-        result = compare_latency(model, work, inputs, repeats=repeats, warmup=1, rounds=repeats, round_warmup=0)
-    finally:
-        model.train(was_training)
-    return 1.0 / result["speedup"]
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("seq_len", seq_len, 1),
+        ("points", points, 2),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+        ("multiple", multiple, 1),
+    ):
+        check_int(f"profile_latency: {name}", value, low)
+    head_units = HeadUnits(head_unit_mode(model, head_unit))
+    sizes = {"batch_size": batch_size, "seq_len": seq_len, "points": points, "multiple": multiple, "repeats": repeats}
+    key = _table_key(model, head_units, **sizes)
+    memory_key = json.dumps(key, sort_keys=True)
+    if use_cache:
+        if memory_key in _CACHE:
+            return _CACHE[memory_key]
+        cached = read_cached(key, LatencyTable.from_dict)
+        if cached is not None:
+            _CACHE[memory_key] = cached
+            return cached
+    table = _measure_table(model, head_units, batch_size, seq_len, points, repeats, warmup, multiple, progress)
+    if use_cache:
+        _CACHE[memory_key] = table
+        write_cached(key, table.to_dict())
+    return table

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..architectures import LayerShape, get_adapter
+from ..structure import refit
 from ..structure.surgery import prune_structure
 from ..utils import JsonMixin
 
@@ -69,16 +70,12 @@ class PruningPlan(JsonMixin):
 
         With ``calibration`` (batches of model inputs), the kept columns and the bias of every shrunk output
         projection are refitted by least squares to reproduce their dense output
-        (:func:`hf_prune.sparsity.reconstruct.apply_plan_with_compensation`); ``reduce`` sums its statistics over
+        (:func:`hf_prune.structure.refit.apply_plan_with_compensation`); ``reduce`` sums its statistics over
         processes.
         """
         if calibration is None:
             return prune_structure(model, self.heads, self.ffn)
-        from ..sparsity.reconstruct import (
-            apply_plan_with_compensation,  # reconstruct builds on surgery, as this module does
-        )
-
-        apply_plan_with_compensation(model, self, calibration, reduce=reduce)
+        refit.apply_plan_with_compensation(model, self, calibration, reduce=reduce)
         return model
 
     def shapes_after(self, model: nn.Module) -> list[LayerShape]:

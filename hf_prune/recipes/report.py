@@ -1,4 +1,9 @@
-"""Run reports: ``pruning_report.json``, a Markdown summary, a per-layer plot and the model card."""
+"""Run reports: ``pruning_report.json``, a Markdown summary, a per-layer plot and the model card.
+
+A report may be partial: the runner writes it with the saved model, before evaluating, timing and exporting, and
+again when a later step fails (``pending``: the steps that did not run, ``error``: what stopped the run). Every
+section says what it lacks rather than failing.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+
+from ..utils import atomic_write, atomic_write_text
 
 
 def kept_structure_svg(kept_heads: list[int], total_heads: int, kept_ffn: list[int], total_ffn: int) -> str:
@@ -53,7 +60,7 @@ def _metrics_rows(report: dict[str, Any]) -> list[str]:
     rows = ["| metric | dense | after pruning (before recovery) | after recovery |", "|---|---|---|---|"]
     for name, dense in m["dense"].items():
         mid = m.get("after_pruning", {}).get(name)
-        final = m["after_recovery"].get(name)
+        final = m.get("after_recovery", {}).get(name)
         rows.append(
             f"| {name} | {dense:.4f} | {'-' if mid is None else f'{mid:.4f}'} | "
             f"{'-' if final is None else f'{final:.4f}'} |"
@@ -66,21 +73,49 @@ def latency_device(latency: dict[str, Any]) -> str:
     return str(latency.get("device", "cpu")).split(":")[0].upper()
 
 
+def status_line(report: dict[str, Any]) -> str:
+    """One Markdown line for an unfinished run (empty for a finished one)."""
+    error, pending = report.get("error"), report.get("pending")
+    if error:
+        return (
+            f"**This run failed at `{error['step']}` ({error['type']}: {error['message']}); not done: "
+            f"{', '.join(pending or []) or 'nothing'}. The model was saved before the failure.**\n\n"
+        )
+    if pending:
+        return f"**This run is unfinished: {', '.join(pending)} still to run. The model is saved.**\n\n"
+    return ""
+
+
+def _latency_row(report: dict[str, Any], card: bool = False) -> str:
+    """The dense/pruned latency table row (``card``: the model card's shorter form)."""
+    lat = report.get("latency")
+    if not lat:
+        return "| latency | not measured | not measured |"
+    if card:
+        return (
+            f"| {latency_device(lat)} latency (batch {lat['batch']}) | {lat['dense_ms']:.1f} ms | "
+            f"{lat['pruned_ms']:.1f} ms |"
+        )
+    return (
+        f"| {latency_device(lat)} latency, batch {lat['batch']} x {lat['seq_len']} | {lat['dense_ms']:.1f} ms "
+        f"| {lat['pruned_ms']:.1f} ms ({lat['speedup']:.2f}x) |"
+    )
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
-    p, f, s, lat = report["params"], report["encoder_flops"], report["size_bytes"], report["latency"]
+    p, f, s = report["params"], report["encoder_flops"], report["size_bytes"]
     plan, orig = report["plan"], report["plan"].get("original") or {}
     lines = [
         f"# hf_prune run: {report['base_model']}",
         "",
-        *_metrics_rows(report),
+        status_line(report) + "\n".join(_metrics_rows(report)),
         "",
         "| | dense | pruned |",
         "|---|---|---|",
         f"| parameters | {p['dense']:,} | {p['pruned']:,} |",
         f"| encoder FLOPs (seq {f['seq_len']}) | {f['dense']:,} | {f['pruned']:,} ({f['ratio']:.2f}x fewer) |",
         f"| size on disk | {s['dense'] / 2**20:.1f} MiB | {s['pruned'] / 2**20:.1f} MiB |",
-        f"| {latency_device(lat)} latency, batch {lat['batch']} x {lat['seq_len']} | {lat['dense_ms']:.1f} ms "
-        f"| {lat['pruned_ms']:.1f} ms ({lat['speedup']:.2f}x) |",
+        _latency_row(report),
         f"| weight sparsity (blocks) | 0% | {report['sparsity']:.1%} |",
         "",
         f"Kept heads per layer (of {orig.get('heads', '?')}): {plan['kept_heads']}  ",
@@ -171,7 +206,8 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
 
 # Pruned {report["base_model"]}
 
-This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) {report["hf_prune_version"]}.
+{status_line(report)}This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) \
+{report["hf_prune_version"]}.
 
 ## What was removed
 {blocks}- **Attention heads:** {removed_heads} removed in the kept blocks; kept per layer: {plan["kept_heads"]} \
@@ -191,8 +227,7 @@ This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) {rep
 |---|---|---|
 | parameters | {report["params"]["dense"]:,} | {report["params"]["pruned"]:,} |
 | encoder FLOPs ratio | 1.00x | {report["encoder_flops"]["ratio"]:.2f}x fewer |
-| {latency_device(report["latency"])} latency (batch {report["latency"]["batch"]}) | \
-{report["latency"]["dense_ms"]:.1f} ms | {report["latency"]["pruned_ms"]:.1f} ms |
+{_latency_row(report, card=True)}
 
 ![kept structure](kept_structure.svg)
 
@@ -205,16 +240,17 @@ This model was pruned with [hf_prune](https://github.com/hf-prune/hf_prune) {rep
 
 
 def write_report(folder: Path, report: dict[str, Any], recipe: Any) -> None:
-    """Write report, summary, plot, model card and the recipe into ``folder``."""
+    """Write report, summary, plot, model card and the recipe into ``folder``, each file atomically (a reader or a
+    crash sees the old file or the new one, never half of one)."""
     folder = Path(folder)
     recipe_yaml = yaml.safe_dump(report["recipe"], sort_keys=False)
-    (folder / "pruning_report.json").write_text(json.dumps(report, indent=2, default=str))
-    (folder / "SUMMARY.md").write_text(summary_markdown(report))
+    atomic_write_text(folder / "pruning_report.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(folder / "SUMMARY.md", summary_markdown(report))
     orig = report["plan"].get("original") or {}
-    (folder / "kept_structure.svg").write_text(
-        kept_structure_svg(
-            report["plan"]["kept_heads"], orig.get("heads", 1), report["plan"]["kept_ffn"], orig.get("ffn", 1)
-        )
+    svg = kept_structure_svg(
+        report["plan"]["kept_heads"], orig.get("heads", 1), report["plan"]["kept_ffn"], orig.get("ffn", 1)
     )
-    (folder / "recipe.yaml").write_text(recipe_yaml)
-    model_card(report, recipe_yaml).save(folder / "README.md")
+    atomic_write_text(folder / "kept_structure.svg", svg)
+    atomic_write_text(folder / "recipe.yaml", recipe_yaml)
+    card = model_card(report, recipe_yaml)
+    atomic_write(folder / "README.md", card.save)

@@ -1,11 +1,15 @@
-"""Run a recipe end to end: data -> (dense fine-tune) -> prune and recover -> evaluate -> report -> save/push."""
+"""Run a recipe end to end: data -> (dense fine-tune) -> prune and recover -> save -> evaluate -> report -> push.
+
+Pruning itself is the library's: blocks are removed once by :func:`hf_prune.prune` (``depth_only``), heads, neurons
+and weight masks on the recipe's schedule by the :class:`~hf_prune.PruningTrainer`, which also recovers. This module
+only runs the job and records it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import math
+import os
 import platform
 import shutil
 import statistics
@@ -17,176 +21,36 @@ from typing import Any
 
 import torch
 import transformers as tf
-from datasets import DatasetDict, load_dataset
 from transformers.utils import logging
 
 from .. import __version__
 from ..architectures import get_adapter
-from ..compat import float_weights
-from ..config import closest
-from ..evaluation import mean_loss, predict_logits
-from ..io.save import save_pretrained, write_atomic_dir
-from ..measure import compare_latency, count_parameters, encoder_flops, measure_latency, saved_size_bytes
-from ..scoring.calibration import calibration_set, model_device
-from ..sparsity.masks import sparsity_report
-from ..step import depth_step
+from ..config import PruningConfig
+from ..evaluation import mean_loss, onnx_perplexity, onnx_predict_logits, predict_logits
+from ..io.save import save_pretrained
+from ..measure import compare_latency, measure_latency, model_summary, saved_size_bytes
+from ..oneshot import prune
 from ..training.trainer import PruningTrainer
+from ..utils import dummy_inputs, model_device, staged_dir
+from .data import data_format, load_data, load_model_and_tokenizer, resolve_path, tokenize
 from .metrics import classification_metrics, perplexity
-from .offline import minilm_path, smollm2_path
+from .offline import OFFLINE_MODELS
 from .report import latency_device, write_report
-from .schema import FORMATS, Recipe, RecipeError
+from .schema import Recipe, RecipeError
 
 logger = logging.get_logger(__name__)
 
-# The offline packages carry these Hub models; reports and model cards name the Hub id.
-OFFLINE_MODELS = {
-    "offline:minilm": "sentence-transformers/all-MiniLM-L6-v2",
-    "offline:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------------------
-def resolve_path(recipe: Recipe, path: str) -> str:
-    """Relative data paths are relative to the recipe file's folder, then to the working directory."""
-    p = Path(path)
-    if p.is_absolute() or recipe.source == "<dict>":
-        return str(p)
-    beside = Path(recipe.source).resolve().parent / p
-    return str(beside if beside.exists() else p)
-
-
-COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2", ".zst")  # datasets decompresses these itself
-
-
-SUFFIX_FORMATS = {"tsv": "tsv", "csv": "csv", "json": "json", "jsonl": "json", "txt": "text", "parquet": "parquet"}
-
-
-def data_format(path: str) -> str:
-    """The recipe format of a data file from its name (``.jsonl`` is json, ``.txt`` text), compression aside."""
-    p = Path(path)
-    if p.suffix in COMPRESSION_SUFFIXES:
-        p = p.with_suffix("")
-    suffix = p.suffix.lstrip(".").lower()
-    return SUFFIX_FORMATS.get(suffix, suffix)
-
-
-def load_data(recipe: Recipe) -> DatasetDict:
-    """Load the recipe's data and check its columns, before any model is loaded."""
-    d = recipe.data
-    if d.files:
-        files = {split: resolve_path(recipe, f) for split, f in d.files.items()}
-        missing = [f for f in files.values() if not Path(f).exists()]
-        if missing:
-            raise RecipeError(f"{recipe.where('data', 'files')}: data file(s) not found: {missing}")
-        fmt = d.format or data_format(next(iter(files.values())))
-        if fmt not in FORMATS:
-            raise RecipeError(
-                f"{recipe.where('data', 'files')}: cannot tell the format of {next(iter(files.values()))!r} from its "
-                f"name; set data.format to one of {', '.join(FORMATS)}"
-            )
-        kwargs: dict[str, Any] = {}
-        if fmt in ("tsv", "csv"):
-            kwargs = {"delimiter": "\t" if fmt == "tsv" else ",", "quoting": csv.QUOTE_NONE if fmt == "tsv" else 0}
-            if d.column_names:
-                kwargs["column_names"] = d.column_names
-            ds = load_dataset("csv", data_files=files, **kwargs)
-        else:
-            ds = load_dataset(fmt, data_files=files)
-    else:
-        ds = load_dataset(d.dataset, d.config)
-    for split in (d.train_split, d.eval_split):
-        if split not in ds:
-            raise RecipeError(
-                f"{recipe.where('data')}: split '{split}' not in the data{closest(split, list(ds))}; "
-                f"available: {', '.join(ds)}"
-            )
-    columns = ds[d.train_split].column_names
-    wanted = [("text_columns", c) for c in d.text_columns]
-    if recipe.model.task == "sequence-classification":
-        wanted.append(("label_column", d.label_column))
-    for key, column in wanted:
-        if column not in columns:
-            raise RecipeError(
-                f"{recipe.where('data', key)}: column '{column}' (data.{key}) not in the data"
-                f"{closest(str(column), columns)}; columns: {', '.join(columns)}"
-            )
-    return ds
-
-
-def _subset(ds, n: int | None, seed: int):
-    return ds if n is None or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
-
-
-def tokenize(recipe: Recipe, ds: DatasetDict, tokenizer) -> tuple[Any, Any]:
-    d = recipe.data
-    train = _subset(ds[d.train_split], d.max_train_samples, d.shuffle_seed)
-    evaluation = _subset(ds[d.eval_split], d.max_eval_samples, d.shuffle_seed)
-    if recipe.model.task == "causal-lm":
-        return _lm_blocks(train, d, tokenizer), _lm_blocks(evaluation, d, tokenizer)
-    label_map = {name: i for i, name in enumerate(d.label_names)} if d.label_names else None
-
-    def encode(batch):
-        texts = [batch[c] for c in d.text_columns]
-        enc = tokenizer(*texts, truncation=True, max_length=d.max_length)
-        labels = batch[d.label_column]
-        enc["labels"] = [label_map[v] for v in labels] if label_map else [int(v) for v in labels]
-        return enc
-
-    remove = train.column_names
-    return (
-        train.map(encode, batched=True, remove_columns=remove),
-        evaluation.map(encode, batched=True, remove_columns=evaluation.column_names),
-    )
-
-
-def _lm_blocks(split, d, tokenizer):
-    """Concatenate the text and cut it into ``max_length`` token blocks (labels = inputs)."""
-    column = d.text_columns[0]
-    text = "\n".join(t for t in split[column] if t is not None)
-    ids = tokenizer(text)["input_ids"]
-    n = len(ids) // d.max_length
-    blocks = [ids[i * d.max_length : (i + 1) * d.max_length] for i in range(n)]
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------------------
-def load_model_and_tokenizer(recipe: Recipe):
-    m = recipe.model
-    path, gguf = m.name_or_path, m.gguf_file
-    if path == "offline:minilm":
-        path = minilm_path()
-    elif path == "offline:smollm2":
-        path, gguf = smollm2_path()
-    elif path.startswith("offline:"):
-        raise RecipeError(
-            f"{recipe.where('model', 'name_or_path')}: unknown offline model '{path}'"
-            f"{closest(path, sorted(OFFLINE_MODELS))}; allowed: {', '.join(sorted(OFFLINE_MODELS))}"
-        )
-    extra = {"gguf_file": gguf} if gguf else {}
-    tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code, **extra)
-    if gguf:  # unpacked to float at load time, whatever kernels are installed: hf_prune slices float weights
-        extra["quantization_config"] = tf.GgufConfig(dequantize=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = getattr(torch, m.dtype)
-    if m.task == "sequence-classification":
-        num_labels = m.num_labels or (len(recipe.data.label_names) if recipe.data.label_names else 2)
-        model = tf.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=dtype, trust_remote_code=m.trust_remote_code, **extra
-        )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-    else:
-        model = tf.AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=m.trust_remote_code, **extra
-        )
-    return float_weights(model), tokenizer, path
+__all__ = [
+    "data_format",
+    "evaluate_model",
+    "load_data",
+    "load_model_and_tokenizer",
+    "push_folder",
+    "resolve_path",
+    "run_recipe",
+    "summary_table",
+    "tokenize",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,12 +85,11 @@ def _training_args(recipe: Recipe, output_dir: str, overrides: dict[str, Any]) -
 
 
 def _latency_inputs(recipe: Recipe, tokenizer, model) -> dict[str, torch.Tensor]:
+    """Seeded token inputs for the before/after timings, drawn from the ids both the tokenizer and the model know."""
     ev = recipe.evaluation
     seq = ev.latency_seq_len or recipe.data.max_length
-    g = torch.Generator().manual_seed(0)
     vocab = min(tokenizer.vocab_size or 1000, model.config.vocab_size)
-    ids = torch.randint(5, max(6, vocab - 1), (ev.latency_batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return dummy_inputs(model, ev.latency_batch, seq, low=5, vocab_size=max(6, vocab - 1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,7 +103,14 @@ def _timed(walls: dict[str, float], key: str) -> Iterator[None]:
 
 
 def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None = None) -> dict[str, Any]:
-    """Run ``recipe``; write the output folder atomically; return the report dict."""
+    """Run ``recipe`` and return its report (also written to ``pruning_report.json``).
+
+    The output folder appears once the pruned model is trained: model, tokenizer and report, built in a staging
+    sibling and moved into place in one rename, so it is never half-written (a failure before that leaves nothing).
+    The steps after it (evaluation, latency, export) add to the folder, each piece written atomically. A step that
+    fails there keeps everything finished on disk, records the error in the report (``error``; ``pending`` lists
+    what did not run) and re-raises: a failure never discards a trained model.
+    """
     out_dir = Path(output_dir or recipe.output.dir)
     start = time.time()
     walls: dict[str, float] = {}
@@ -263,49 +133,57 @@ def run_recipe(recipe: Recipe, output_dir: str | None = None, push: bool | None 
         dense = copy.deepcopy(model).eval()
         with _timed(walls, "prune_and_recover"):
             trainer, after_pruning = _prune_and_recover(recipe, model, train, evaluation, tokenizer, collator, work)
-        with _timed(walls, "evaluate_pruned"):
-            metrics_final = evaluate_model(recipe, model, evaluation, tokenizer)
         model.eval()
-        # The Trainer moved the model to its device (a GPU where there is one); time both models there.
-        dense.to(model_device(model))
-        latency_inputs = _latency_inputs(recipe, tokenizer, model)
-        with _timed(walls, "latency"):
-            latency = compare_latency(dense, model, latency_inputs, repeats=recipe.evaluation.latency_repeats)
-        report = _report(recipe, dense, model, resolved_path, trainer, latency)
-        report["metrics"] = {"dense": metrics_dense, "after_pruning": after_pruning, "after_recovery": metrics_final}
-        report["wall_time_s"] = {**walls, "total": time.time() - start}
-        _write_output(recipe, model, tokenizer, report, out_dir, evaluation, latency_inputs)
+        report = _report(recipe, dense, model, resolved_path, trainer)
+        report["metrics"] = {"dense": metrics_dense, "after_pruning": after_pruning}
+        report["wall_time_s"] = walls
+        report["pending"] = ["evaluate_pruned", "latency", *(["export"] if recipe.output.export else [])]
+        with _timed(walls, "save"):
+            _save(recipe, model, tokenizer, report, out_dir)
+        with _failure_recorded(recipe, report, out_dir):
+            _finish(recipe, dense, model, tokenizer, evaluation, report, out_dir)
+    del report["pending"]
+    walls["total"] = time.time() - start
+    write_report(out_dir, report, recipe)
     if push if push is not None else recipe.output.push_to_hub:
         push_folder(out_dir, recipe.output.repo_id, recipe.output.private)
     report["output_dir"] = str(out_dir)
     return report
 
 
+class _EvaluateAfterPruning(tf.TrainerCallback):
+    """Measures the recipe's metrics once, right after the trainer's last pruning event (before recovery)."""
+
+    def __init__(self, recipe: Recipe, trainer: PruningTrainer, evaluation, tokenizer, into: dict[str, Any]):
+        self.recipe, self.trainer, self.evaluation, self.tokenizer = recipe, trainer, evaluation, tokenizer
+        self.into = into
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._check(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check(state)
+
+    def _check(self, state) -> None:
+        events = self.trainer.pruning_callback.events
+        if events and state.global_step == events[-1].step and not self.into:
+            t = self.trainer
+            self.into.update(evaluate_model(self.recipe, t.model, self.evaluation, self.tokenizer, trainer=t))
+
+
 def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, collator, work: str):
-    """Run the PruningTrainer; return it and the metrics measured right after the last pruning event."""
+    """Prune and recover; return the trainer and the metrics measured right after the last pruning event.
+
+    Blocks go first, once, through :func:`hf_prune.prune` with ``depth_only=True`` (the trainer does not schedule
+    depth); a keep-target covers depth and width together, so the trainer gets the report's ``width_config``, what
+    the removed blocks leave of it.
+    """
     after_pruning: dict[str, Any] = {}
-
-    class EvaluateAfterPruning(tf.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            self._check(state)
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._check(state)
-
-        def _check(self, state):
-            events = trainer.pruning_callback.events
-            if events and state.global_step == events[-1].step and not after_pruning:
-                after_pruning.update(evaluate_model(recipe, trainer.model, evaluation, tokenizer, trainer=trainer))
-
     config = recipe.pruning
     calibration = train.select(range(min(len(train), recipe.data.calibration_samples)))
     if config.layers or config.max_layers:
-        # depth is decided once, before training (the trainer schedules widths and masks, not blocks); a keep-target
-        # covers depth and width together, so the trainer gets what the removed blocks leave of it
-        batches = None
-        if config.needs_data:
-            batches = calibration_set(calibration, model, config.batch_size, config.max_samples, collator)
-        _, config = depth_step(model, config, batches)
+        depth = prune(model, config, calibration, collate_fn=collator, depth_only=True)
+        config = PruningConfig.from_dict(depth.width_config)
         if not (config.structured or config.effective_sparsity):  # nothing else to prune: measure it now
             after_pruning.update(evaluate_model(recipe, model, evaluation, tokenizer))
     trainer = PruningTrainer(
@@ -316,21 +194,17 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
         pruning_config=config,
         calibration_dataset=calibration,
     )
-    trainer.add_callback(EvaluateAfterPruning())
+    trainer.add_callback(_EvaluateAfterPruning(recipe, trainer, evaluation, tokenizer, after_pruning))
     trainer.train()
     return trainer, after_pruning
 
 
-def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: dict[str, Any]) -> dict[str, Any]:
-    """The report's description of what was pruned and measured (metrics and wall times are added by the caller)."""
+def _report(recipe: Recipe, dense, model, resolved_path: str, trainer) -> dict[str, Any]:
+    """What was pruned, measured by :func:`~hf_prune.measure.model_summary` on both models (metrics, latency and
+    wall times are added by the caller)."""
     seq_len = recipe.pruning.seq_len  # FLOPs are reported at the length the targets were set for
-    shapes = get_adapter(model, structural=False).layer_shapes(model)
-    state = getattr(model.config, "hf_prune", None) or {}
-    flops = {
-        "seq_len": seq_len,
-        "dense": encoder_flops(dense, seq_len).total,
-        "pruned": encoder_flops(model, seq_len).total,
-    }
+    before, after = model_summary(dense, seq_len), model_summary(model, seq_len)
+    flops = {"seq_len": seq_len, "dense": before["encoder_flops"], "pruned": after["encoder_flops"]}
     flops["ratio"] = flops["dense"] / max(1, flops["pruned"])
     return {
         "hf_prune_version": __version__,
@@ -340,29 +214,88 @@ def _report(recipe: Recipe, dense, model, resolved_path: str, trainer, latency: 
         "base_model_path": resolved_path,
         "seed": recipe.seed,
         "plan": {
-            "kept_heads": [s.heads for s in shapes],
-            "kept_kv_heads": [s.kv_heads for s in shapes],
-            "kept_ffn": [s.ffn for s in shapes],
-            "kept_layers": state.get("kept_layers"),  # None: no block was removed
-            "original_layers": len(get_adapter(dense, structural=False).layers(dense)),
-            "original": state.get("original"),
-            "kept_original_head_ids": state.get("kept_heads"),
+            "kept_heads": [layer["heads"] for layer in after["layers"]],
+            "kept_kv_heads": [layer["kv_heads"] for layer in after["layers"]],
+            "kept_ffn": [layer["ffn"] for layer in after["layers"]],
+            "kept_layers": after["kept_layers"],  # None: no block was removed
+            "original_layers": before["num_layers"],
+            "original": after["original"],
+            "kept_original_head_ids": after["kept_original_head_ids"],
         },
         "pruning_config": recipe.pruning.to_dict(),
-        "params": {"dense": count_parameters(dense), "pruned": count_parameters(model)},
+        "params": {"dense": before["parameters"], "pruned": after["parameters"]},
         "encoder_flops": flops,
         "size_bytes": {"dense": saved_size_bytes(dense), "pruned": saved_size_bytes(model)},
-        "sparsity": sparsity_report(model)["overall"],
-        "latency": {
-            "batch": recipe.evaluation.latency_batch,
-            "seq_len": recipe.evaluation.latency_seq_len or recipe.data.max_length,
-            "device": str(model_device(model)),
-            **latency,
-        },
+        "sparsity": after["sparsity"],
         "versions": {"torch": torch.__version__, "transformers": tf.__version__, "python": platform.python_version()},
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "train_log": [h for h in trainer.state.log_history if "loss" in h][-5:],
     }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------------
+def _save(recipe: Recipe, model, tokenizer, report: dict[str, Any], out_dir: Path) -> None:
+    """Write the model, its tokenizer and the report so far: built in a staging sibling, moved into place in one
+    rename (an existing folder is replaced only then)."""
+    with staged_dir(out_dir) as tmp:
+        save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer, sparse=recipe.output.sparse)
+        report["size_bytes"]["saved"] = _weights_bytes(tmp / "model-staging")
+        report["size_bytes"]["saved_format"] = "sparse (values + bitmask)" if recipe.output.sparse else "dense"
+        report["loading"] = _loading(tmp / "model-staging")
+        for item in (tmp / "model-staging").iterdir():
+            shutil.move(str(item), tmp / item.name)
+        (tmp / "model-staging").rmdir()
+        write_report(tmp, report, recipe)
+
+
+@contextlib.contextmanager
+def _step(report: dict[str, Any], name: str) -> Iterator[None]:
+    """Time one of the steps after saving and strike it from ``report["pending"]`` when it finishes."""
+    with _timed(report["wall_time_s"], name):
+        yield
+    report["pending"].remove(name)
+
+
+@contextlib.contextmanager
+def _failure_recorded(recipe: Recipe, report: dict[str, Any], out_dir: Path) -> Iterator[None]:
+    """On a failure, add it to the saved report (the model and everything finished stay) and re-raise it."""
+    try:
+        yield
+    except BaseException as err:
+        step = report["pending"][0] if report["pending"] else None
+        report["error"] = {"step": step, "type": type(err).__name__, "message": str(err)}
+        try:
+            write_report(out_dir, report, recipe)
+        except Exception as write_err:  # the step's error is the one to raise
+            logger.error("hf_prune: could not record the failure in %s: %s", out_dir, write_err)
+        raise
+
+
+def _finish(recipe: Recipe, dense, model, tokenizer, evaluation, report: dict[str, Any], out_dir: Path) -> None:
+    """The steps after saving: evaluate the pruned model, time both models, export (``output.export``)."""
+    with _step(report, "evaluate_pruned"):
+        report["metrics"]["after_recovery"] = evaluate_model(recipe, model, evaluation, tokenizer)
+    # The Trainer moved the model to its device (a GPU where there is one); time both models there.
+    dense.to(model_device(model))
+    latency_inputs = _latency_inputs(recipe, tokenizer, model)
+    with _step(report, "latency"):
+        latency = compare_latency(dense, model, latency_inputs, repeats=recipe.evaluation.latency_repeats)
+    report["latency"] = {
+        "batch": recipe.evaluation.latency_batch,
+        "seq_len": recipe.evaluation.latency_seq_len or recipe.data.max_length,
+        "device": str(model_device(model)),
+        **latency,
+    }
+    if recipe.output.export:
+        with _step(report, "export"):
+            stage = Path(tempfile.mkdtemp(prefix=".onnx.tmp-", dir=out_dir))
+            try:
+                report["export"] = _export(recipe, model, tokenizer, evaluation, stage, latency_inputs)
+                os.replace(stage / "onnx", out_dir / "onnx")  # the finished export appears in one rename
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -371,29 +304,19 @@ def _weights_bytes(folder: Path) -> int:
 
 def _export(recipe: Recipe, model, tokenizer, evaluation, folder: Path, latency_inputs) -> dict[str, Any]:
     """``output.export``: write ``folder/onnx``, evaluate it on the evaluation split and time it against PyTorch."""
-    from ..io.onnx import export_onnx, onnx_logits, onnx_session, time_onnx
+    from ..io.onnx import export_onnx, onnx_session, time_onnx
 
     cpu_model = copy.deepcopy(model).float().cpu().eval()
     result = export_onnx(cpu_model, folder / "onnx", int8=recipe.output.export == "onnx-int8", tokenizer=tokenizer)
     session = onnx_session(result.path)
-    collate = tf.DataCollatorWithPadding(tokenizer) if recipe.model.task != "causal-lm" else tf.default_data_collator
-    columns = [c for c in evaluation.column_names if c in ("input_ids", "attention_mask", "token_type_ids", "labels")]
-    loader = torch.utils.data.DataLoader(evaluation.select_columns(columns), batch_size=32, collate_fn=collate)
     if recipe.model.task == "causal-lm":
-        nll, tokens = 0.0, 0
-        for logits, batch in onnx_logits(session, loader):
-            labels = batch["input_ids"][:, 1:]
-            flat = logits[:, :-1].flatten(0, 1).float()
-            loss = torch.nn.functional.cross_entropy(flat, labels.flatten(), reduction="sum")
-            nll, tokens = nll + float(loss), tokens + labels.numel()
-        metrics = {"perplexity": math.exp(nll / tokens)} if "perplexity" in recipe.evaluation.metrics else {}
+        ppl = onnx_perplexity(session, evaluation, tf.default_data_collator, batch_size=32)
+        metrics = {"perplexity": ppl} if "perplexity" in recipe.evaluation.metrics else {}
     else:
-        preds, labels = [], []
-        for logits, batch in onnx_logits(session, loader):
-            preds += logits.argmax(-1).tolist()
-            labels += batch["labels"].tolist()
+        logits, labels = onnx_predict_logits(session, evaluation, tf.DataCollatorWithPadding(tokenizer), batch_size=32)
         names = [m for m in recipe.evaluation.metrics if m != "perplexity"]
-        metrics = classification_metrics(names, preds, labels, num_labels=model.config.num_labels)
+        preds, refs = logits.argmax(-1).tolist(), labels.tolist()
+        metrics = classification_metrics(names, preds, refs, num_labels=model.config.num_labels)
     inputs = {k: v.cpu() for k, v in latency_inputs.items()}
     onnx_ms = statistics.median(time_onnx(session, inputs, repeats=recipe.evaluation.latency_repeats))
     torch_ms = measure_latency(cpu_model, inputs, recipe.evaluation.latency_repeats).median_ms
@@ -406,30 +329,6 @@ def _export(recipe: Recipe, model, tokenizer, evaluation, folder: Path, latency_
         "latency_ms": {"onnxruntime_cpu": onnx_ms, "pytorch_cpu": torch_ms, "speedup": torch_ms / onnx_ms},
         "exporter": result.exporter,
     }
-
-
-def _write_output(
-    recipe: Recipe, model, tokenizer, report: dict[str, Any], out_dir: Path, evaluation=None, latency_inputs=None
-) -> None:
-    """Build the whole output folder in a temporary sibling, then move it into place in one rename."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        save_pretrained(model, tmp / "model-staging", tokenizer=tokenizer, sparse=recipe.output.sparse)
-        report["size_bytes"]["saved"] = _weights_bytes(tmp / "model-staging")
-        report["size_bytes"]["saved_format"] = "sparse (values + bitmask)" if recipe.output.sparse else "dense"
-        report["loading"] = _loading(tmp / "model-staging")
-        for item in (tmp / "model-staging").iterdir():
-            shutil.move(str(item), tmp / item.name)
-        (tmp / "model-staging").rmdir()
-        if recipe.output.export:
-            with _timed(report["wall_time_s"], "export"):
-                report["export"] = _export(recipe, model, tokenizer, evaluation, tmp, latency_inputs)
-        write_report(tmp, report, recipe)
-        write_atomic_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _loading(folder: Path) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,13 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
-from ..config import PruningConfig, closest
+from ..config import PruningConfig, check_int, closest, type_name, type_ok
 from ..io.onnx import check_export_format
 from .metrics import SUPPORTED as SUPPORTED_METRICS
 
 TASKS = ("sequence-classification", "causal-lm")
 FORMATS = ("csv", "tsv", "json", "text", "parquet")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # the torch dtypes a recipe may load the model in
 
 
 class _Loader(yaml.SafeLoader):
@@ -144,6 +144,18 @@ SECTIONS: dict[str, type | None] = {
     "seed": None,
 }
 REQUIRED = (("model", "name_or_path"), ("output", "dir"))
+# the smallest value each integer key may take (counts of at least one; seeds from 0, as numpy requires)
+MINIMUMS: dict[tuple[str, str], int] = {
+    ("model", "num_labels"): 1,
+    ("data", "max_length"): 1,
+    ("data", "max_train_samples"): 1,
+    ("data", "max_eval_samples"): 1,
+    ("data", "calibration_samples"): 1,
+    ("data", "shuffle_seed"): 0,
+    ("evaluation", "latency_batch"): 1,
+    ("evaluation", "latency_seq_len"): 1,
+    ("evaluation", "latency_repeats"): 1,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,63 +179,41 @@ def _where(source: str, lines: dict[tuple[str, ...], int], path: tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# type checks
+# key, type and range checks
 # ---------------------------------------------------------------------------------------------------------
-def _type_ok(value: Any, annotation: Any) -> bool:
-    if annotation is Any or annotation is None:
-        return True
-    if isinstance(annotation, str):
-        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, Any)
-        if annotation is Any:
-            return True
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if origin is list:
-        (inner,) = typing.get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True  # complex annotations (enums, callables): TrainingArguments validates them itself
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls is TrainingArguments:  # its annotations are not all resolvable: check what can be, it validates the rest
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+    return typing.get_type_hints(cls)
 
 
 def _check_section(name: str, values: Any, cls: type, source: str, lines: dict) -> dict[str, Any]:
+    """The section's keys (each a field of ``cls``), their types and the :data:`MINIMUMS` of integer keys."""
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise RecipeError(f"{_where(source, lines, (name,))}: section '{name}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls) if cls is not TrainingArguments else {}
+    hints = _field_types(cls)
     allowed = [f.name for f in dataclasses.fields(cls) if f.init]
-    if cls is TrainingArguments:
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in values.items():
+        where = _where(source, lines, (name, str(key)))
         if key not in allowed:
-            raise RecipeError(
-                f"{_where(source, lines, (name, str(key)))}: unknown key '{key}' in section '{name}'"
-                f"{closest(str(key), allowed)}"
-            )
+            raise RecipeError(f"{where}: unknown key '{key}' in section '{name}'{closest(str(key), allowed)}")
         annotation = hints.get(key, Any)
-        if not _type_ok(value, annotation):
-            raise RecipeError(
-                f"{_where(source, lines, (name, key))}: {name}.{key} must be {_type_name(annotation)}, got {value!r}"
-            )
+        if not type_ok(value, annotation):
+            raise RecipeError(f"{where}: {name}.{key} must be {type_name(annotation)}, got {value!r}")
+        if (name, key) in MINIMUMS and value is not None:
+            try:
+                check_int(f"{name}.{key}", value, MINIMUMS[name, key])
+            except ValueError as err:
+                raise RecipeError(f"{where}: {err}") from None
     return dict(values)
+
+
+def _check_choice(where: str, dotted: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = closest(value, allowed) if isinstance(value, str) else ""
+        raise RecipeError(f"{where}: {dotted}={value!r}{hint}; allowed: {', '.join(allowed)}")
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -251,91 +241,130 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------------------
-def load_recipe(path_or_dict: str | os.PathLike | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
-    """Parse and validate a recipe file (or dict). Raises :class:`RecipeError` on any schema problem."""
+def _read(path_or_dict: str | os.PathLike | dict[str, Any]) -> tuple[Any, str, dict[tuple[str, ...], int]]:
+    """The recipe's data, its source name and the line of every key."""
     if isinstance(path_or_dict, dict):
-        data, source, lines = dict(path_or_dict), "<dict>", {}
-    else:
-        source = str(path_or_dict)
+        return dict(path_or_dict), "<dict>", {}
+    source = str(path_or_dict)
+    try:
+        text = Path(path_or_dict).read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {source}") from None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = _yaml_load(text) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: invalid YAML: {err}") from None
+    return data, source, (_line_map(node) if node is not None else {})
+
+
+@dataclass
+class _Sections:
+    """Builds each section of one recipe's data, raising :class:`RecipeError` with the file and line."""
+
+    data: dict[str, Any]
+    source: str
+    lines: dict[tuple[str, ...], int]
+
+    def where(self, *path: str) -> str:
+        return _where(self.source, self.lines, path)
+
+    def values(self, name: str, cls: type) -> dict[str, Any]:
+        return _check_section(name, self.data.get(name), cls, self.source, self.lines)
+
+    def top_level(self) -> None:
+        for key in self.data:
+            if key not in SECTIONS:
+                raise RecipeError(
+                    f"{self.where(str(key))}: unknown section '{key}'{closest(str(key), list(SECTIONS))}; "
+                    f"allowed: {', '.join(SECTIONS)}"
+                )
+        for section, key in REQUIRED:
+            if not isinstance(self.data.get(section), dict) or not self.data[section].get(key):
+                raise RecipeError(f"{self.source}: missing required key '{section}.{key}'")
+        seed = self.data.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RecipeError(f"{self.where('seed')}: seed must be an integer, got {seed!r}")
+        if seed < 0:
+            raise RecipeError(f"{self.where('seed')}: seed={seed} is invalid; allowed: an integer >= 0")
+
+    def model(self) -> ModelSection:
+        model = ModelSection(**self.values("model", ModelSection))
+        _check_choice(self.where("model", "task"), "model.task", model.task, TASKS)
+        _check_choice(self.where("model", "dtype"), "model.dtype", model.dtype, DTYPES)
+        return model
+
+    def data_section(self, task: str) -> DataSection:
+        section = DataSection(**self.values("data", DataSection))
+        if section.dataset is None and not section.files:
+            raise RecipeError(f"{self.where('data')}: data needs either 'dataset' (Hub) or 'files'")
+        if section.format is not None:
+            _check_choice(self.where("data", "format"), "data.format", section.format, FORMATS)
+        if not section.text_columns:
+            raise RecipeError(f"{self.where('data', 'text_columns')}: data.text_columns needs at least one column")
+        if task == "causal-lm" and section.max_length < 2:
+            raise RecipeError(
+                f"{self.where('data', 'max_length')}: data.max_length={section.max_length} is invalid for "
+                "causal-lm; allowed: an integer >= 2 (each block predicts its tokens after the first)"
+            )
+        return section
+
+    def evaluation(self) -> EvaluationSection:
+        evaluation = EvaluationSection(**self.values("evaluation", EvaluationSection))
+        for metric in evaluation.metrics:
+            if metric not in SUPPORTED_METRICS:
+                raise RecipeError(
+                    f"{self.where('evaluation', 'metrics')}: unknown metric '{metric}'"
+                    f"{closest(metric, SUPPORTED_METRICS)}; allowed: {', '.join(SUPPORTED_METRICS)}"
+                )
+        return evaluation
+
+    def output(self) -> OutputSection:
+        output = OutputSection(**self.values("output", OutputSection))
+        if output.push_to_hub and not output.repo_id:
+            raise RecipeError(f"{self.where('output', 'push_to_hub')}: push_to_hub needs output.repo_id")
         try:
-            text = Path(path_or_dict).read_text()
-        except FileNotFoundError:
-            raise RecipeError(f"recipe file not found: {source}") from None
+            output.export = check_export_format(output.export)
+        except ValueError as err:
+            raise RecipeError(f"{self.where('output', 'export')}: {err}") from None
+        return output
+
+    def pruning(self, max_length: int) -> PruningConfig:
+        values = self.values("pruning", PruningConfig)
+        # FLOPs targets are counted at the task's sequence length unless the recipe says otherwise
+        values.setdefault("seq_len", max_length)
         try:
-            node = yaml.compose(text, Loader=_Loader)
-            data = _yaml_load(text) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{source}: invalid YAML: {err}") from None
-        lines = _line_map(node) if node is not None else {}
+            return PruningConfig(**values)
+        except ValueError as err:
+            bad = next((k for k in values if f"PruningConfig.{k}=" in str(err)), None)
+            raise RecipeError(f"{self.where('pruning', bad) if bad else self.where('pruning')}: {err}") from None
+
+    def training(self, name: str) -> dict[str, Any] | None:
+        if name == "dense_training" and self.data.get(name) is None:
+            return None
+        return self.values(name, TrainingArguments)
+
+
+def load_recipe(path_or_dict: str | os.PathLike | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Parse and validate a recipe file (or dict): every key, type, choice and range, so a bad value fails here
+    rather than after a download or a training run. Raises :class:`RecipeError` naming the key and its line."""
+    data, source, lines = _read(path_or_dict)
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
-    for key in data:
-        if key not in SECTIONS:
-            raise RecipeError(
-                f"{_where(source, lines, (str(key),))}: unknown section '{key}'{closest(str(key), list(SECTIONS))}; "
-                f"allowed: {', '.join(SECTIONS)}"
-            )
-    for section, key in REQUIRED:
-        if not isinstance(data.get(section), dict) or not data[section].get(key):
-            raise RecipeError(f"{source}: missing required key '{section}.{key}'")
-
-    model = ModelSection(**_check_section("model", data.get("model"), ModelSection, source, lines))
-    if model.task not in TASKS:
-        raise RecipeError(
-            f"{_where(source, lines, ('model', 'task'))}: model.task={model.task!r}{closest(model.task, TASKS)}; "
-            f"allowed: {', '.join(TASKS)}"
-        )
-    data_section = DataSection(**_check_section("data", data.get("data"), DataSection, source, lines))
-    if data_section.dataset is None and not data_section.files:
-        raise RecipeError(f"{_where(source, lines, ('data',))}: data needs either 'dataset' (Hub) or 'files'")
-    if data_section.format is not None and data_section.format not in FORMATS:
-        raise RecipeError(
-            f"{_where(source, lines, ('data', 'format'))}: data.format={data_section.format!r}"
-            f"{closest(data_section.format, FORMATS)}; allowed: {', '.join(FORMATS)}"
-        )
-    evaluation = EvaluationSection(
-        **_check_section("evaluation", data.get("evaluation"), EvaluationSection, source, lines)
-    )
-    for metric in evaluation.metrics:
-        if metric not in SUPPORTED_METRICS:
-            raise RecipeError(
-                f"{_where(source, lines, ('evaluation', 'metrics'))}: unknown metric '{metric}'"
-                f"{closest(metric, SUPPORTED_METRICS)}; allowed: {', '.join(SUPPORTED_METRICS)}"
-            )
-    output = OutputSection(**_check_section("output", data.get("output"), OutputSection, source, lines))
-    if output.push_to_hub and not output.repo_id:
-        raise RecipeError(f"{_where(source, lines, ('output', 'push_to_hub'))}: push_to_hub needs output.repo_id")
-    try:
-        output.export = check_export_format(output.export)
-    except ValueError as err:
-        raise RecipeError(f"{_where(source, lines, ('output', 'export'))}: {err}") from None
-    pruning_values = _check_section("pruning", data.get("pruning"), PruningConfig, source, lines)
-    # FLOPs targets are counted at the task's sequence length unless the recipe says otherwise
-    pruning_values.setdefault("seq_len", data_section.max_length)
-    try:
-        pruning = PruningConfig(**pruning_values)
-    except ValueError as err:
-        bad = next((k for k in pruning_values if f"PruningConfig.{k}=" in str(err)), None)
-        where = _where(source, lines, ("pruning", bad) if bad else ("pruning",))
-        raise RecipeError(f"{where}: {err}") from None
-    training = _check_section("training", data.get("training"), TrainingArguments, source, lines)
-    dense = data.get("dense_training")
-    dense_training = None
-    if dense is not None:
-        dense_training = _check_section("dense_training", dense, TrainingArguments, source, lines)
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RecipeError(f"{_where(source, lines, ('seed',))}: seed must be an integer, got {seed!r}")
+    sections = _Sections(data, source, lines)
+    sections.top_level()
+    model = sections.model()
+    data_section = sections.data_section(model.task)
     return Recipe(
         model=model,
         data=data_section,
-        pruning=pruning,
-        training=training,
-        dense_training=dense_training,
-        evaluation=evaluation,
-        output=output,
-        seed=seed,
+        evaluation=sections.evaluation(),
+        output=sections.output(),
+        pruning=sections.pruning(data_section.max_length),
+        training=sections.training("training"),
+        dense_training=sections.training("dense_training"),
+        seed=data.get("seed", 0),
         source=source,
         raw=data,
         lines=lines,

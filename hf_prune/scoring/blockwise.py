@@ -3,7 +3,7 @@
 Passes that need statistics of each block's inputs (the OBS reconstruction of sparse weights, the least-squares refit
 of structured pruning) hold one block's statistics at a time this way, instead of hooking every block in one full
 pass: on a 7B model the Gram matrices of all blocks' output projections alone are about 17 GB in fp32, one block's
-about 0.5 GB.
+about 0.5 GB. :class:`Gram` and :func:`attach_gram_hooks` collect those statistics (``X^T X`` of a module's inputs).
 
 One hooked forward pass records, per batch, the hidden states entering the first block and the other arguments every
 block receives. Those arguments differ between blocks in current models (Gemma 2/3, ModernBERT and Qwen3 give sliding-
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import model_device, no_cache, to_device
+from ..utils import eval_mode, model_device
+from .calibration import no_cache, to_device
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -79,10 +80,8 @@ class BlockInputs:
         # no KV cache: the recorded arguments are replayed through each block and must not grow a cache
         cache_off = no_cache(model)
         device = model_device(model)
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 for batch in batches:
                     batch = to_device(batch, device)
                     current = []
@@ -98,7 +97,6 @@ class BlockInputs:
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
         if not self.hidden:
             raise ValueError("the calibration data yielded no batches")
 
@@ -135,3 +133,87 @@ class BlockInputs:
         if len(outputs) != len(self.hidden):
             raise ValueError(f"expected {len(self.hidden)} outputs, got {len(outputs)}")
         self.hidden = outputs
+
+
+class Gram:
+    """``X^T X`` of a stream of row batches, accurate to about float64 from float32 matmuls.
+
+    Large-activation models (Gemma's, any LLM with "massive activations") have inputs dominated by their mean; a
+    plain float32 sum of ``x^T x`` then loses the small directions a least-squares refit depends on. Each batch's
+    centred product is far better conditioned in float32 (float64 on CPUs, where it costs little); the batches are
+    combined in float64 with Chan et al.'s pairwise update, and the mean's outer product is added back once, in
+    float64. Shared by the OBS update of sparse weights and the structured least-squares refit.
+    """
+
+    def __init__(self, rows: torch.Tensor | None = None) -> None:
+        # Only the rows ``rows`` of ``X^T X`` (all columns): the structured refit needs ``G[K, :]`` for the kept
+        # columns ``K`` only, so a 2x cut halves the dominant cost of the refit pass (the products) with the same
+        # numbers as slicing the full matrix.
+        self.rows = rows
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t.index_select(0, self.rows.to(t.device))
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` (rows, features)."""
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        # float64 lives on the CPU for MPS, which has none
+        on = x.device if x.device.type != "mps" else torch.device("cpu")
+        if x.device.type == "cpu":
+            x = x.double()  # cheap on CPUs (half the float32 rate); GPUs keep float32 (1/64 the rate on many cards)
+        mean_b = x.mean(0)
+        centred = x - mean_b
+        m2_b = (self._rows(centred.t()) @ centred).to(on, torch.float64)
+        mean_b = mean_b.to(on, torch.float64)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.m2 += m2_b + torch.outer(self._rows(delta), delta) * (self.n * n_b / total)
+        self.mean += delta * (n_b / total)
+        self.n = total
+
+    def total(self) -> torch.Tensor:
+        """``sum x x^T`` over all rows (its rows ``self.rows`` only, when given), float64."""
+        if self.mean is None or self.m2 is None:
+            raise ValueError("no rows were accumulated")
+        return self.m2 + self.n * torch.outer(self._rows(self.mean), self.mean)
+
+
+def attach_gram_hooks(
+    modules: dict,
+    with_ones: frozenset = frozenset(),
+    token_mask: list[torch.Tensor | None] | None = None,
+    rows: dict | None = None,
+) -> tuple[dict, dict, list]:
+    """Accumulate ``X^T X`` (:class:`Gram`) and the row count of every module's input while the hooks are attached.
+
+    Returns ``(grams, counts, handles)``, keyed like ``modules``; remove the handles when done. Modules whose key is
+    in ``with_ones`` get a constant 1 appended to each input row (for fitting a bias). When ``token_mask[0]`` holds
+    the current batch's attention mask, padding rows are left out. ``rows[key]``, when given, keeps only those rows
+    of the module's ``X^T X``.
+    """
+    grams: dict = {}
+    counts: dict = {}
+
+    def make_hook(name):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            mask = token_mask[0] if token_mask is not None else None
+            if mask is not None and mask.numel() == x.shape[0]:
+                x = x[mask.reshape(-1).to(x.device).bool()]
+            if name in with_ones:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            grams.setdefault(name, Gram(None if rows is None else rows.get(name))).add(x)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    return grams, counts, handles

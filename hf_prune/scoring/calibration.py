@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils import model_device
+
 #: inputs kept when the model's forward signature cannot be read
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "labels")
 #: padding value per key for ragged examples; other keys pad with 0
@@ -37,11 +39,6 @@ ACCEPTED_FORMS = (
 def no_cache(model: nn.Module) -> dict[str, bool]:
     """``{"use_cache": False}`` for models that keep a KV cache (calibration and timing passes need none)."""
     return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (where calibration batches and statistics belong)."""
-    return next(model.parameters()).device
 
 
 class CalibrationSet:

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from ..architectures import ArchAdapter, get_adapter
 from ..architectures.base import out_in, unit_sums
-from .calibration import model_device, to_device
+from ..config import CRITERIA, GRADIENT_CRITERIA, closest
+from ..utils import eval_mode, model_device
+from .calibration import to_device
 
 
 @dataclass
@@ -104,6 +106,60 @@ def _ensure_labels(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
     return batch
 
 
+def _mask_hooks(model: nn.Module, masks: dict[str, list[torch.Tensor | None]]) -> list:
+    """Multiply ``masks["heads"][i]`` (examples, heads) into the input of block ``i``'s attention output projection
+    (each head's entry repeated over its ``head_dim`` features) and ``masks["ffn"][i]`` into its FFN down
+    projection's; returns the hook handles."""
+    adapter = get_adapter(model)
+    head_dim = adapter.head_dim(model.config)
+    o_proj = next(p for p in adapter.attention_projs if p.side == "in")
+    down_proj = next(p for p in adapter.ffn_projs if p.side == "in")
+
+    def hook(kind_: str, i: int, expand: int):
+        def pre_hook(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            mask = masks[kind_][i]
+            if mask is None or mask.shape[1] == 0:
+                return args
+            scale = mask.to(device=x.device, dtype=x.dtype).repeat_interleave(expand, dim=-1)
+            return (x * scale.view(x.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
+
+        return pre_hook
+
+    handles = []
+    for i, block in enumerate(adapter.layers(model)):
+        handles.append(block.get_submodule(o_proj.path).register_forward_pre_hook(hook("heads", i, head_dim)))
+        handles.append(block.get_submodule(down_proj.path).register_forward_pre_hook(hook("ffn", i, 1)))
+    return handles
+
+
+def _add_mask_gradients(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    masks: dict[str, list[torch.Tensor | None]],
+    acc: dict[str, list[torch.Tensor]],
+    kind: str,
+) -> int:
+    """One batch: fresh per-example masks of ones, one backward pass, ``|g|`` (taylor) or ``g**2`` (fisher) summed
+    over the examples into ``acc``. Returns the number of examples."""
+    n = batch["input_ids"].shape[0]
+    device = batch["input_ids"].device
+    for key in ("heads", "ffn"):  # one mask entry per unit ``acc`` scores
+        masks[key] = [torch.ones(n, len(a), device=device, requires_grad=True) for a in acc[key]]
+    loss = model(**batch).loss * n  # per-example gradients of the summed loss
+    leaves = [m for m in masks["heads"] + masks["ffn"] if m is not None and m.numel()]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grad_of = {id(m): g for m, g in zip(leaves, grads, strict=True)}
+    for key in ("heads", "ffn"):
+        for i, m in enumerate(masks[key]):
+            g = grad_of.get(id(m))
+            if g is None:
+                continue
+            g = g.detach().float()
+            acc[key][i] += (g.abs().sum(0) if kind == "taylor" else g.pow(2).sum(0)).to(acc[key][i].device)
+    return n
+
+
 def mask_gradient_scores(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -120,71 +176,34 @@ def mask_gradient_scores(
     (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"). The model's weights get no
     gradients (they are frozen for the duration), so this costs about two forward passes per batch.
     """
-    if kind not in ("taylor", "fisher"):
-        raise ValueError(f"kind must be 'taylor' or 'fisher', got {kind!r}")
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    shapes = adapter.layer_shapes(model)
-    head_dim = adapter.head_dim(model.config)
-    o_proj = next(p for p in adapter.attention_projs if p.side == "in")
-    down_proj = next(p for p in adapter.ffn_projs if p.side == "in")
+    if kind not in GRADIENT_CRITERIA:
+        raise ValueError(f"kind={kind!r} is invalid; allowed: {', '.join(GRADIENT_CRITERIA)}")
+    shapes = get_adapter(model).layer_shapes(model)
     device = model_device(model)
-    head_acc = [torch.zeros(s.heads, device=device) for s in shapes]
-    ffn_acc = [torch.zeros(s.ffn, device=device) for s in shapes]
-    masks: dict[str, list[torch.Tensor | None]] = {"heads": [None] * len(layers), "ffn": [None] * len(layers)}
-
-    def hook(kind_: str, i: int, expand: int):
-        def pre_hook(module: nn.Module, args: tuple) -> tuple:
-            x = args[0]
-            mask = masks[kind_][i]
-            if mask is None or mask.shape[1] == 0:
-                return args
-            scale = mask.to(device=x.device, dtype=x.dtype).repeat_interleave(expand, dim=-1)
-            return (x * scale.view(x.shape[0], *([1] * (x.dim() - 2)), -1), *args[1:])
-
-        return pre_hook
-
-    handles = []
-    for i, block in enumerate(layers):
-        handles.append(block.get_submodule(o_proj.path).register_forward_pre_hook(hook("heads", i, head_dim)))
-        handles.append(block.get_submodule(down_proj.path).register_forward_pre_hook(hook("ffn", i, 1)))
+    acc = {
+        "heads": [torch.zeros(s.heads, device=device) for s in shapes],
+        "ffn": [torch.zeros(s.ffn, device=device) for s in shapes],
+    }
+    masks: dict[str, list[torch.Tensor | None]] = {"heads": [None] * len(shapes), "ffn": [None] * len(shapes)}
+    handles = _mask_hooks(model, masks)
     requires = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for batch in tqdm(batches, desc=f"{kind} scores", disable=not progress, leave=False):
-            batch = _ensure_labels(model, to_device(batch, device))
-            n = batch["input_ids"].shape[0]
-            device = batch["input_ids"].device
-            for i, s in enumerate(shapes):
-                masks["heads"][i] = torch.ones(n, s.heads, device=device, requires_grad=True)
-                masks["ffn"][i] = torch.ones(n, s.ffn, device=device, requires_grad=True)
-            loss = model(**batch).loss * n  # per-example gradients of the summed loss
-            leaves = [m for m in masks["heads"] + masks["ffn"] if m is not None and m.numel()]
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            grad_of = {id(m): g for m, g in zip(leaves, grads, strict=True)}
-            for acc, key in ((head_acc, "heads"), (ffn_acc, "ffn")):
-                for i, m in enumerate(masks[key]):
-                    g = grad_of.get(id(m))
-                    if g is None:
-                        continue
-                    g = g.detach().float()
-                    acc[i] += (g.abs().sum(0) if kind == "taylor" else g.pow(2).sum(0)).to(acc[i].device)
-            seen += n
-            if max_samples is not None and seen >= max_samples:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for batch in tqdm(batches, desc=f"{kind} scores", disable=not progress, leave=False):
+                seen += _add_mask_gradients(model, _ensure_labels(model, to_device(batch, device)), masks, acc, kind)
+                if max_samples is not None and seen >= max_samples:
+                    break
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
     if seen == 0:
         raise ValueError(f"criterion {kind!r} needs calibration data, but the calibration data yielded no batches")
-    return Scores(heads=head_acc, ffn=ffn_acc, criterion=kind)
+    return Scores(heads=acc["heads"], ffn=acc["ffn"], criterion=kind)
 
 
 def input_norms(
@@ -243,8 +262,10 @@ def structured_scores(
         return magnitude_scores(model)
     if criterion == "random":
         return random_scores(model, seed)
-    if criterion in ("taylor", "fisher"):
+    if criterion in GRADIENT_CRITERIA:
         if batches is None:
             raise ValueError(f"criterion {criterion!r} needs calibration_data (batches of tokenized examples)")
         return mask_gradient_scores(model, batches, criterion, max_samples, progress)
-    raise ValueError(f"unknown criterion {criterion!r}; allowed: magnitude, taylor, fisher, random")
+    raise ValueError(
+        f"unknown criterion {criterion!r}{closest(str(criterion), CRITERIA)}; allowed: {', '.join(CRITERIA)}"
+    )

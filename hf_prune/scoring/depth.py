@@ -24,7 +24,8 @@ from torch import nn
 
 from ..architectures import get_adapter
 from ..config import LAYER_CRITERIA
-from .calibration import model_device, no_cache, to_device
+from ..utils import eval_mode, model_device
+from .calibration import no_cache, to_device
 
 
 def _hidden(value: Any) -> torch.Tensor:
@@ -62,10 +63,8 @@ def block_statistics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
     handles.append(blocks[-1].register_forward_hook(post_hook))
     sums, count = torch.zeros(n - span + 1, dtype=torch.float64), 0
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for batch in batches:
                 batch = to_device(batch, device)
                 model(**batch, **no_cache(model))
@@ -78,7 +77,6 @@ def block_statistics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tens
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if count == 0:
         raise ValueError("block scores need at least one calibration token")
     return sums / count

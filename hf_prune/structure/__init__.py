@@ -1,1 +1,2 @@
-"""Structure: apply a plan by physically removing heads, neurons and blocks; record the shapes; the remote-code file."""
+"""Structure: apply a plan by physically removing heads, neurons and blocks (optionally refitting the shrunk output
+projections by least squares); record the shapes; the remote-code file."""

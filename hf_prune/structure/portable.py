@@ -25,8 +25,9 @@ import transformers
 from torch import nn
 from transformers.utils import logging
 
+from ..compat import auto_class_mapping
 from . import remote_code as runtime
-from .remote_code import MANIFEST_KEY, MODELING_FILE, STATE_KEY, LayerConfig
+from .remote_code import MODELING_FILE, STATE_KEY, LayerConfig
 
 logger = logging.get_logger(__name__)
 
@@ -75,7 +76,9 @@ def _stock_twin(model: nn.Module, manifest: dict[str, Any] | None = None) -> nn.
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t for n, t in chain(module._parameters.items(), module._buffers.items()) if t is not None}
+    """The parameters and buffers ``module`` registers itself (not its submodules')."""
+    own = {"recurse": False, "remove_duplicate": False}
+    return dict(chain(module.named_parameters(**own), module.named_buffers(**own)))
 
 
 def _jsonable(value: Any) -> bool:
@@ -167,7 +170,7 @@ def auto_map_for(model: nn.Module) -> dict[str, str]:
     out = {}
     for name in sorted(n for n in dir(transformers) if n.startswith("AutoModel")):
         auto = getattr(transformers, name, None)
-        mapping = getattr(auto, "_model_mapping", None)  # how transformers' own auto classes resolve a config
+        mapping = auto_class_mapping(auto)  # how transformers' own auto classes resolve a config
         if mapping is None:
             continue
         try:
@@ -204,9 +207,9 @@ def _is_ours(entry: Any) -> bool:
 def forget_portable(config: Any) -> None:
     """Drop what only the saved folder needs (the manifest, our ``auto_map`` entries): in memory the model is a
     stock model with hf_prune's state, and the next save describes it afresh."""
-    state = getattr(config, STATE_KEY, None)
-    if isinstance(state, dict):
-        state.pop(MANIFEST_KEY, None)
+    state = runtime.recorded_state(config)
+    if state is not None:
+        setattr(config, STATE_KEY, state)
     auto_map = getattr(config, "auto_map", None)
     if isinstance(auto_map, dict):
         kept = {k: v for k, v in auto_map.items() if not _is_ours(v)}

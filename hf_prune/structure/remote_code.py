@@ -8,13 +8,15 @@ it, so that::
     pipeline("text-classification", model=path, trust_remote_code=True)
 
 load the model on a machine where hf_prune is not installed. hf_prune itself uses the same code (empty branches,
-per-layer config views), so the shipped file cannot drift from what the library runs.
+per-layer config views, the reader of the recorded state and the loading subclass), so the shipped file cannot drift
+from what the library runs.
 
 How loading works: the saved config carries, under ``hf_prune["modules"]``, a *manifest* of every module of the base
 model that differs from what the stock class builds from that config (parameter and buffer shapes, plain attributes
 such as ``num_attention_heads``, per-layer config overrides, and branches that lost every head or neuron).
-:func:`pruned_class` subclasses the stock class; its ``__init__`` builds the stock model and then applies the
-manifest (:func:`apply_manifest`) before transformers loads the weights, so dtype, ``device_map``, sharding and Hub
+:func:`pruned_class` subclasses the stock class; its ``__init__`` builds the stock model and then restores the
+recorded shapes (:func:`restore_shapes`: the manifest, plus hf_prune's per-layer resizing when hf_prune loads it)
+before transformers loads the weights, so dtype, ``device_map``, sharding and Hub
 downloads behave as for any model. Class names resolve through the module's ``__getattr__``: ``auto_map`` entries
 such as ``"hf_prune_modeling.BertForSequenceClassification"`` become the pruned subclass of that stock class.
 
@@ -156,12 +158,14 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
         module = base.get_submodule(path) if path else base
         for name, shape in spec.get("shapes", {}).items():
             where = f"{path}.{name}" if path else name
-            with torch.no_grad():
-                if name in module._parameters:
-                    old = module._parameters[name]
-                    module._parameters[name] = nn.Parameter(_narrow(old, shape, where), old.requires_grad)
-                elif name in module._buffers:
-                    module._buffers[name] = _narrow(module._buffers[name], shape, where)
+            params = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+            buffers = dict(module.named_buffers(recurse=False, remove_duplicate=False))
+            with torch.no_grad():  # setattr replaces a registered tensor in its slot (Parameter or buffer alike)
+                if name in params:
+                    old = params[name]
+                    setattr(module, name, nn.Parameter(_narrow(old, shape, where), old.requires_grad))
+                elif name in buffers:
+                    setattr(module, name, _narrow(buffers[name], shape, where))
                 else:
                     raise ValueError(f"{where}: no such parameter or buffer in {type(module).__name__}")
         for name, value in spec.get("attrs", {}).items():
@@ -174,26 +178,63 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict[str, Any]]) -> nn.
     return model
 
 
-_PRUNED_CLASSES: dict[type, type] = {}
+# ---- the one reader of the recorded state ------------------------------------------------------------------------
+def recorded_state(config: Any) -> dict[str, Any] | None:
+    """The pruning state ``config`` records (a config object or a ``config.json`` dict), as the model in memory
+    sees it; ``None`` when hf_prune never pruned it.
+
+    The manifest is left out: it describes a saved folder to stock loaders, and the next save describes the model
+    afresh, so no reader in memory may take it for the model's own state. The result is a new dict (its values are
+    the recorded ones); change the state through hf_prune's surgery, not through it.
+    """
+    state = config.get(STATE_KEY) if isinstance(config, dict) else getattr(config, STATE_KEY, None)
+    if not isinstance(state, dict) or not state:
+        return None
+    return {key: value for key, value in state.items() if key != MANIFEST_KEY}
 
 
-def pruned_class(stock: type) -> type:
-    """A subclass of the transformers class ``stock`` whose ``__init__`` applies ``config.hf_prune["modules"]``.
+def restore_shapes(model: nn.Module, config: Any, resize_layers: Any = None) -> nn.Module:
+    """Give ``model``, freshly built by its stock class from ``config``, the shapes ``config`` records, before the
+    checkpoint's weights load.
+
+    The manifest (``config.hf_prune["modules"]``) describes every difference from the stock model, so it is applied
+    wherever the saved folder has one, by stock loaders and hf_prune's alike. ``resize_layers(model, layers)``
+    (hf_prune's surgery; stock loaders have none) then resizes the blocks to the recorded per-layer shapes (a no-op
+    after the manifest) and checks and records the state: folders without a manifest (weights stored sparse,
+    shapes the stock config already describes) rebuild through it alone.
+    """
+    state = getattr(config, STATE_KEY, None)
+    if not isinstance(state, dict):
+        return model
+    if state.get(MANIFEST_KEY):
+        apply_manifest(model, state[MANIFEST_KEY])
+    if resize_layers is not None and state.get("layers"):
+        resize_layers(model, state["layers"])
+    return model
+
+
+_PRUNED_CLASSES: dict[tuple[type, Any], type] = {}
+
+
+def pruned_class(stock: type, resize_layers: Any = None) -> type:
+    """A subclass of the transformers class ``stock`` whose ``__init__`` restores the recorded shapes
+    (:func:`restore_shapes`; ``resize_layers``: hf_prune's block resizing, ``None`` in the stock loaders).
 
     It has the stock class's name and config class, so transformers' auto classes, ``save_pretrained`` (its
-    ``architectures`` entry) and pipelines treat it as the stock model. A config without a manifest builds the stock
-    model unchanged.
+    ``architectures`` entry) and pipelines treat it as the stock model. A config without a recorded state builds
+    the stock model unchanged. For stock loaders the class lives in this file, where ``auto_map`` names it; hf_prune's
+    loader hands back ``stock`` itself once the weights are in, so its subclass stays in ``stock``'s module.
     """
-    if stock not in _PRUNED_CLASSES:
+    key = (stock, resize_layers)
+    if key not in _PRUNED_CLASSES:
 
         def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
             stock.__init__(self, config, *args, **kwargs)
-            manifest = (getattr(config, STATE_KEY, None) or {}).get(MANIFEST_KEY)
-            if manifest:
-                apply_manifest(self, manifest)
+            restore_shapes(self, config, resize_layers)
 
-        _PRUNED_CLASSES[stock] = type(stock.__name__, (stock,), {"__init__": __init__, "__module__": __name__})
-    return _PRUNED_CLASSES[stock]
+        module = __name__ if resize_layers is None else stock.__module__
+        _PRUNED_CLASSES[key] = type(stock.__name__, (stock,), {"__init__": __init__, "__module__": module})
+    return _PRUNED_CLASSES[key]
 
 
 def __getattr__(name: str) -> type:

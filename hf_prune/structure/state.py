@@ -1,9 +1,9 @@
 """The pruning state recorded in ``model.config.hf_prune``: per-layer shapes, which original heads and blocks remain,
 and the config fields mirrored so uniform shapes load with stock ``from_pretrained``.
 
-Surgery (:mod:`hf_prune.structure.surgery`) changes modules and then calls :func:`record_state`; readers (hub,
-trainer) use
-:func:`pruning_state` and :func:`check_state`.
+Surgery (:mod:`hf_prune.structure.surgery`) changes modules and then calls :func:`record_state`; readers (loader,
+trainer, reports, CLI) use :func:`pruning_state` and :func:`check_state`. The state is read from a config in one place,
+:func:`hf_prune.structure.remote_code.recorded_state`, which the self-contained modeling file shares.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..architectures import ArchAdapter, LayerConfig, LayerShape, get_adapter
-from .remote_code import MANIFEST_KEY, STATE_KEY
+from .remote_code import STATE_KEY, recorded_state
 
 FORMAT_VERSION = 1
 
 
 def pruning_state(model: nn.Module) -> dict[str, Any] | None:
-    """The hf_prune state stored in ``model.config`` (``None`` for an unpruned model)."""
-    return getattr(model.config, STATE_KEY, None)
+    """The hf_prune state stored in ``model.config`` (``None`` for an unpruned model): per-layer shapes
+    (``layers``), original sizes, kept original heads and blocks. A read-only view: surgery records changes."""
+    return recorded_state(model.config)
 
 
 def own_config(model: nn.Module) -> PretrainedConfig:
@@ -104,9 +105,7 @@ def current_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, Any]:
     if state is None:
         return fresh_state(model, adapter)
     check_state(model, state)
-    state = copy.deepcopy(state)
-    state.pop(MANIFEST_KEY, None)  # describes a saved folder (hub.save_pretrained writes it afresh), not these modules
-    return state
+    return copy.deepcopy(state)
 
 
 def record_state(model: nn.Module, adapter: ArchAdapter, state: dict[str, Any]) -> None:

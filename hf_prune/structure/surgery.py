@@ -1,9 +1,10 @@
 """Structural surgery: physically remove attention heads and FFN neurons, in place.
 
-This is the only module that rewrites weights. It reads *where* things live from the architecture adapters
-(:mod:`hf_prune.architectures`) and records the resulting per-layer shapes in ``model.config.hf_prune`` so
-:func:`hf_prune.from_pretrained` can rebuild them before weights load (``transformers`` 5 removed
-``PreTrainedModel.prune_heads`` and ``config.pruned_heads``, so nothing upstream does this anymore).
+This is the only module that changes a model's shapes; the refit after a cut (:mod:`hf_prune.structure.refit`) and
+the OBS update (:mod:`hf_prune.sparsity.reconstruct`) copy new values into the kept weights, never reshaping them.
+It reads *where* things live from the architecture adapters (:mod:`hf_prune.architectures`) and records the resulting
+per-layer shapes in ``model.config.hf_prune`` so :func:`hf_prune.from_pretrained` can rebuild them before weights
+load (``transformers`` 5 has no ``PreTrainedModel.prune_heads`` or ``config.pruned_heads``: nothing upstream does).
 
 Layers may lose *every* head or *every* FFN neuron. Such a branch reduces to its output-projection bias: the
 block's attention (or FFN) module gets a cheap forward that returns the bias and, for decoders, keeps the

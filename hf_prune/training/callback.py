@@ -22,14 +22,17 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.utils import logging
 
 from ..architectures import get_adapter
+from ..compat import replace_prepared_model
 from ..config import KEEP_TARGETS, PruningConfig
-from ..measure import count_parameters, encoder_flops, prunable_parameters
+from ..measure import encoder_flops, model_summary, prunable_parameters
+from ..planning.latency_search import check_latency_reachable
 from ..planning.latency_table import LatencyTable, profile_latency
 from ..planning.units import HeadUnits, head_unit_mode
-from ..scoring.calibration import CalibrationSet, calibration_set, model_device
-from ..sparsity.masks import MaskApplier, sparsity_report
-from ..step import check_latency_reachable, mask_step, structural_step
+from ..scoring.calibration import CalibrationSet, calibration_set
+from ..sparsity.masks import MaskApplier
+from ..step import mask_step, structural_step
 from ..structure.surgery import record_slices
+from ..utils import atomic_write, atomic_write_json, model_device, restored_mode
 from .distributed import all_reduce_sum, is_distributed, world_size
 from .optim import remap_optimizer
 from .schedules import Event, build_events, resolve_window
@@ -75,6 +78,7 @@ class PruningCallback(TrainerCallback):
     """
 
     def __init__(self, config: PruningConfig, trainer: Trainer | None = None, calibration_dataset: Any = None):
+        config = PruningConfig.coerce(config, "PruningCallback(config=...)")
         if config.layers or config.max_layers:
             # removing blocks mid-training would orphan their optimizer state and change the model under the
             # optimizer; depth is a one-shot decision, made before training starts
@@ -182,10 +186,10 @@ class PruningCallback(TrainerCallback):
         state = {"done_steps": self.done_steps, "progress": self.progress, "original": self.original}
         if self.latency is not None:  # a resumed run allocates with the same measured table, not a new one
             state["latency_table"] = self.latency.to_dict()
-        _atomic_write(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=2)))
+        atomic_write_json(folder / STATE_FILE, state)
         if self.masks:
             masks = {k: v.to(torch.uint8).cpu().contiguous() for k, v in self.masks.items()}
-            _atomic_write(folder / MASKS_FILE, lambda p: save_file(masks, p))
+            atomic_write(folder / MASKS_FILE, lambda p: save_file(masks, p))
 
     def load_state(self, folder: str | os.PathLike, device: torch.device | None = None) -> None:
         folder = Path(folder)
@@ -202,16 +206,15 @@ class PruningCallback(TrainerCallback):
             self._applier = None
 
     def stats(self, model: nn.Module) -> dict[str, Any]:
-        """Numbers logged at every logging step."""
-        shapes = get_adapter(model, structural=False).layer_shapes(model)
+        """Numbers logged at every logging step (from :func:`~hf_prune.measure.model_summary`)."""
+        summary = model_summary(model, self.config.seq_len)
         return {
             "pruning/progress": self.progress,
-            "pruning/sparsity": sparsity_report(model)["overall"],
-            "pruning/params": count_parameters(model),
-            "pruning/flops_ratio": self.original.get("flops", 0)
-            / max(1, encoder_flops(model, self.config.seq_len).total),
-            "pruning/kept_heads": str([s.heads for s in shapes]),
-            "pruning/kept_ffn": str([s.ffn for s in shapes]),
+            "pruning/sparsity": summary["sparsity"],
+            "pruning/params": summary["parameters"],
+            "pruning/flops_ratio": self.original.get("flops", 0) / max(1, summary["encoder_flops"]),
+            "pruning/kept_heads": str([layer["heads"] for layer in summary["layers"]]),
+            "pruning/kept_ffn": str([layer["ffn"] for layer in summary["layers"]]),
         }
 
     # ---- events -------------------------------------------------------------------------------------------
@@ -306,13 +309,11 @@ class PruningCallback(TrainerCallback):
         self.progress = event.progress
         config = self.config
         structural = config.structured and (step_config := self._step_config(model, event.progress)) is not None
-        was_training = model.training
-        with torch.random.fork_rng(devices=[]):
+        with restored_mode(model), torch.random.fork_rng(devices=[]):
             if structural:
                 self._cut_structure(model, step_config)
             if config.effective_sparsity > 0:
                 self._update_masks(model, event.progress)
-        model.train(was_training)
         logger.info(
             "hf_prune: pruning event at progress %.2f: %s",
             event.progress,
@@ -320,7 +321,7 @@ class PruningCallback(TrainerCallback):
         )
 
     def _cut_structure(self, model: nn.Module, step_config: PruningConfig) -> None:
-        needs = self.config.criterion in ("taylor", "fisher") or self.config.reconstruct
+        needs = self.config.needs_gradients or self.config.reconstruct
         calibration = self._calibration(model) if needs else None
         with record_slices() as slices:
             # timing differs per process, so under DDP the (rank-averaged) table alone decides
@@ -345,13 +346,6 @@ class PruningCallback(TrainerCallback):
             progress=False,
         )
         self._applier = MaskApplier(model, self.masks)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _average_table(table: LatencyTable, device: torch.device) -> LatencyTable:
@@ -381,11 +375,7 @@ def _rewrap_ddp(trainer: Trainer) -> None:
     new = nn.parallel.DistributedDataParallel(
         trainer.model, device_ids=ids, output_device=ids[0] if ids else None, **kwargs
     )
-    # accelerate lists prepared models (for save_state/free_memory) and has no public call to swap one; replacing
-    # the entry drops its reference to the old wrapper and its gradient buckets
-    models = getattr(accelerator, "_models", [])
-    for i, m in enumerate(models):
-        if m is old:
-            models[i] = new
+    # accelerate lists prepared models (for save_state/free_memory) and has no public call to swap one
+    replace_prepared_model(accelerator, old, new)
     trainer.model_wrapped = new
     trainer.callback_handler.model = trainer.model

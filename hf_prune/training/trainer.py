@@ -12,7 +12,8 @@ each
 
 Why a callback *and* a mixin instead of callbacks only (transformers' usual extension point): callbacks cannot
 re-wrap DDP around a resized model, change ``compute_loss`` or run before checkpoint weights load, all of which
-structural pruning under the Trainer needs.
+structural pruning under the Trainer needs. The few private ``Trainer`` methods the mixin overrides are marked
+``@overrides_private`` and listed, with why no public hook serves, in :data:`hf_prune.compat.PRIVATE_TRAINER_METHODS`.
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
 from ..architectures import get_adapter
-from ..compat import float_weights
+from ..compat import float_weights, overrides_private
 from ..config import PruningConfig
 from ..io.save import add_remote_code
-from ..scoring.calibration import model_device
-from ..structure.remote_code import MANIFEST_KEY
-from ..structure.state import STATE_KEY, pruning_state
+from ..structure.remote_code import recorded_state
+from ..structure.state import pruning_state
 from ..structure.surgery import apply_layer_shapes
+from ..utils import model_device
 from .callback import MASKS_FILE, STATE_FILE, PruningCallback, check_backend
 from .distill import (
     count_positions,
@@ -87,15 +88,15 @@ class PruningMixin:
         teacher_model: nn.Module | None = None,
         **kwargs: Any,
     ):
+        # checked before Trainer.__init__ places the model and builds the accelerator
+        config = PruningConfig() if pruning_config is None else PruningConfig.coerce(pruning_config, "pruning_config")
         self.teacher = None
         self._distill_counts: torch.Tensor | None = None
         self._in_training_step = False
         # before Trainer.__init__, which refuses a model still marked as quantized even when its weights are float
         float_weights(kwargs["model"] if "model" in kwargs else (args[0] if args else None))
         super().__init__(*args, **kwargs)
-        if isinstance(pruning_config, dict):
-            pruning_config = PruningConfig.from_dict(pruning_config)
-        self.pruning_config = pruning_config or PruningConfig()
+        self.pruning_config = config
         # unknown architecture: a clear error before anything runs (weight sparsity alone needs no adapter)
         get_adapter(self.model, structural=self.pruning_config.removes_structure)
         check_backend(self.args, self.pruning_config, self)
@@ -119,6 +120,7 @@ class PruningMixin:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
             self._causal = is_causal_lm(self.model)
+            self.add_callback(_TeacherFollowsModel(self))
             # compute_loss returns a loss already normalised over the accumulated batch (see hf_prune.training.distill)
             self.loss_is_scaled_for_ga = True
 
@@ -181,11 +183,6 @@ class PruningMixin:
             and getattr(self.model.config, "num_labels", 2) > 1
         )
 
-    def _move_model_to_device(self, model, device):
-        super()._move_model_to_device(model, device)
-        if getattr(self, "teacher", None) is not None:
-            self.teacher.to(device)
-
     # ---- DDP re-wrap after structural pruning -------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The training loop holds its own reference to the wrapped model; after a structural event under DDP the
@@ -205,12 +202,15 @@ class PruningMixin:
         super().log(logs, *args, **kwargs)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
+    @overrides_private
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
-        # checkpoints and save_model() load without hf_prune too, like hf_prune.save_pretrained's folders
-        # (_save runs on the process that writes: args.should_save)
-        add_remote_code(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        # checkpoints and save_model() load without hf_prune too, like hf_prune.save_pretrained's folders; a rank
+        # that only joined the gathers of a model sharded at load time returns from _save without writing
+        if self.args.should_save:
+            add_remote_code(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
 
+    @overrides_private
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = model if model is not None else self.model
         state = _checkpoint_state(resume_from_checkpoint)
@@ -222,6 +222,7 @@ class PruningMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.pruning_callback.load_state(resume_from_checkpoint, model_device(target))
 
+    @overrides_private
     def _load_best_model(self) -> None:
         # the callback restarts best tracking at every pruning event, so this only trips on a hand-edited state
         best = self.state.best_model_checkpoint
@@ -236,14 +237,28 @@ class PruningMixin:
         super()._load_best_model()
 
 
+class _TeacherFollowsModel(TrainerCallback):
+    """Moves the distillation teacher to the model's device when training begins: ``Trainer.train`` may move the
+    model after the teacher was placed (a ``model_init`` model, ``fp16_full_eval``/``bf16_full_eval``), and the teacher
+    only runs during training."""
+
+    def __init__(self, trainer: PruningMixin):
+        self.trainer = trainer
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        model = kwargs.get("model")
+        if self.trainer.teacher is not None and model is not None:
+            self.trainer.teacher.to(model_device(model))
+        return control
+
+
 def _checkpoint_state(folder: str | os.PathLike) -> dict[str, Any] | None:
     config_file = Path(folder) / "config.json"
     if not config_file.exists():
         return None
-    state = json.loads(config_file.read_text()).get(STATE_KEY)
-    if isinstance(state, dict):
-        state.pop(MANIFEST_KEY, None)  # describes the folder for stock loaders; the model gets a fresh one on save
-    return state
+    return recorded_state(json.loads(config_file.read_text()))
 
 
 class PruningTrainer(PruningMixin, Trainer):
