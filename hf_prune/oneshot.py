@@ -121,10 +121,9 @@ def prune(
         config: a :class:`PruningConfig` (or its dict form).
         calibration_data: needed by ``taylor``/``fisher``, ``reconstruct`` and activation-aware sparsity. Any form
             :func:`~hf_prune.scoring.calibration.calibration_set` accepts: tokenized examples (a ``datasets.Dataset``
-            or a
-            list of dicts, ragged lengths padded, batched with ``collate_fn``), ready batches of any padded lengths
-            (a list, generator or DataLoader). At most ``config.max_samples`` examples are drawn, once, and reused by
-            every pass.
+            or a list of dicts, ragged lengths padded, batched with ``collate_fn``), ready batches of any padded
+            lengths (a list, generator or DataLoader). At most ``config.max_samples`` examples are drawn, once,
+            and reused by every pass.
         depth_only: remove only the blocks (``config.layers`` / ``max_layers``) and leave width and sparsity to a
             later step, typically the :class:`~hf_prune.PruningTrainer`'s schedule (which does not remove blocks):
             train with ``PruningConfig.from_dict(report.width_config)``, which holds the rest of a keep-target.

@@ -479,6 +479,7 @@ def test_a_target_below_the_tables_floor_is_refused_with_the_reachable_target_an
     message = str(info.value)
     assert "target_latency=0.5 is out of reach" in message and f"{floor:.3f}" in message
     assert f"target_latency >= {math.ceil(100 * floor / 1.05) / 100:.2f}" in message and "layers=" in message
+    assert info.value.floor == pytest.approx(floor) and info.value.lowest == math.ceil(100 * floor / 1.05) / 100
     assert calls == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # the same table, a target it can reach: the clock agrees with the table, so the first plan, which spends the
     # budget as the table prices it, is the one kept

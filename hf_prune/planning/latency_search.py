@@ -39,7 +39,16 @@ LATENCY_TIMINGS = 8  # searches plus re-timings of contradicting measurements
 
 class LatencyTargetError(ValueError):
     """``target_latency`` is out of reach of width pruning on this machine at the timed input; raised before the
-    model is changed."""
+    model is changed.
+
+    ``floor`` is the fraction of the model's latency the measured table puts every layer at its minimum at, and
+    ``lowest`` the smallest ``target_latency`` accepted here, so a caller can re-aim from what this machine measured.
+    """
+
+    def __init__(self, message: str, floor: float = float("nan"), lowest: float = float("nan")) -> None:
+        super().__init__(message)
+        self.floor = floor
+        self.lowest = lowest
 
 
 def check_latency_reachable(model: nn.Module, config: PruningConfig, latency: LatencyTable) -> float:
@@ -55,7 +64,9 @@ def check_latency_reachable(model: nn.Module, config: PruningConfig, latency: La
             f"neuron) the measured latency table still puts the model at {floor:.3f} of its latency (embeddings, "
             f"norms, residuals and per-layer overhead stay). Allowed: target_latency >= {lowest:.2f} here; or time "
             "a larger batch/sequence (latency_batch_size, seq_len), where width matters more; or remove whole "
-            "blocks (layers=...), which removes their overhead too. The model was not changed."
+            "blocks (layers=...), which removes their overhead too. The model was not changed.",
+            floor=floor,
+            lowest=lowest,
         )
     return floor
 

@@ -4,8 +4,7 @@
 :func:`portable_files` compares the pruned model with the stock model its config builds (on the meta device, so
 nothing is allocated) and describes every difference inside the base model as plain data: the *manifest*. It then
 checks the description by rebuilding the stock model with :func:`hf_prune.structure.remote_code.apply_manifest` and
-comparing every
-parameter and buffer shape, so a folder never claims to load with stock classes when it would not.
+comparing every parameter and buffer shape, so a folder never claims to load with stock classes when it would not.
 
 A model whose shapes the stock config already describes (uniform pruning, depth pruning alone) needs none of this and
 gets no remote code: it loads with plain ``from_pretrained``.
