@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-# shared with the file saved next to pruned models (see runtime.py), so both read shapes and configs alike
+# shared with the file saved next to pruned models (see structure/remote_code.py), so both read shapes and configs alike
 from ..structure.remote_code import LayerConfig as LayerConfig
 from ..structure.remote_code import num_features
 

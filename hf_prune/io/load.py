@@ -85,7 +85,7 @@ def from_pretrained(
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     if kwargs.get("gguf_file") is not None:
         hub_kwargs["gguf_file"] = kwargs["gguf_file"]
-        # GGUF weights unpacked to float at load time: the model hf_prune can slice and train (see quantized.py)
+        # GGUF weights unpacked to float at load time: the model hf_prune can slice and train (see compat.py)
         kwargs.setdefault("quantization_config", GgufConfig(dequantize=True))
     config = kwargs.get("config")
     if config is None:
