@@ -41,6 +41,7 @@ BENCHMARKS = (
     "trainer_overhead",
     "deploy",
     "curves",
+    "serve",
 )
 Result = dict[str, Any]
 
@@ -298,7 +299,8 @@ def render_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> s
 def depends_on(benchmark: str) -> list[str]:
     """Repository paths whose changes can change ``benchmark``'s numbers: a row measured before the last change to
     one of them is stale. This file and the documentation are not among them."""
-    return ["hf_prune", "pyproject.toml", "data", "benchmarks/common.py", f"benchmarks/{benchmark}.py"]
+    deps = ["hf_prune", "pyproject.toml", "data", "benchmarks/common.py", f"benchmarks/{benchmark}.py"]
+    return deps + (["benchmarks/decoder.py"] if benchmark == "serve" else [])  # serve.py recovers with decoder.py's
 
 
 # A figure typed by hand into README.md outside the generated block: a decimal with a unit, a "~N ms", "about N s".

@@ -39,6 +39,7 @@ FULL = [
     ("memory", ["memory.py"]),
     ("deploy", ["deploy.py"]),
     ("latency_targets", ["latency_targets.py"]),
+    ("serve", ["serve.py", "--dense-recovery"]),
 ]
 # the smoke run's MiniLM: fine-tuned on 256 sentences, evaluated on 200 dev sentences (the quick run evaluates about
 # twenty times: on the full dev set that would dominate its time)
@@ -56,6 +57,7 @@ QUICK = [
         "latency_targets",
         ["latency_targets.py", "--model", "minilm-shapes", "--targets", "0.7", "--batch", "8", "--seq-len", "32"],
     ),
+    ("serve", ["serve.py", "--quick"]),
 ]
 
 

@@ -11,16 +11,20 @@ Public API (everything users need is re-exported here)::
 
 from .architectures import ArchAdapter, LayerShape, Param, Proj, get_adapter, register, supported_model_types
 from .config import PruningConfig
+from .io.gguf import export_gguf
 from .io.load import from_pretrained, is_pruned
 from .io.save import save_pretrained
+from .io.vllm import export_vllm
 from .measure import compare_latency, count_parameters, encoder_flops, measure_latency, prunable_parameters
 from .oneshot import PruningReport, prune
 from .planning.allocate import allocate
+from .planning.depth_search import remove_attention
 from .planning.latency_search import LatencyTargetError
 from .planning.latency_table import LatencyTable, profile_latency
 from .planning.plan import PruningPlan
 from .scoring.calibration import CalibrationSet, calibration_set
 from .scoring.criteria import Scores, magnitude_scores, mask_gradient_scores, random_scores, structured_scores
+from .structure.layout import model_layout
 from .structure.state import pruning_state
 from .structure.surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
 from .training.trainer import PruningCallback, PruningMixin, PruningTrainer
@@ -49,12 +53,15 @@ __all__ = [
     "compare_latency",
     "count_parameters",
     "encoder_flops",
+    "export_gguf",
+    "export_vllm",
     "from_pretrained",
     "get_adapter",
     "is_pruned",
     "magnitude_scores",
     "mask_gradient_scores",
     "measure_latency",
+    "model_layout",
     "profile_latency",
     "prunable_parameters",
     "prune",
@@ -64,6 +71,7 @@ __all__ = [
     "pruning_state",
     "random_scores",
     "register",
+    "remove_attention",
     "save_pretrained",
     "structured_scores",
     "supported_model_types",

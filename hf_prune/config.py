@@ -27,6 +27,7 @@ LAYER_CRITERIA = ("influence", "angular", "last")
 KEEP_TARGETS = ("target_flops", "target_params", "target_latency")
 SPARSITY_SCOPES = ("layer", "global", "row")
 SCHEDULES = ("oneshot", "iterative", "cubic")
+LAYOUTS = ("free", "servable", "uniform")  # block shapes serving engines run: see hf_prune.structure.layout
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -172,6 +173,13 @@ class PruningConfig(JsonMixin):
             model more units to choose from, ``"query"`` on a tie (SmolLM2: 3 groups of 3; Gemma-3-1B: one group
             of 4; Llama-3-8B: 8 groups of 4 -> groups). See :mod:`hf_prune.planning.units`.
         ffn_multiple: kept FFN sizes are rounded to a multiple of this (fast kernels); 1 disables rounding.
+        layout: block shapes the plan may produce (:mod:`hf_prune.structure.layout`): ``"free"`` (any per-block
+            shapes; transformers only), ``"servable"`` (the same query-head count in every block that keeps
+            attention, FFN widths free per block; vLLM's nemotron-nas and llama.cpp's deci run it) or ``"uniform"``
+            (every block the same shape; a stock config, every engine).
+        attention_layers: fraction of the blocks whose *attention sublayer* is removed (the MLP stays), chosen by
+            ``layer_criterion`` (``influence``/``angular``: attention outputs that change the block's input least on
+            calibration data; ``last``: those before the final block); before width, counted by a keep-target.
 
     Unstructured:
         sparsity: fraction of the blocks' linear weights set to zero, ``0 <= sparsity < 1``.
@@ -222,6 +230,8 @@ class PruningConfig(JsonMixin):
     max_layers: float = 0.0
     layer_criterion: str = "influence"
     ffn_multiple: int = 8
+    layout: str = "free"
+    attention_layers: float = 0.0
     sparsity: float = 0.0
     sparsity_scope: str = "layer"
     sparsity_criterion: str = "magnitude"
@@ -273,6 +283,7 @@ class PruningConfig(JsonMixin):
             ("scope", SCOPES),
             ("head_unit", HEAD_UNITS),
             ("layer_criterion", LAYER_CRITERIA),
+            ("layout", LAYOUTS),
             ("sparsity_scope", SPARSITY_SCOPES),
             ("sparsity_criterion", SPARSITY_CRITERIA),
         ):
@@ -295,7 +306,7 @@ class PruningConfig(JsonMixin):
 
     def _check_amounts(self) -> None:
         """What to remove: fractions removed in [0, 1), keep-targets in (0, 1]."""
-        for name in ("heads", "ffn", "layers", "max_layers", "sparsity"):
+        for name in ("heads", "ffn", "layers", "max_layers", "attention_layers", "sparsity"):
             self._check_fraction(name, low_open=False, high_open=True)
         for name in KEEP_TARGETS:
             self._check_fraction(name, low_open=True, high_open=False, optional=True)
@@ -332,6 +343,11 @@ class PruningConfig(JsonMixin):
             raise ValueError(
                 f"PruningConfig: layers={self.layers} fixes the depth and max_layers={self.max_layers} searches it; "
                 "set one of them"
+            )
+        if self.attention_layers and self.layout == "uniform":
+            raise ValueError(
+                f"PruningConfig: attention_layers={self.attention_layers} removes attention from some blocks, which "
+                "layout='uniform' (every block the same shape) excludes; use layout='servable' or 'free'"
             )
         if self.max_layers and self.keep_target is None:
             raise ValueError(
@@ -386,7 +402,12 @@ class PruningConfig(JsonMixin):
     @property
     def removes_structure(self) -> bool:
         """Heads, neurons or blocks are removed: the model's family needs an adapter (weight sparsity does not)."""
-        return self.structured or bool(self.layers or self.max_layers)
+        return self.structured or self.prunes_depth
+
+    @property
+    def prunes_depth(self) -> bool:
+        """Whole blocks or attention sublayers go (the depth step, before width)."""
+        return bool(self.layers or self.max_layers or self.attention_layers)
 
     @property
     def needs_gradients(self) -> bool:
@@ -397,7 +418,7 @@ class PruningConfig(JsonMixin):
     def needs_data(self) -> bool:
         structured_data = self.structured and (self.needs_gradients or self.reconstruct)
         sparse_data = self.effective_sparsity > 0 and (self.sparsity_criterion == "activation" or self.reconstruct)
-        depth_data = (bool(self.layers) and self.layer_criterion != "last") or bool(self.max_layers)
+        depth_data = (self.prunes_depth and self.layer_criterion != "last") or bool(self.max_layers)
         return structured_data or sparse_data or depth_data
 
     # ---- serialisation ----------------------------------------------------------------------------------

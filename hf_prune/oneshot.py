@@ -42,7 +42,8 @@ class PruningReport:
     sparsity_per_module: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     layers_removed: list[int] = field(default_factory=list)  # blocks removed (indices before pruning), see depth.py
-    # what the width and sparsity steps work to after the blocks went: ``config`` without ``layers``/``max_layers``,
+    attention_removed: list[int] = field(default_factory=list)  # blocks that lost their attention sublayer (same)
+    # what the width and sparsity steps work to after the blocks went: ``config`` without its depth fields,
     # a keep-target rescaled to the model the blocks left (equal to ``config`` when no block was removed)
     width_config: dict[str, Any] = field(default_factory=dict)
 
@@ -139,16 +140,17 @@ def prune(
     config = PruningConfig.coerce(config, "prune(config=...)")
     # weight sparsity alone works on any family; removing heads, neurons or blocks needs its adapter
     get_adapter(model, structural=config.removes_structure)
-    if depth_only and not (config.layers or config.max_layers):
+    if depth_only and not config.prunes_depth:
         raise ValueError(
             f"prune(depth_only=True) removes blocks only, but the config sets layers={config.layers} and "
-            f"max_layers={config.max_layers}; set one of them (a fraction of the blocks in (0, 1))"
+            f"max_layers={config.max_layers} and attention_layers={config.attention_layers}; set one of them (a "
+            "fraction of the blocks in (0, 1))"
         )
     float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
     if config.needs_data and calibration_data is None:
         raise ValueError(
             f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r}"
-            + (f" / layer_criterion={config.layer_criterion!r}" if config.layers else "")
+            + (f" / layer_criterion={config.layer_criterion!r}" if config.layers or config.attention_layers else "")
             + (f" / max_layers={config.max_layers}" if config.max_layers else "")
             + " needs calibration_data (tokenized examples or batches)"
         )
@@ -161,11 +163,12 @@ def prune(
     timings: dict[str, float] = {}
     before = model_summary(model, config.seq_len)
     removed_blocks: list[int] = []
+    removed_attention: list[int] = []
     width = config
     # depth first; a keep-target covers both, the width step gets what the removed blocks leave of it
-    if config.layers or config.max_layers:
+    if config.prunes_depth:
         start = time.perf_counter()
-        removed_blocks, width = depth_step(model, config, calibration)
+        removed_blocks, removed_attention, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start
     plan = PruningPlan() if depth_only else _width_and_sparsity(model, config, width, calibration, timings)
     result = PruningReport.from_summaries(
@@ -175,6 +178,7 @@ def prune(
         model_summary(model, config.seq_len),
         timings_s=timings,
         layers_removed=removed_blocks,
+        attention_removed=removed_attention,
         width_config=width.to_dict(),
     )
     logger.info("hf_prune.prune: %s", str(result).replace("\n", "; "))

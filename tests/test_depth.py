@@ -282,7 +282,9 @@ def test_max_layers_under_target_latency_prices_each_depth_with_its_timed_blocks
     for module in (step, depth_search):  # the depth search's table, and the width step's after the cut
         monkeypatch.setattr(module, "profile_latency", lambda m, *a, **k: _additive_table(len(adapter.layers(m))))
     monkeypatch.setattr(
-        depth_search, "depth_keep", lambda m, removed, config: 1 - len(removed) * (dense_ms - FIXED_MS) / 4 / dense_ms
+        depth_search,
+        "depth_keep",
+        lambda m, removed, config, attention=(): 1 - len(removed) * (dense_ms - FIXED_MS) / 4 / dense_ms,
     )
     monkeypatch.setattr(
         latency_search,

@@ -49,7 +49,7 @@ def test_readme_map_names_every_module_and_nothing_else():
     listed: set[str] = set()
     folder = ""
     for line in _design_map().splitlines():
-        entry = re.match(r"^  (?:(\w+)/)?\s*(\w+\.py)\s", line)
+        entry = re.match(r"^  (?:(\w+)/)?\s*((?:\w+/)*\w+\.py)\s", line)
         if re.match(r"^  \w", line):
             folder = entry.group(1) + "/" if entry and entry.group(1) else ""
         if entry:

@@ -283,6 +283,23 @@ class DecoderInvariants(FamilyInvariants):
         for g, r in zip(got.logits, ref.logits, strict=True):
             torch.testing.assert_close(g, r, atol=ATOL, rtol=0)
 
+    def test_generate_when_the_first_block_has_no_attention(self):
+        # generate() reads the cached length from layer 0's cache: a first block without attention must still keep it
+        cls = next(c for c in self.family.classes if c.__name__.endswith(("LMHeadModel", "ForCausalLM")))
+        model = make_model(self.family, cls)
+        heads = {0: list(range(hf_prune.get_adapter(model).layer_shape(model, 0).heads))}
+        reference = copy.deepcopy(model)
+        zero_heads_and_neurons(reference, heads, {})
+        hf_prune.prune_heads(model, heads)
+        inputs = make_inputs(self.family, padded=True)
+        kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_logits": True}
+        with torch.no_grad():
+            ref = reference.generate(**inputs, **kwargs, return_dict_in_generate=True)
+            got = model.generate(**inputs, **kwargs, return_dict_in_generate=True)
+        assert torch.equal(got.sequences, ref.sequences)
+        for g, r in zip(got.logits, ref.logits, strict=True):
+            torch.testing.assert_close(g, r, atol=ATOL, rtol=0)
+
 
 class TestBert(FamilyInvariants):
     family = FAMILIES["bert"]

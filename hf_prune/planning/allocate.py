@@ -32,32 +32,13 @@ from ..architectures import LayerShape, get_adapter
 from ..config import GRADIENT_CRITERIA, PruningConfig
 from ..measure import layer_flops, layer_params
 from ..scoring.criteria import Scores
+from ..structure.layout import check_layout
 from .latency_table import LatencyTable
+from .layout_search import layout_allocation
 from .plan import PruningPlan
-from .units import HeadUnits, head_unit_mode
-
-TOLERANCE = 0.005
+from .units import TOLERANCE, HeadUnits, head_unit_mode, kept_score, round_multiple, unit_norm
 
 logger = logging.get_logger(__name__)
-
-
-def _round_multiple(n: float, multiple: int, size: int) -> int:
-    # half-up (not Python's half-to-even): a tie keeps the larger width
-    if multiple <= 1 or size < multiple:
-        return max(0, min(size, math.floor(n + 0.5)))
-    return max(0, min(size, multiple * math.floor(n / multiple + 0.5)))
-
-
-def _unit_norm(t: torch.Tensor) -> torch.Tensor:
-    """``t`` divided by its L2 norm (per-layer normalisation before scores compete across layers)."""
-    norm = t.float().norm()
-    return t.float() / norm if norm > 0 else t.float()
-
-
-def _kept_score(scores: torch.Tensor) -> torch.Tensor:
-    """``out[k]`` = total score of the ``k`` best entries (``out[0] = 0``)."""
-    ordered = torch.sort(scores.double(), descending=True).values
-    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ordered, 0)])
 
 
 class _Allocator:
@@ -122,7 +103,7 @@ class _Allocator:
         kept = list(self.min_units)
         candidates = []
         for i, s in enumerate(self.unit_scores):
-            norm = _unit_norm(s)
+            norm = unit_norm(s)
             order = torch.argsort(norm, descending=True).tolist()
             candidates += [(float(norm[j]), i) for j in order[self.min_units[i] :]]
         candidates.sort(key=lambda c: -c[0])
@@ -137,21 +118,21 @@ class _Allocator:
         n_keep = max(0, min(total, n_keep))
         multiple = self.config.ffn_multiple
         if self.config.scope == "layer" or total == 0:
-            return [_round_multiple(n_keep * size / total if total else 0, multiple, size) for size in sizes]
-        normed = [_unit_norm(s) for s in self.ffn_scores]
+            return [round_multiple(n_keep * size / total if total else 0, multiple, size) for size in sizes]
+        normed = [unit_norm(s) for s in self.ffn_scores]
         flat = torch.cat(normed) if normed else torch.zeros(0)
         if n_keep == 0:
             return [0] * len(sizes)
         threshold = torch.topk(flat, n_keep).values[-1]
         counts = [int((s >= threshold).sum()) for s in normed]
-        return [_round_multiple(c, multiple, size) for c, size in zip(counts, sizes, strict=True)]
+        return [round_multiple(c, multiple, size) for c, size in zip(counts, sizes, strict=True)]
 
     def adjust_ffn(self, units: list[int], ffn: list[int], budget: float, target: str) -> list[int]:
         """Move FFN widths one multiple at a time until the kept cost is within tolerance of ``budget``."""
         ffn = list(ffn)
         step = max(1, self.config.ffn_multiple)
         sizes = [s.ffn for s in self.shapes]
-        normed = [torch.sort(_unit_norm(s), descending=True).values for s in self.ffn_scores]
+        normed = [torch.sort(unit_norm(s), descending=True).values for s in self.ffn_scores]
 
         def marginal(i: int, keep: int) -> float:
             # importance of the next block of neurons to drop (keep > 0) or add
@@ -234,7 +215,7 @@ class _Allocator:
             counts = [int((s >= threshold).sum()) for s in self.ffn_scores]
         else:
             counts = [0] * len(self.shapes)
-        ffn = [_round_multiple(c, self.config.ffn_multiple, s.ffn) for c, s in zip(counts, self.shapes, strict=True)]
+        ffn = [round_multiple(c, self.config.ffn_multiple, s.ffn) for c, s in zip(counts, self.shapes, strict=True)]
         return units, ffn
 
     def latency_search(self, budget: float) -> tuple[list[int], list[int]]:
@@ -251,10 +232,10 @@ class _Allocator:
         step = self.config.ffn_multiple
         unit_opts, ffn_opts = [], []  # per layer: [(kept, cumulative score, part latency)]
         for i, s in enumerate(self.shapes):
-            cum = _kept_score(self.unit_scores[i])
+            cum = kept_score(self.unit_scores[i])
             units = range(self.min_units[i], self.units.count(s) + 1)
             unit_opts.append([(u, float(cum[u]), table.attention_ms(u)) for u in units])
-            cum = _kept_score(self.ffn_scores[i])
+            cum = kept_score(self.ffn_scores[i])
             widths = sorted(set(range(0, s.ffn, step)) | {s.ffn})
             ffn_opts.append([(n, float(cum[n]), table.ffn_part_ms(n)) for n in widths])
         fixed = len(self.shapes) * table.base_ms
@@ -416,7 +397,9 @@ def allocate(
         keep = getattr(config, f"target_{target}")
         budget = keep * alloc.total_cost(full_units, full_ffn, target)
         loss_scores = config.scope == "global" and scores.criterion in GRADIENT_CRITERIA
-        if target == "latency":
+        if config.layout != "free":
+            units, ffn = layout_allocation(alloc, config.layout, target, budget, loss_scores)
+        elif target == "latency":
             units, ffn = alloc.latency_search(budget) if loss_scores else alloc.fraction_search(budget, "latency")
         elif loss_scores:
             units, ffn = alloc.joint_search(budget, target)
@@ -425,7 +408,7 @@ def allocate(
             head_part = alloc.total_cost(units, [0] * len(shapes), target)
             neuron_cost = alloc.cost(LayerShape(0, 0, 1), target)
             ffn = alloc.ffn_by_total(round(max(0.0, budget - head_part) / neuron_cost))
-        if target != "latency":
+        if target != "latency" and config.layout == "free":
             ffn = alloc.adjust_ffn(units, ffn, budget, target)
         achieved = alloc.total_cost(units, ffn, target) / alloc.total_cost(full_units, full_ffn, target)
         meta = {"target": target, "requested_keep": keep, "achieved_keep": achieved}
@@ -434,6 +417,9 @@ def allocate(
             floor = alloc.total_cost(alloc.min_units, [0] * len(shapes), target)
             meta["latency_floor"] = floor / alloc.total_cost(full_units, full_ffn, target)
             meta["latency_table"] = latency.summary()
+    elif config.layout != "free":
+        units, ffn = layout_allocation(alloc, config.layout, None, 0.0, False)
+        meta = {"heads": config.heads, "ffn": config.ffn}
     else:
         units = alloc.heads_by_fraction(config.heads) if config.heads else full_units
         ffn = alloc.ffn_by_total(round((1 - config.ffn) * sum(full_ffn))) if config.ffn else full_ffn
@@ -442,4 +428,7 @@ def allocate(
         alloc.warn_unmet(units, ffn, meta)
     plan = alloc.to_plan(units, ffn)
     plan.meta = {"criterion": scores.criterion, "scope": config.scope, "head_unit": alloc.units.mode, **meta}
+    if config.layout != "free":
+        plan.meta["layout"] = config.layout
+        check_layout(plan.shapes_after(model), config.layout, "PruningConfig(layout=...)")
     return plan

@@ -17,13 +17,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..architectures import get_adapter
+from ..architectures import LayerShape, get_adapter
 from ..config import PruningConfig
 from ..measure import compare_latency, layer_flops, layer_params
 from ..scoring.calibration import CalibrationSet, no_cache
 from ..scoring.criteria import Scores, structured_scores
-from ..scoring.depth import select_blocks
-from ..structure.surgery import prune_layers
+from ..scoring.depth import select_attention, select_blocks
+from ..structure.surgery import prune_heads, prune_layers
 from ..training.distill import is_causal_lm, kl_sum, logit_positions
 from ..utils import eval_mode, model_device
 from .allocate import allocate
@@ -32,34 +32,45 @@ from .latency_table import dummy_inputs, profile_latency
 logger = logging.get_logger(__name__)
 
 
-def depth_keep(model: nn.Module, removed: list[int], config: PruningConfig) -> float:
+def remove_attention(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
+    """Remove the attention sublayer of ``blocks`` (every head; the blocks keep their MLP), in place."""
+    shapes = get_adapter(model).layer_shapes(model)
+    return prune_heads(model, {i: list(range(shapes[i].heads)) for i in blocks if shapes[i].heads})
+
+
+def depth_keep(model: nn.Module, removed: list[int], config: PruningConfig, attention: Iterable[int] = ()) -> float:
     """The fraction of ``config``'s keep-target quantity (block FLOPs, prunable parameters or measured latency) that
-    removing the blocks ``removed`` keeps; the model is not changed (latency is timed on a copy, interleaved)."""
+    removing the blocks ``removed`` and the attention sublayers of the blocks ``attention`` keeps; the model is not
+    changed (latency is timed on a copy, interleaved)."""
     target = config.keep_target
-    if target is None or not removed:
+    attention = set(attention)
+    if target is None or not (removed or attention):
         return 1.0
     gone = set(removed)
     if target == "latency":
-        work = prune_layers(copy.deepcopy(model), removed)
+        work = prune_layers(remove_attention(copy.deepcopy(model), attention), removed)
         inputs = dummy_inputs(model, config.latency_batch_size, config.seq_len, model_device(model))
         with eval_mode(model):
             return 1.0 / compare_latency(model, work.eval(), inputs, repeats=12)["speedup"]
     adapter = get_adapter(model)
     hidden, head_dim = adapter.hidden_size(model.config), adapter.head_dim(model.config)
-    costs = [
-        layer_flops(s, hidden, head_dim, adapter.ffn_in_mats, config.seq_len)
-        if target == "flops"
-        else layer_params(s, hidden, head_dim, adapter.ffn_in_mats)
-        for s in adapter.layer_shapes(model)
-    ]
-    return sum(c for i, c in enumerate(costs) if i not in gone) / sum(costs)
+    shapes = adapter.layer_shapes(model)
+
+    def cost(s: LayerShape) -> float:
+        if target == "flops":
+            return layer_flops(s, hidden, head_dim, adapter.ffn_in_mats, config.seq_len)
+        return layer_params(s, hidden, head_dim, adapter.ffn_in_mats)
+
+    kept = [replace(s, heads=0, kv_heads=0) if i in attention else s for i, s in enumerate(shapes)]
+    return sum(cost(s) for i, s in enumerate(kept) if i not in gone) / sum(cost(s) for s in shapes)
 
 
 def depth_step(
     model: nn.Module, config: PruningConfig, calibration: CalibrationSet | None = None
-) -> tuple[list[int], PruningConfig]:
-    """Remove ``config.layers`` of the blocks (chosen by ``config.layer_criterion``); return the removed indices and
-    the config the width step that follows must use.
+) -> tuple[list[int], list[int], PruningConfig]:
+    """Remove ``config.layers`` of the blocks and the attention sublayers of ``config.attention_layers`` of them
+    (both chosen by ``config.layer_criterion``); return the removed blocks, the blocks whose attention went (both as
+    indices before the step) and the config the width step that follows must use.
 
     A keep-target (``target_flops`` / ``target_params`` / ``target_latency``) is a fraction of the model passed in,
     depth and width together: the blocks' share is measured (latency: timed) and the width step gets what is left,
@@ -70,11 +81,13 @@ def depth_step(
     if config.max_layers:
         fraction = search_depth(model, config, calibration)
     removed, _ = select_blocks(model, config.layer_criterion, fraction, calibration)
+    n_attention = round(config.attention_layers * len(get_adapter(model).layers(model)))
+    attention = select_attention(model, config.layer_criterion, n_attention, calibration, exclude=removed)
     target = config.keep_target
-    width = replace(config, layers=0.0, max_layers=0.0)
+    width = replace(config, layers=0.0, max_layers=0.0, attention_layers=0.0)
     if target is not None:
         keep = getattr(config, f"target_{target}")
-        kept = depth_keep(model, removed, config)
+        kept = depth_keep(model, removed, config, attention)
         if kept <= keep:
             logger.warning(
                 "hf_prune: layers=%g alone keeps %.3f of the %s, at or below target_%s=%g; no width is removed",
@@ -87,8 +100,10 @@ def depth_step(
             width = replace(width, **{f"target_{target}": None})
         else:
             width = replace(width, **{f"target_{target}": keep / kept})
-    prune_layers(model, removed)
-    return removed, width
+    if attention:
+        logger.info("hf_prune: removing the attention sublayer of blocks %s", attention)
+    prune_layers(remove_attention(model, attention), removed)
+    return removed, attention, width
 
 
 MAX_DEPTH_CANDIDATES = 9

@@ -18,6 +18,7 @@ one layout. Models without GQA (``g == 1``) have one head per unit either way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,29 @@ def head_unit_mode(model: nn.Module, requested: str = "auto") -> str:
         heads, kv = adapter.num_heads(model.config), adapter.num_kv_heads(model.config)
     group = heads // kv if kv else 1
     return "query" if group > 1 and group >= kv else "group"
+
+
+TOLERANCE = 0.005  # a keep-target is met when the kept cost is within this fraction of the budget
+
+
+def round_multiple(n: float, multiple: int, size: int) -> int:
+    """``n`` rounded to a multiple of ``multiple``, within ``[0, size]`` (a width below one multiple rounds to 1)."""
+    # half-up (not Python's half-to-even): a tie keeps the larger width
+    if multiple <= 1 or size < multiple:
+        return max(0, min(size, math.floor(n + 0.5)))
+    return max(0, min(size, multiple * math.floor(n / multiple + 0.5)))
+
+
+def unit_norm(t: torch.Tensor) -> torch.Tensor:
+    """``t`` divided by its L2 norm (per-layer normalisation before scores compete across layers)."""
+    norm = t.float().norm()
+    return t.float() / norm if norm > 0 else t.float()
+
+
+def kept_score(scores: torch.Tensor) -> torch.Tensor:
+    """``out[k]`` = total score of the ``k`` best entries (``out[0] = 0``)."""
+    ordered = torch.sort(scores.double(), descending=True).values
+    return torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ordered, 0)])
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "onnx":
+        return _export_serving(args)
     from ..io.onnx import export_onnx
 
     report = export_onnx(args.model, args.output, int8=args.int8, atol=args.atol)
@@ -108,6 +110,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     else:
         print(f"ONNX Runtime vs PyTorch on {check}: max |difference| {report.max_abs_diff:.3g} (tolerance met)")
+    return 0
+
+
+def _export_serving(args: argparse.Namespace) -> int:
+    """``--format vllm`` (a folder vLLM serves) or ``--format gguf`` (a file llama.cpp runs)."""
+    if args.int8:
+        raise ValueError(f"--int8 is an ONNX option; --format {args.format} takes --gguf-type for its precision")
+    if args.format == "vllm":
+        from ..io.vllm import CONFIG_FILE, export_vllm
+
+        path = export_vllm(args.model, args.output)
+        # a servable (per-block) export is vLLM's nemotron-nas, whose config class ships in the folder
+        remote = (path / CONFIG_FILE).exists()
+        flag, kwarg = (" --trust-remote-code", ", trust_remote_code=True") if remote else ("", "")
+        print(f"wrote {path}: serve it with `vllm serve {path}{flag}` (or vllm.LLM({str(path)!r}{kwarg}))")
+        return 0
+    from ..io.gguf import export_gguf
+
+    path = export_gguf(args.model, args.output, gguf_type=args.gguf_type)
+    print(f"wrote {path} ({args.gguf_type}, {path.stat().st_size / 2**20:.1f} MiB): run it with llama.cpp")
     return 0
 
 
@@ -153,9 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=_cmd_evaluate)
 
-    export = sub.add_parser("export", help="export a saved (pruned) model to ONNX, optionally int8, and check it")
+    export = sub.add_parser(
+        "export", help="export a saved (pruned) model to ONNX (checked), a vLLM folder or a llama.cpp GGUF file"
+    )
     export.add_argument("model", help="a folder saved by hf_prune.save_pretrained or a recipe run")
-    export.add_argument("--output", required=True, help="folder to write model.onnx (+ config, tokenizer, report)")
+    export.add_argument(
+        "--format",
+        choices=["onnx", "vllm", "gguf"],
+        default="onnx",
+        help="onnx: model.onnx checked against PyTorch; vllm: a folder `vllm serve` runs (uniform or servable "
+        "layout); gguf: one .gguf file for llama.cpp / Ollama (uniform: llama, servable: deci)",
+    )
+    export.add_argument(
+        "--output", required=True, help="onnx/vllm: folder to write (+ config, tokenizer); gguf: the .gguf file"
+    )
+    export.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF tensor type")
     export.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 quantization")
     export.add_argument(
         "--atol", type=float, default=1e-4, help="float32 check: max |ONNX - PyTorch| / max(1, output scale)"

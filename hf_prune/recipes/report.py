@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..architectures import LayerShape
+from ..structure.layout import layout_of
 from ..utils import atomic_write, atomic_write_text
+from .offline import OFFLINE_MODELS
 
 
 def kept_structure_svg(kept_heads: list[int], total_heads: int, kept_ffn: list[int], total_ffn: int) -> str:
@@ -180,19 +184,190 @@ def _export_section(report: dict[str, Any]) -> str:
     )
 
 
-def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
+#: ``model.task`` -> (Hub ``pipeline_tag``, the transformers auto class that loads it)
+TASKS = {
+    "sequence-classification": ("text-classification", "AutoModelForSequenceClassification"),
+    "causal-lm": ("text-generation", "AutoModelForCausalLM"),
+}
+
+#: the copies of public data sets shipped in the repository's ``data/`` (data/README.md), by ``(folder, file)``:
+#: ``(Hub dataset id, its config, the split the file holds, a readable name)``
+OFFLINE_DATA = {
+    ("sst2", "train_8k.tsv"): ("nyu-mll/glue", "sst2", "train", "GLUE SST-2 (8,000 rows of train)"),
+    ("sst2", "train.tsv.xz"): ("nyu-mll/glue", "sst2", "train", "GLUE SST-2"),
+    ("sst2", "dev.tsv"): ("nyu-mll/glue", "sst2", "validation", "GLUE SST-2"),
+    ("rte", "train.tsv.xz"): ("nyu-mll/glue", "rte", "train", "GLUE RTE"),
+    ("rte", "dev.tsv.xz"): ("nyu-mll/glue", "rte", "validation", "GLUE RTE"),
+    ("wikitext2", "train.txt.xz"): ("Salesforce/wikitext", "wikitext-2-v1", "train", "WikiText-2"),
+    ("wikitext2", "valid.txt.xz"): ("Salesforce/wikitext", "wikitext-2-v1", "validation", "WikiText-2"),
+    ("wikitext2", "test.txt.xz"): ("Salesforce/wikitext", "wikitext-2-v1", "test", "WikiText-2"),
+    ("wikitext2", "test_head.txt"): ("Salesforce/wikitext", "wikitext-2-v1", "test", "WikiText-2 (start of test)"),
+}
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``name`` if it reads as a Hub repository id and is not a folder here (a local path is not a Hub id)."""
+    if not name:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return None if Path(name).exists() else name
+
+
+def hub_base_model(report: dict[str, Any]) -> str | None:
+    """The Hub id of the model the run pruned, for the card's ``base_model`` (``None`` for a local folder).
+
+    An ``offline:`` alias stands for the Hub model its package carries (:data:`~.offline.OFFLINE_MODELS`); the
+    runner already reports that id, the mapping is repeated for reports written before it did.
+    """
+    name = str(report["base_model"])
+    return _hub_id(OFFLINE_MODELS.get(name, name))
+
+
+def _data_source(data: dict[str, Any], split: str) -> tuple[str, str | None, str, str] | None:
+    """``(Hub id, config, split, name)`` of the data a recipe's ``split`` came from: a Hub dataset, or a file that
+    is one of the repository's shipped copies (:data:`OFFLINE_DATA`, matched by ``data/<folder>/<file>``).
+    ``None`` for any other local file or folder: the card claims no Hub data set for it."""
+    if data.get("files"):
+        file = data["files"].get(split)
+        parts = Path(str(file)).parts if file else ()
+        if len(parts) >= 3 and parts[-3] == "data" and (parts[-2], parts[-1]) in OFFLINE_DATA:
+            return OFFLINE_DATA[(parts[-2], parts[-1])]
+        return None
+    dataset = _hub_id(data.get("dataset"))
+    if dataset is None:
+        return None
+    config = data.get("config")
+    return dataset, config, split, f"{dataset} {config}" if config else dataset
+
+
+def hub_datasets(report: dict[str, Any]) -> list[str]:
+    """The Hub ids of the data the run trained and evaluated on, for the card's ``datasets`` (empty: none known)."""
+    data = report["recipe"].get("data") or {}
+    splits = [data.get("train_split", "train"), data.get("eval_split", "validation"), *(data.get("files") or {})]
+    ids = [source[0] for split in splits if (source := _data_source(data, split))]
+    return list(dict.fromkeys(ids))
+
+
+def eval_results(report: dict[str, Any]) -> list[EvalResult]:
+    """One ``model-index`` result per metric measured on the pruned model (``metrics["after_recovery"]``: the
+    weights in this folder), on the evaluation split. Empty when that step has not run, or when the evaluation data
+    has no Hub id: the Hub reads ``model-index`` as results on a named public data set (transformers' own cards
+    leave such results out for the same reason)."""
+    final = report.get("metrics", {}).get("after_recovery") or {}
+    data = report["recipe"].get("data") or {}
+    source = _data_source(data, data.get("eval_split", "validation"))
     task = report["recipe"].get("model", {}).get("task", "sequence-classification")
-    data = ModelCardData(
+    if not final or source is None or task not in TASKS:
+        return []
+    dataset, config, split, name = source
+    if data.get("max_eval_samples"):
+        name += f", up to {data['max_eval_samples']} rows sampled with seed {data.get('shuffle_seed', 0)}"
+    task_type = TASKS[task][0]
+    where = {"dataset_type": dataset, "dataset_name": name, "dataset_config": config, "dataset_split": split}
+    return [EvalResult(task_type=task_type, **where, metric_type=m, metric_value=float(v)) for m, v in final.items()]
+
+
+def card_data(report: dict[str, Any]) -> ModelCardData:
+    """The card's metadata, as the Hub reads it: base model, data sets, pipeline tag, library, tags and the
+    ``model-index`` of measured results. Built with ``huggingface_hub``'s card classes so the YAML is what the Hub
+    validates, not a hand-written imitation."""
+    recipe = report["recipe"]
+    task = recipe.get("model", {}).get("task", "sequence-classification")
+    results = eval_results(report)
+    output = recipe.get("output") or {}
+    model_name = output.get("repo_id") or Path(str(output.get("dir") or "hf_prune-pruned")).name
+    return ModelCardData(
         library_name="transformers",
         tags=["hf_prune", "pruned", "structured-pruning"],
-        pipeline_tag="text-classification" if task == "sequence-classification" else "text-generation",
-        base_model=report["base_model"] if not Path(str(report["base_model"])).exists() else None,
+        pipeline_tag=TASKS.get(task, (None,))[0],
+        base_model=hub_base_model(report),
+        datasets=hub_datasets(report) or None,
+        metrics=list(dict.fromkeys(r.metric_type for r in results)) or None,
+        model_name=model_name,
+        eval_results=results or None,
     )
+
+
+def report_layout(report: dict[str, Any]) -> str:
+    """``"uniform"``, ``"servable"`` or ``"free"``: the layout (:mod:`hf_prune.structure.layout`) of the pruned
+    blocks, from the report's per-block kept heads, key/value heads and FFN widths."""
+    plan = report["plan"]
+    kv = plan.get("kept_kv_heads") or plan["kept_heads"]  # reports before kv heads were recorded: MHA
+    return layout_of([LayerShape(h, k, f) for h, k, f in zip(plan["kept_heads"], kv, plan["kept_ffn"], strict=True)])
+
+
+_LAYOUT_TEXT = {
+    "uniform": "every block has the same shape and keeps both sublayers, so a stock config describes it",
+    "servable": "the blocks that keep attention keep the same number of query heads; key/value heads, FFN widths "
+    "and removed sublayers differ per block, as vLLM's nemotron-nas (`DeciLMForCausalLM`) and llama.cpp's `deci` "
+    "architecture describe",
+    "free": "the blocks keep different numbers of query heads, which only transformers runs (with the per-layer "
+    "shapes hf_prune records)",
+}
+_TRANSFORMERS_HOW = {
+    "stock": "stock `{auto}.from_pretrained` (see *How to load it*)",
+    "remote-code": "`{auto}.from_pretrained(..., trust_remote_code=True)` or `hf_prune.from_pretrained` (see *How to "
+    "load it*)",
+    "hf_prune": "`hf_prune.from_pretrained` (sparse weights; see *How to load it*)",
+}
+_VLLM = "`hf-prune export MODEL_DIR --format vllm --output OUT`, then `vllm serve OUT`"
+_GGUF = "`hf-prune export MODEL_DIR --format gguf --gguf-type f16 --output OUT.gguf`, then `llama-server -m OUT.gguf`"
+_REPRUNE = 'prune with `PruningConfig(layout="servable")` or `layout="uniform"` (recipe: `pruning.layout`)'
+
+
+def serving_rows(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """``(engine, runs this model, how)`` for each engine the card lists: the model's layout decides which serving
+    engines take it; encoders (classification) run in transformers and ONNX Runtime, which vLLM and llama.cpp do not
+    serve."""
+    task = report["recipe"].get("model", {}).get("task", "sequence-classification")
+    layout = report_layout(report)
+    auto = TASKS.get(task, ("", "AutoModel"))[1]
+    loading = report.get("loading") or ("stock" if layout == "uniform" else "remote-code")
+    rows = [("transformers", True, _TRANSFORMERS_HOW[loading].format(auto=auto))]
+    if task != "causal-lm":
+        onnx = "`hf-prune export MODEL_DIR --output OUT` (`--int8`: dynamic int8), checked against PyTorch"
+        return [*rows, ("ONNX Runtime", True, onnx)]
+    if layout == "uniform":
+        return [*rows, ("vLLM", True, _VLLM), ("llama.cpp", True, f"{_GGUF} (`llama` GGUF)")]
+    if layout == "servable":
+        return [
+            *rows,
+            ("vLLM", True, f"{_VLLM} (the export writes a nemotron-nas `DeciLMForCausalLM` config)"),
+            ("llama.cpp", True, f"{_GGUF} (`deci` GGUF)"),
+        ]
+    return [
+        *rows,
+        ("vLLM", False, f"not this layout: {_REPRUNE}"),
+        ("llama.cpp", False, f"not this layout: {_REPRUNE}"),
+    ]
+
+
+def _serving_section(report: dict[str, Any]) -> str:
+    """The card's "Serving" section: the layout, then per engine whether and how it runs the model."""
+    layout = report_layout(report)
+    rows = "\n".join(f"| {name} | {'yes' if ok else 'no'} | {how} |" for name, ok, how in serving_rows(report))
+    task = report["recipe"].get("model", {}).get("task", "sequence-classification")
+    engines = (
+        _LAYOUT_TEXT[layout]
+        if task == "causal-lm"
+        else "an encoder: transformers and ONNX Runtime run it at any layout; vLLM and llama.cpp serve decoders only"
+    )
+    return (
+        f"Layout: **{layout}** ({engines}). `MODEL_DIR` is a local copy of this repository "
+        "(`hf download <this repo> --local-dir MODEL_DIR`).\n\n"
+        f"| engine | runs this model | how |\n|---|---|---|\n{rows}\n"
+    )
+
+
+def _removed_section(report: dict[str, Any]) -> str:
+    """The card's "What was removed" list: blocks, heads, FFN neurons, sparsity and the pruning settings."""
     plan, orig = report["plan"], report["plan"].get("original") or {}
     removed_heads = (orig.get("heads", 0) * len(plan["kept_heads"]) - sum(plan["kept_heads"])) if orig else "?"
     removed_ffn = (orig.get("ffn", 0) * len(plan["kept_ffn"]) - sum(plan["kept_ffn"])) if orig else "?"
     cfg = report["pruning_config"]
-    auto_class = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
     kept_layers = plan.get("kept_layers")
     blocks = (
         f"- **Transformer blocks:** {plan.get('original_layers', '?') - len(kept_layers)} removed "
@@ -200,8 +375,23 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
         if kept_layers is not None and isinstance(plan.get("original_layers"), int)
         else ""
     )
+    return f"""{blocks}- **Attention heads:** {removed_heads} removed in the kept blocks; kept per layer: \
+{plan["kept_heads"]} (of {orig.get("heads", "?")}).
+- **FFN neurons:** {removed_ffn} removed in the kept blocks; kept per layer: {plan["kept_ffn"]} \
+(of {orig.get("ffn", "?")}).
+- **Weight sparsity** in the transformer blocks: {report["sparsity"]:.1%}.
+- Criterion `{cfg["criterion"]}`, scope `{cfg["scope"]}`, schedule `{cfg["schedule"]}`; distillation alpha
+  {cfg["distill_alpha"]}.
+"""
+
+
+def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
+    """The model card (``README.md``) of a run's output folder: Hub metadata (:func:`card_data`), what was removed,
+    how to load and serve the model, the measured results and the recipe that made it."""
+    task = report["recipe"].get("model", {}).get("task", "sequence-classification")
+    auto_class = TASKS.get(task, ("", "AutoModel"))[1]
     content = f"""---
-{data.to_yaml()}
+{card_data(report).to_yaml()}
 ---
 
 # Pruned {report["base_model"]}
@@ -210,16 +400,11 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> ModelCard:
 {report["hf_prune_version"]}.
 
 ## What was removed
-{blocks}- **Attention heads:** {removed_heads} removed in the kept blocks; kept per layer: {plan["kept_heads"]} \
-(of {orig.get("heads", "?")}).
-- **FFN neurons:** {removed_ffn} removed in the kept blocks; kept per layer: {plan["kept_ffn"]} \
-(of {orig.get("ffn", "?")}).
-- **Weight sparsity** in the transformer blocks: {report["sparsity"]:.1%}.
-- Criterion `{cfg["criterion"]}`, scope `{cfg["scope"]}`, schedule `{cfg["schedule"]}`; distillation alpha
-  {cfg["distill_alpha"]}.
-
+{_removed_section(report)}
 ## How to load it
-{_loading_section(report, auto_class)}{_export_section(report)}
+{_loading_section(report, auto_class)}
+## Serving
+{_serving_section(report)}{_export_section(report)}
 ## Results (measured by the run that produced this model)
 {chr(10).join(_metrics_rows(report))}
 

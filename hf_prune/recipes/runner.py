@@ -181,7 +181,7 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
     after_pruning: dict[str, Any] = {}
     config = recipe.pruning
     calibration = train.select(range(min(len(train), recipe.data.calibration_samples)))
-    if config.layers or config.max_layers:
+    if config.prunes_depth:
         depth = prune(model, config, calibration, collate_fn=collator, depth_only=True)
         config = PruningConfig.from_dict(depth.width_config)
         if not (config.structured or config.effective_sparsity):  # nothing else to prune: measure it now

@@ -117,3 +117,87 @@ def select_blocks(
         raise ValueError(f"layer_criterion={criterion!r} needs calibration data")
     cos = block_statistics(model, batches, span=1 if criterion == "influence" else n_remove)
     return choose_blocks(criterion, n, n_remove, cos), (1 - cos).tolist()
+
+
+def attention_statistics(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Per block, the mean cosine similarity (non-padding calibration tokens) between the block's input ``x`` and
+    ``x + a``, ``a`` the attention branch's output (what its output projection adds to the residual stream). One
+    minus it is the attention sublayer's influence, ShortGPT's Block Influence applied to the sublayer; a block
+    whose attention is already removed gets 1 (no influence). The model is not changed."""
+    adapter = get_adapter(model)
+    blocks = adapter.layers(model)
+    out_path = next(p.path for p in adapter.attention_projs if p.side == "in" and set(p.units()) == {"q"})
+    inputs: list[torch.Tensor | None] = [None] * len(blocks)
+    branch: list[torch.Tensor | None] = [None] * len(blocks)
+
+    def pre_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return hook
+
+    def out_hook(index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            branch[index] = _hidden(output).detach()
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(block.get_submodule(out_path).register_forward_hook(out_hook(i)))
+    sums, count = torch.zeros(len(blocks), dtype=torch.float64), 0
+    device = model_device(model)
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for batch in batches:
+                batch = to_device(batch, device)
+                model(**batch, **no_cache(model))
+                mask = batch.get("attention_mask")
+                tokens = 0
+                for i, x in enumerate(inputs):
+                    a = branch[i]
+                    # no attention left in this block (its branch adds nothing): x against itself, cosine 1
+                    total, tokens = _mean_cos(x, x if a is None or a.shape != x.shape else x + a, mask)
+                    sums[i] += total
+                count += tokens
+                branch = [None] * len(blocks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError("attention scores need at least one calibration token")
+    return sums / count
+
+
+def select_attention(
+    model: nn.Module,
+    criterion: str,
+    n_remove: int,
+    batches: Iterable[Mapping[str, torch.Tensor]] | None,
+    exclude: Iterable[int] = (),
+) -> list[int]:
+    """Blocks whose attention sublayer to remove: ``n_remove`` of those that still have attention and are not in
+    ``exclude`` (blocks going anyway). ``"last"``: the ones before the final block, without data; ``"influence"``
+    and ``"angular"``: the smallest influence measured by :func:`attention_statistics` (a sublayer is one step, so
+    both name the same statistic here)."""
+    if criterion not in LAYER_CRITERIA:
+        raise ValueError(f"layer_criterion={criterion!r} is invalid; allowed: {', '.join(LAYER_CRITERIA)}")
+    shapes = get_adapter(model).layer_shapes(model)
+    gone = set(exclude)
+    candidates = [i for i, s in enumerate(shapes) if s.heads > 0 and i not in gone]
+    if not 0 <= n_remove <= len(candidates):
+        raise ValueError(
+            f"cannot remove the attention of {n_remove} blocks: {len(candidates)} blocks keep attention "
+            f"({len(gone)} of {len(shapes)} blocks are removed)"
+        )
+    if n_remove == 0:
+        return []
+    if criterion == "last":  # the final block's attention goes last, as the final block does in "last" depth
+        pool = [i for i in candidates if i != len(shapes) - 1]
+        return sorted((pool if len(pool) >= n_remove else candidates)[-n_remove:])
+    if batches is None:
+        raise ValueError(f"layer_criterion={criterion!r} needs calibration data to choose attention sublayers")
+    influence = 1 - attention_statistics(model, batches)
+    ranked = sorted(candidates, key=lambda i: (float(influence[i]), i))
+    return sorted(ranked[:n_remove])

@@ -101,10 +101,11 @@ def _empty_attention_forward(self: nn.Module, hidden_states: torch.Tensor | None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layer_idx = getattr(self, "layer_idx", None)
     if cache is not None and layer_idx is not None and kwargs.get("encoder_hidden_states") is None:
-        # generate() reads the sequence length from the cache; store zero heads of the right length.
+        # generate() reads the sequence length from the cache (layer 0's, by default), and a DynamicLayer holding
+        # no elements reports length 0: store one width-1 head of the right length (batch x seq numbers per step).
         cache = getattr(cache, "self_attention_cache", cache)
         batch, seq = hidden_states.shape[0], hidden_states.shape[1]
-        empty = hidden_states.new_zeros(batch, 0, seq, self._hf_prune_head_dim)
+        empty = hidden_states.new_zeros(batch, 1, seq, 1)
         cache.update(empty, empty, layer_idx)
     return _branch_output(self, hidden_states), None
 

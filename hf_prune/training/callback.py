@@ -79,11 +79,16 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, config: PruningConfig, trainer: Trainer | None = None, calibration_dataset: Any = None):
         config = PruningConfig.coerce(config, "PruningCallback(config=...)")
-        if config.layers or config.max_layers:
-            # removing blocks mid-training would orphan their optimizer state and change the model under the
-            # optimizer; depth is a one-shot decision, made before training starts
+        if config.prunes_depth:
+            # removing blocks (or attention sublayers) mid-training would orphan their optimizer state and change the
+            # model under the optimizer; depth is a one-shot decision, made before training starts
             raise ValueError(
-                f"{'layers' if config.layers else 'max_layers'}={config.layers or config.max_layers} (depth pruning) "
+                ", ".join(
+                    f"{k}={getattr(config, k)}"
+                    for k in ("layers", "max_layers", "attention_layers")
+                    if getattr(config, k)
+                )
+                + " (depth pruning) "
                 "is not scheduled by the trainer: remove the blocks first with "
                 "hf_prune.prune(model, PruningConfig(layers=..., layer_criterion=...), calibration_data=...) or "
                 "hf_prune.prune_layers(model, [...]), then train with a config without `layers`"
