@@ -62,6 +62,7 @@ def reachable_latency_target(model: torch.nn.Module, config: PruningConfig) -> f
 
 def main(out: Path, target: str) -> None:
     model = toy_model()
+    dense_shapes = [s.to_dict() for s in hf_prune.get_adapter(model).layer_shapes(model)]
     # latency: every rank times its own copy; the averaged table must still give one plan
     keep = {"target_flops": 0.5} if target == "flops" else {"target_latency": 0.99, "seq_len": 12}
     config = PruningConfig(
@@ -91,6 +92,8 @@ def main(out: Path, target: str) -> None:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     shapes = [s.to_dict() for s in hf_prune.get_adapter(model).layer_shapes(model)]
     result = {
+        "dense_shapes": dense_shapes,
+        "target_latency": config.target_latency,
         "world_size": torch.distributed.get_world_size(),
         "shapes": shapes,
         "weights_sha256": digest.hexdigest(),

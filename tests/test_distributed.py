@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from hf_prune.architectures.base import LayerShape
+from hf_prune.planning.latency_table import LatencyTable
+from hf_prune.planning.units import TOLERANCE
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,8 +50,18 @@ def check_ranks_agree(out: Path, target: str) -> None:
     assert r0["shapes"] == r1["shapes"]
     assert r0["weights_sha256"] == r1["weights_sha256"]
     assert r0["events"] == r1["events"] and len(r0["events"]) > 1
-    # something was pruned (with a latency target, timing decides whether heads or neurons go first)
-    assert sum(s["heads"] for s in r0["shapes"]) < 12 or sum(s["ffn"] for s in r0["shapes"]) < 120
+    pruned = sum(s["heads"] for s in r0["shapes"]) < 12 or sum(s["ffn"] for s in r0["shapes"]) < 120
+    if target == "flops":
+        assert pruned
+    else:
+        # the plan meets the target as the ranks' averaged table prices it (timing decides whether heads or
+        # neurons go first); the target sits halfway to the measured floor, so on a machine whose clock barely
+        # tells widths apart it can lie within the allocator's tolerance of the dense model and need no cut
+        table = LatencyTable.from_dict(r0["latency_table"])
+        kept = table.model_ms([LayerShape(**s) for s in r0["shapes"]])
+        dense = table.model_ms([LayerShape(**s) for s in r0["dense_shapes"]])
+        assert kept / dense <= r0["target_latency"] * (1 + TOLERANCE) + 1e-9
+        assert pruned or r0["target_latency"] >= 1 - TOLERANCE
     assert abs(r0["sparsity"] - 0.3) < 0.02
     assert r0["latency_table"] == r1["latency_table"] and (r0["latency_table"] is None) == (target == "flops")
 
