@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import lzma
-import math
 import os
 import subprocess
 from pathlib import Path
@@ -27,6 +25,7 @@ import hf_prune
 from hf_prune.io import gguf_vocab
 from hf_prune.io.engines import EngineUnavailable, engine_python, run_engine
 from hf_prune.io.gguf import GGUFBlock, export_gguf, gguf_blocks, permute_rope
+from tests.engine_reference import PROMPTS, nll, ppl, wikitext_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20 + "Numbers 12345 and 3.14, code x = f(y) + 1!"
@@ -294,27 +293,6 @@ def _greedy(model, prompts, n=16):
     return out
 
 
-def _nll(model, windows):
-    with torch.inference_mode():
-        ids = torch.tensor(windows)
-        logp = torch.log_softmax(model(ids).logits[:, :-1].double(), -1)
-        return (-logp.gather(-1, ids[:, 1:, None])).sum((1, 2)).tolist()
-
-
-def _ppl(nll, scored):
-    return math.exp(sum(nll) / sum(scored))
-
-
-def _wikitext_windows(tokenizer, n=4, length=128):
-    with lzma.open(ROOT / "data" / "wikitext2" / "test.txt.xz", "rt") as f:
-        text = f.read(40000)
-    ids = tokenizer(text).input_ids
-    return [ids[i * length : (i + 1) * length] for i in range(n)]
-
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,"]
-
-
 @pytest.fixture(scope="module")
 def servable_smollm2(smollm2, tmp_path_factory):
     """SmolLM2 pruned by hand into the servable layout, saved, exported f32 and q8_0, and its reference outputs."""
@@ -327,7 +305,7 @@ def servable_smollm2(smollm2, tmp_path_factory):
     folder = tmp_path_factory.mktemp("servable")
     hf_prune.save_pretrained(model, folder / "model", tokenizer=tokenizer)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
-    windows = _wikitext_windows(tokenizer)
+    windows = wikitext_windows(tokenizer)
     return {
         "model": model,
         "folder": folder,
@@ -335,7 +313,7 @@ def servable_smollm2(smollm2, tmp_path_factory):
         "prompts": prompts,
         "windows": windows,
         "greedy": _greedy(model, prompts),
-        "nll": _nll(model, windows),
+        "nll": nll(model, windows),
     }
 
 
@@ -354,9 +332,9 @@ def test_llama_cpp_runs_servable_smollm2_like_transformers(servable_smollm2):
     matches = sum(a == b for a, b in zip(answer["generated"], s["greedy"], strict=True))
     print(f"llama.cpp f32 greedy matches transformers for {matches}/3 prompts")
     assert matches >= 2 and all(len(g) == 16 for g in answer["generated"])
-    ppl, reference = _ppl(answer["nll"], answer["scored"]), _ppl(s["nll"], [len(w) - 1 for w in s["windows"]])
-    print(f"perplexity llama.cpp f32 {ppl:.4f}, transformers {reference:.4f}")
-    assert abs(ppl / reference - 1) < 0.01
+    engine, reference = ppl(answer["nll"], answer["scored"]), ppl(s["nll"], [len(w) - 1 for w in s["windows"]])
+    print(f"perplexity llama.cpp f32 {engine:.4f}, transformers {reference:.4f}")
+    assert abs(engine / reference - 1) < 0.01
     assert answer["timing"]["decode_tokens_per_s"][0] > 0 and answer["timing"]["prefill_s"][0] > 0
 
 
@@ -387,10 +365,10 @@ def test_q8_0_stays_near_f32_perplexity(servable_smollm2):
     path = export_gguf(s["folder"] / "model", s["folder"] / "q8.gguf", gguf_type="q8_0")
     assert path.stat().st_size < 0.35 * s["f32"].stat().st_size
     answer = run_engine("llamacpp", {"model": str(path), "windows": s["windows"]})
-    reference = _ppl(s["nll"], [len(w) - 1 for w in s["windows"]])
-    ppl = _ppl(answer["nll"], answer["scored"])
-    print(f"perplexity llama.cpp q8_0 {ppl:.4f}, transformers f32 {reference:.4f}", answer.get("note", ""))
-    assert abs(ppl / reference - 1) < 0.03
+    reference = ppl(s["nll"], [len(w) - 1 for w in s["windows"]])
+    engine = ppl(answer["nll"], answer["scored"])
+    print(f"perplexity llama.cpp q8_0 {engine:.4f}, transformers f32 {reference:.4f}", answer.get("note", ""))
+    assert abs(engine / reference - 1) < 0.03
 
 
 @pytest.mark.engine
@@ -405,13 +383,13 @@ def test_uniform_smollm2_cut_runs_as_llama(smollm2, tmp_path):
     path = export_gguf(model, tmp_path / "u.gguf", gguf_type="f32", tokenizer=tokenizer)
     fields = _fields(path)[1]
     assert (fields["general.architecture"], fields["llama.block_count"]) == ("llama", 28)
-    prompts, windows = [tokenizer(p).input_ids for p in PROMPTS], _wikitext_windows(tokenizer, n=2)
+    prompts, windows = [tokenizer(p).input_ids for p in PROMPTS], wikitext_windows(tokenizer, n=2)
     answer = run_engine("llamacpp", {"model": str(path), "prompts": prompts, "max_tokens": 16, "windows": windows})
     matches = sum(a == b for a, b in zip(answer["generated"], _greedy(model, prompts), strict=True))
     print(f"llama.cpp uniform cut greedy matches transformers for {matches}/3 prompts")
     assert matches >= 2
-    reference = _ppl(_nll(model, windows), [len(w) - 1 for w in windows])
-    assert abs(_ppl(answer["nll"], answer["scored"]) / reference - 1) < 0.01
+    reference = ppl(nll(model, windows), [len(w) - 1 for w in windows])
+    assert abs(ppl(answer["nll"], answer["scored"]) / reference - 1) < 0.01
 
 
 @pytest.mark.engine
@@ -437,7 +415,7 @@ def _assert_runs_like_transformers(model, path):
     prompts = [w[:8] for w in windows]
     answer = run_engine("llamacpp", {"model": str(path), "prompts": prompts, "max_tokens": 16, "windows": windows})
     assert answer["generated"] == _greedy(model, prompts)
-    assert np.allclose(answer["nll"], _nll(model, windows), rtol=1e-4)
+    assert np.allclose(answer["nll"], nll(model, windows), rtol=1e-4)
 
 
 @pytest.mark.engine

@@ -13,7 +13,6 @@ import ast
 import copy
 import importlib.util
 import json
-import math
 import os
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import hf_prune
 from hf_prune.io.engines import SCRIPTS, EngineUnavailable, engine_python, run_engine
 from hf_prune.io.vllm import CONFIG_FILE, VllmBlock, export_vllm, vllm_blocks
+from tests.engine_reference import PROMPTS, nll, ppl, wikitext_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 S = hf_prune.LayerShape
@@ -242,26 +242,6 @@ def _greedy(model, prompts, n=16):
         ]
 
 
-def _nll(model, windows):
-    with torch.inference_mode():
-        ids = torch.tensor(windows)
-        logp = torch.log_softmax(model(ids).logits[:, :-1].double(), -1)
-        return (-logp.gather(-1, ids[:, 1:, None])).sum((1, 2)).tolist()
-
-
-def _ppl(nll, scored):
-    return math.exp(sum(nll) / sum(scored))
-
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,"]
-
-
-def _wikitext_windows(tokenizer, n=4, length=128):
-    ids = tokenizer((ROOT / "data" / "wikitext2" / "test_head.txt").read_text()).input_ids
-    assert len(ids) >= n * length
-    return [ids[i * length : (i + 1) * length] for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     from hf_prune.recipes.offline import smollm2_path
@@ -275,11 +255,11 @@ def smollm2():
 def _serve_and_compare(model, tokenizer, folder, windows=4):
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     request = {"model": str(folder), "prompts": prompts, "max_tokens": 16}
-    windows = _wikitext_windows(tokenizer, n=windows) if windows else []
+    windows = wikitext_windows(tokenizer, n=windows) if windows else []
     answer = run_engine("vllm", {**request, "windows": windows} if windows else request)
     assert answer["generated"] == _greedy(model, prompts)  # 3 of 3 prompts, 16 tokens each
     if windows:
-        ours, theirs = _ppl(_nll(model, windows), [len(w) - 1 for w in windows]), _ppl(answer["nll"], answer["scored"])
+        ours, theirs = ppl(nll(model, windows), [len(w) - 1 for w in windows]), ppl(answer["nll"], answer["scored"])
         assert answer["scored"] == [len(w) - 1 for w in windows]
         assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
 
@@ -325,7 +305,7 @@ def test_vllm_serves_servable_qwen2_with_biases_and_times_it(tmp_path):
     request = {"model": str(out), "prompts": prompts, "max_tokens": 16, "windows": windows, "timing": timing}
     answer = run_engine("vllm", request)
     assert answer["generated"] == _greedy(model, prompts)
-    assert answer["nll"] == pytest.approx(_nll(model, windows), rel=1e-4)
+    assert answer["nll"] == pytest.approx(nll(model, windows), rel=1e-4)
     assert len(answer["timing"]["prefill_s"]) == len(answer["timing"]["decode_tokens_per_s"]) == 2
     assert all(v > 0 for v in answer["timing"]["prefill_s"] + answer["timing"]["decode_tokens_per_s"])
     assert answer["engine_version"].startswith("0.")

@@ -36,7 +36,15 @@ from ..structure.layout import check_layout
 from .latency_table import LatencyTable
 from .layout_search import layout_allocation
 from .plan import PruningPlan
-from .units import TOLERANCE, HeadUnits, head_unit_mode, kept_score, round_multiple, unit_norm
+from .units import (
+    TOLERANCE,
+    HeadUnits,
+    head_unit_mode,
+    kept_score,
+    round_multiple,
+    smallest_fitting_fraction,
+    unit_norm,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -288,14 +296,7 @@ class _Allocator:
             units = self.heads_by_fraction(fraction)
             return units, self.ffn_by_total(round((1 - fraction) * total_ffn))
 
-        low, high = 0.0, 1.0
-        for _ in range(40):
-            mid = (low + high) / 2
-            if self.total_cost(*shapes_at(mid), target) > budget:
-                low = mid
-            else:
-                high = mid
-        units, ffn = shapes_at(high)
+        units, ffn = shapes_at(smallest_fitting_fraction(lambda f: self.total_cost(*shapes_at(f), target), budget))
         return units, self.adjust_ffn(units, ffn, budget, target)
 
     # ---- plan -------------------------------------------------------------------------------------------

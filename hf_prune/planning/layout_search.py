@@ -16,12 +16,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..architectures import LayerShape
-from .units import kept_score
+from .units import TOLERANCE, kept_score, smallest_fitting_fraction
 
 if TYPE_CHECKING:  # allocate.py imports this module
     from .allocate import _Allocator
-
-from .units import TOLERANCE
 
 
 class LayoutSearch:
@@ -140,14 +138,7 @@ class LayoutSearch:
                 return units, self._same(_round_width(self, (1 - f) * (self.ffn_max or 0)))
             return units, alloc.ffn_by_total(round((1 - f) * total_ffn))
 
-        low, high = 0.0, 1.0
-        for _ in range(40):
-            mid = (low + high) / 2
-            if alloc.total_cost(*at(mid), target) > budget:
-                low = mid
-            else:
-                high = mid
-        units, ffn = at(high)
+        units, ffn = at(smallest_fitting_fraction(lambda f: alloc.total_cost(*at(f), target), budget))
         return units, self.fill(units, budget, target, sum(ffn))
 
     def fractions(self, heads: float, ffn: float) -> tuple[list[int], list[int]]:

@@ -19,6 +19,7 @@ one layout. Models without GQA (``g == 1``) have one head per unit either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,19 @@ def round_multiple(n: float, multiple: int, size: int) -> int:
     if multiple <= 1 or size < multiple:
         return max(0, min(size, math.floor(n + 0.5)))
     return max(0, min(size, multiple * math.floor(n / multiple + 0.5)))
+
+
+def smallest_fitting_fraction(cost_at: Callable[[float], float], budget: float, steps: int = 40) -> float:
+    """The smallest cut fraction in ``[0, 1]`` whose shapes cost at most ``budget`` (bisection to ``2**-steps``);
+    ``cost_at`` falls as the fraction grows. 1 when even the whole cut does not fit."""
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if cost_at(mid) > budget:
+            low = mid
+        else:
+            high = mid
+    return high
 
 
 def unit_norm(t: torch.Tensor) -> torch.Tensor:
