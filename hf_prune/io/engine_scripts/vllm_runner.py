@@ -13,8 +13,8 @@ stdin and prints one JSON answer as the last line of stdout:
   that prefill. Prefix caching is off, so every repeat computes its prompts afresh.
 
 Other keys: ``dtype`` (float32 unless given: the precision transformers' reference runs in), ``enforce_eager``
-(true unless given: no torch.compile, so the engine starts in seconds), ``threads`` (cores the
-CPU backend binds its threads to), ``max_model_len``. Token ids in, token ids out: the tokenizer is not loaded.
+(true unless given: no torch.compile, so the engine starts in seconds), ``threads`` (cores the CPU backend binds its
+threads to), ``max_model_len``. Token ids in, token ids out: the tokenizer is not loaded.
 """
 
 from __future__ import annotations
