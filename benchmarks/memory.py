@@ -13,7 +13,12 @@ Peak memory above the weights is fitted as ``fixed + per_block x blocks`` throug
 each pass runs in its own process and the peak is its resident memory (``ru_maxrss``) above what it held after
 building the model.
 
-    python benchmarks/memory.py [--blocks 2 4] [--calibration 32] [--seq-len 2048] [--dtype bfloat16] [--quick]
+``--shape llama3-8b`` builds Llama-3-8B's layers instead (FFN 14336, 8 key/value heads, a 128256-token vocabulary).
+On a GPU the Fisher and Taylor passes recompute block activations in the backward pass (hf_prune's default there,
+``hf_prune.scoring.criteria.recomputed_blocks``), so their peak no longer grows with every block's activations.
+
+    python benchmarks/memory.py [--blocks 2 4] [--calibration 32] [--seq-len 2048] [--dtype bfloat16]
+                                [--shape llama2-7b|llama3-8b] [--quick]
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ from results import add_run, commands, publish, section, table
 SHAPE_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32}
 BLOCKS_7B = 32
 VOCAB_7B = 32000
+#: ``--shape``: the layer shapes and vocabularies projected to (both have 32 blocks)
+SHAPES = {
+    "llama2-7b": (SHAPE_7B, VOCAB_7B),
+    "llama3-8b": (
+        {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
+        128256,
+    ),
+}
 PASSES = {
     "fisher": {"target_flops": 1.0, "criterion": "fisher", "scope": "global"},  # scores; a 1.0 target cuts nothing
     "refit": {"target_flops": 0.67, "criterion": "fisher", "scope": "global", "reconstruct": True},
@@ -116,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--passes", nargs="*", default=list(PASSES))
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama2-7b", help="the model shape projected to")
     parser.add_argument("--quick", action="store_true", help="smoke run: a narrow model, few short sequences")
     args = parser.parse_args(argv)
     run = Run("memory.py", argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape, vocab = dict(SHAPE_7B), VOCAB_7B
+    shape, vocab = dict(SHAPES[args.shape][0]), SHAPES[args.shape][1]
     if args.quick:
         shape = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "num_key_value_heads": 4}
         vocab, args.calibration, args.seq_len, args.batch_size = 1000, 4, 128, 2
@@ -185,7 +199,8 @@ def render(result: dict[str, Any]) -> list[str]:
         "Peak memory of one-shot pruning, projected to a 7B Llama",
         result,
         f"A random Llama with hidden {shape['hidden_size']}, FFN {shape['intermediate_size']}, "
-        f"{shape['num_attention_heads']} heads ({s['dtype']}, on {s['device']}), built with "
+        f"{shape['num_attention_heads']} heads ({shape['num_key_value_heads']} key/value), vocabulary {s['vocab']} "
+        f"({s['dtype']}, on {s['device']}), built with "
         f"{' and '.join(str(m['blocks']) for m in result['rows'][0]['measured'])} blocks; "
         f"{s['calibration']} calibration sequences of {s['seq_len']} tokens, batch {s['batch_size']}. Peak memory "
         "above the weights is fitted as fixed + per-block through the two depths and projected to 32 blocks, where "

@@ -27,6 +27,7 @@ from .scoring.criteria import Scores, magnitude_scores, mask_gradient_scores, ra
 from .structure.layout import model_layout
 from .structure.state import pruning_state
 from .structure.surgery import apply_layer_shapes, prune_ffn, prune_heads, prune_layers
+from .training.lora import LoraArguments, get_peft_model, keep_masks, merge_and_unload
 from .training.trainer import PruningCallback, PruningMixin, PruningTrainer
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "LatencyTable",
     "LatencyTargetError",
     "LayerShape",
+    "LoraArguments",
     "Param",
     "Proj",
     "PruningCallback",
@@ -57,10 +59,13 @@ __all__ = [
     "export_vllm",
     "from_pretrained",
     "get_adapter",
+    "get_peft_model",
     "is_pruned",
+    "keep_masks",
     "magnitude_scores",
     "mask_gradient_scores",
     "measure_latency",
+    "merge_and_unload",
     "model_layout",
     "profile_latency",
     "prunable_parameters",

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -32,7 +33,7 @@ logger = logging.get_logger(__name__)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 #: The releases every private API below was read in and tested against.
-CHECKED_AGAINST = {"transformers": "5.25.0", "accelerate": "1.16.0", "torch": "2.13.0"}
+CHECKED_AGAINST = {"transformers": "5.25.0", "accelerate": "1.16.0", "torch": "2.13.0", "peft": "0.21.2"}
 
 
 # ---- private APIs ---------------------------------------------------------------------------------------------------
@@ -109,6 +110,15 @@ PRIVATE_ATTRIBUTES: tuple[PrivateAttribute, ...] = (
         "the models the accelerator prepared (save_state/load_state/free_memory walk it). After structural pruning "
         "under DDP hf_prune wraps the resized model in a new DDP; accelerate has no public call to swap a prepared "
         "model, and prepare_model() again would wrap forward in a second autocast under native AMP.",
+    ),
+    PrivateAttribute(
+        "peft LoRA layer (instance; and peft.tuners.lora.layer.LoraVariant)",
+        "lora_variant",
+        "hf_prune.compat.mask_lora_delta",
+        "peft calls a LoRA variant (its DoRA extension point) for the forward, merge and unmerge of an adapter. "
+        "hf_prune registers one that multiplies the adapter's delta by the layer's sparsity mask, so the weights "
+        "trained (W + mask * BA), merged by peft's own merge_and_unload and saved are the same and keep every pruned "
+        "weight at exactly zero. peft documents the class as prone to change; LoRA has no public hook on the delta.",
     ),
     PrivateAttribute(
         "transformers GgufHfQuantizer (instance)",
@@ -237,3 +247,85 @@ def float_weights(model: Any) -> Any:
         model.is_quantized = False
     logger.info(f"hf_prune: the {method} model's weights are float; its quantization marks were removed")
     return model
+
+
+# ---- peft: a LoRA delta that keeps the sparsity mask ----------------------------------------------------------------
+#: Attribute of a peft LoRA layer holding its keep-mask (bool, the base weight's layout); not a buffer, so it is
+#: neither saved with the adapter nor moved by ``.to()`` (the variant moves it to the delta's device when used).
+KEEP_MASK_ATTR = "_hf_prune_keep"
+
+
+def _masked_delta(module: Any, adapter: str) -> Any:
+    delta = module.get_delta_weight(adapter)  # the base weight's layout (peft transposes for fan_in_fan_out)
+    keep = getattr(module, KEEP_MASK_ATTR)
+    if keep.device != delta.device:
+        keep = keep.to(delta.device)
+        setattr(module, KEEP_MASK_ATTR, keep)
+    return delta * keep.to(delta.dtype)
+
+
+def _masked_variant() -> type:
+    """peft's ``LoraVariant`` subclass whose delta is ``mask * scaling * B @ A`` (built lazily: peft imports late)."""
+    global _MASKED_VARIANT
+    if _MASKED_VARIANT is None:
+        import torch.nn.functional as F
+        from peft.tuners.lora.layer import LoraVariant
+
+        class MaskedLora(LoraVariant):
+            """Vanilla LoRA with its delta multiplied by the layer's keep-mask (see :func:`mask_lora_delta`)."""
+
+            @staticmethod
+            def init(module: Any, adapter_name: str, **kwargs: Any) -> None:
+                pass
+
+            @staticmethod
+            def merge_safe(module: Any, active_adapter: str, orig_weight: Any) -> Any:
+                return orig_weight + _masked_delta(module, active_adapter).to(orig_weight.dtype)
+
+            @staticmethod
+            def merge_unsafe(module: Any, active_adapter: str, orig_weight: Any) -> None:
+                orig_weight.data += _masked_delta(module, active_adapter).to(orig_weight.dtype)
+
+            @staticmethod
+            def unmerge(module: Any, active_adapter: str, orig_weight: Any) -> Any:
+                return orig_weight - _masked_delta(module, active_adapter).to(orig_weight.dtype)
+
+            @staticmethod
+            def forward(module: Any, active_adapter: str, x: Any, result: Any, **kwargs: Any) -> Any:
+                delta = _masked_delta(module, active_adapter)
+                weight = delta.t() if module.fan_in_fan_out else delta  # F.linear wants (out, in)
+                x = module.lora_dropout[active_adapter](x)
+                return result + F.linear(x.to(weight.dtype), weight).to(result.dtype)
+
+        _MASKED_VARIANT = MaskedLora
+    return _MASKED_VARIANT
+
+
+_MASKED_VARIANT: type | None = None
+
+
+def mask_lora_delta(layer: nn.Module, keep: Any) -> bool:
+    """Make every adapter of one peft LoRA layer add ``keep * delta`` instead of ``delta`` (``keep=None``: undo).
+
+    Returns whether the layer is masked now. Raises ``ValueError`` for an adapter that already uses another LoRA
+    variant (DoRA, aLoRA...): their deltas are not a plain matrix hf_prune can mask.
+    """
+    variants = layer.lora_variant
+    masked = _masked_variant()
+    for adapter in layer.lora_A:
+        current = variants.get(adapter)
+        if current is not None and not isinstance(current, masked):
+            raise ValueError(
+                f"adapter {adapter!r} of {type(layer).__name__} uses the LoRA variant {type(current).__name__} "
+                "(DoRA or similar); hf_prune keeps sparsity masks through plain LoRA only: set use_dora=False"
+            )
+        if keep is None:
+            variants.pop(adapter, None)
+        else:
+            variants[adapter] = masked()
+    if keep is None:
+        if hasattr(layer, KEEP_MASK_ATTR):
+            delattr(layer, KEEP_MASK_ATTR)
+        return False
+    setattr(layer, KEEP_MASK_ATTR, keep.to(torch.bool))
+    return True

@@ -61,10 +61,12 @@ def reachable_latency_target(model: torch.nn.Module, config: PruningConfig) -> f
 
 
 def main(out: Path, target: str) -> None:
-    model = toy_model()
-    dense_shapes = [s.to_dict() for s in hf_prune.get_adapter(model).layer_shapes(model)]
+    base = toy_model()
+    dense_shapes = [s.to_dict() for s in hf_prune.get_adapter(base).layer_shapes(base)]
+    # lora: adapters trained under DDP, cut with the structure at every event, masked deltas
+    model = hf_prune.get_peft_model(base, {"r": 4}) if target == "lora" else base
     # latency: every rank times its own copy; the averaged table must still give one plan
-    keep = {"target_flops": 0.5} if target == "flops" else {"target_latency": 0.99, "seq_len": 12}
+    keep = {"target_latency": 0.99, "seq_len": 12} if target == "latency" else {"target_flops": 0.5}
     config = PruningConfig(
         **keep,
         criterion="fisher",
@@ -75,7 +77,7 @@ def main(out: Path, target: str) -> None:
         reconstruct=True,  # the refit statistics are reduced across ranks too
     )
     if target == "latency":
-        config = dataclasses.replace(config, target_latency=reachable_latency_target(model, config))
+        config = dataclasses.replace(config, target_latency=reachable_latency_target(base, config))
     # HF_PRUNE_TEST_BACKEND=nccl runs the same job on GPUs (tests/test_cuda.py)
     backend = os.environ.get("HF_PRUNE_TEST_BACKEND", "gloo")
     trainer = PruningTrainer(
@@ -90,7 +92,7 @@ def main(out: Path, target: str) -> None:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    shapes = [s.to_dict() for s in hf_prune.get_adapter(model).layer_shapes(model)]
+    shapes = [s.to_dict() for s in hf_prune.get_adapter(base).layer_shapes(base)]
     result = {
         "dense_shapes": dense_shapes,
         "target_latency": config.target_latency,
@@ -98,7 +100,9 @@ def main(out: Path, target: str) -> None:
         "shapes": shapes,
         "weights_sha256": digest.hexdigest(),
         "events": trainer.pruning_callback.done_steps,
-        "sparsity": hf_prune.sparsity.masks.sparsity_report(model)["overall"],
+        "sparsity": hf_prune.sparsity.masks.sparsity_report(
+            hf_prune.merge_and_unload(model) if target == "lora" else base
+        )["overall"],
         "latency_table": trainer.pruning_callback.latency.to_dict() if trainer.pruning_callback.latency else None,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))

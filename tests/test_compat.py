@@ -8,6 +8,7 @@ import inspect
 from typing import Any
 
 import accelerate
+import peft
 import pytest
 import torch
 import transformers as tf
@@ -33,7 +34,12 @@ from hf_prune.structure.remote_code import make_empty
 
 from .test_trainer import args, toy_data, toy_model
 
-VERSIONS = {"transformers": tf.__version__, "accelerate": accelerate.__version__, "torch": torch.__version__}
+VERSIONS = {
+    "transformers": tf.__version__,
+    "accelerate": accelerate.__version__,
+    "torch": torch.__version__,
+    "peft": peft.__version__,
+}
 
 
 def _removed(library: str, what: str, why: str) -> str:
@@ -92,7 +98,22 @@ PROBES = {  # (owner, attribute) -> the objects that must carry it, built from t
         GgufHfQuantizer(GgufConfig(dequantize=True))
     ],
     ("Python object model", "__class__"): lambda tmp: [nn.Linear(2, 2)],
+    ("peft LoRA layer (instance; and peft.tuners.lora.layer.LoraVariant)", "lora_variant"): lambda tmp: [
+        _peft_lora_layer()
+    ],
 }
+
+
+def _peft_lora_layer() -> nn.Module:
+    from peft.tuners.lora.layer import Linear, LoraVariant
+
+    hooks = ("init", "merge_safe", "merge_unsafe", "unmerge", "forward")
+    assert all(callable(getattr(LoraVariant, h, None)) for h in hooks), _removed(
+        "peft", f"LoraVariant.{{{', '.join(hooks)}}}", "hf_prune.compat.mask_lora_delta's masked LoRA delta"
+    )
+    from peft import LoraConfig
+
+    return Linear(nn.Linear(4, 4), "default", config=LoraConfig(r=2), r=2)
 
 
 @pytest.mark.parametrize("entry", PRIVATE_ATTRIBUTES + REMOTE_CODE_PRIVATE_APIS, ids=lambda e: f"{e.owner}.{e.name}")

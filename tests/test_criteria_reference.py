@@ -106,10 +106,10 @@ def per_example_losses_grad(model, inputs) -> torch.Tensor:
     return F.cross_entropy(logits, inputs["labels"], reduction="none")
 
 
-def check_scores(model, inputs, heads, neurons, rtol: float) -> None:
+def check_scores(model, inputs, heads, neurons, rtol: float, recompute: bool = False) -> None:
     data = calibration_set([inputs], model)
-    taylor = mask_gradient_scores(model, data, "taylor", progress=False)
-    fisher = mask_gradient_scores(model, data, "fisher", progress=False)
+    taylor = mask_gradient_scores(model, data, "taylor", progress=False, recompute=recompute)
+    fisher = mask_gradient_scores(model, data, "fisher", progress=False, recompute=recompute)
     for i in range(len(heads)):
         torch.testing.assert_close(taylor.heads[i].double(), heads[i].abs().sum(0), rtol=rtol, atol=1e-8)
         torch.testing.assert_close(fisher.heads[i].double(), heads[i].pow(2).sum(0), rtol=rtol, atol=1e-10)
@@ -118,11 +118,23 @@ def check_scores(model, inputs, heads, neurons, rtol: float) -> None:
     assert all(float(t.sum()) > 0 for t in fisher.heads + fisher.ffn)  # the comparison is not 0 == 0
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recomputed"])
 @pytest.mark.parametrize("name", ["bert", "distilbert", "llama", "gpt2"])
-def test_taylor_and_fisher_match_per_example_weight_gradients(name):
+def test_taylor_and_fisher_match_per_example_weight_gradients(name, recompute):
+    """``recomputed``: block activations recomputed in the backward pass (the memory-saving path GPUs take) give
+    the same scores; the blocks and the KV-cache setting are as they were afterwards."""
     model, inputs = setup(name)
     heads, neurons = weight_gradient_reference(model, inputs)
-    check_scores(model, inputs, heads, neurons, rtol=1e-5)
+    use_cache = getattr(model.config, "use_cache", None)
+    adapter = hf_prune.get_adapter(model)
+    calls = []
+    attention = adapter.layers(model)[0].get_submodule(adapter.attention_module)
+    handle = attention.register_forward_hook(lambda *_: calls.append(1))
+    check_scores(model, inputs, heads, neurons, rtol=1e-5, recompute=recompute)
+    handle.remove()
+    assert len(calls) == (4 if recompute else 2)  # taylor + fisher, one batch each; recomputed in the backward pass
+    assert getattr(model.config, "use_cache", None) == use_cache
+    assert not any("forward" in vars(block) for block in hf_prune.get_adapter(model).layers(model))
 
 
 def test_taylor_and_fisher_match_finite_differences():

@@ -137,6 +137,33 @@ def test_trainer_prunes_distills_and_masks_on_cuda(tmp_path, dtype):
     assert all(id(p) in live for g in inner.param_groups for p in g["params"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_recovery_on_cuda_keeps_masks_and_cuts_adapters(tmp_path, dtype):
+    """LoRA on the GPU: Fisher scores with recomputed block activations (the GPU default), an iterative cut that
+    slices the adapters, masked deltas in bf16 autocast, and a merge that keeps every pruned weight at zero."""
+    family = FAMILIES["llama"]
+    model = make_model(family, tf.LlamaForCausalLM).train()
+    peft_model = hf_prune.get_peft_model(model, {"r": 4, "alpha": 8})
+    data = toy_data().map(lambda e: {"labels": e["input_ids"]})
+    args = tf.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, learning_rate=1e-3, report_to="none",
+        save_strategy="no", seed=0, disable_tqdm=True, bf16=dtype == torch.bfloat16,
+    )  # fmt: skip
+    config = PruningConfig(
+        heads=0.5, ffn=0.5, criterion="fisher", sparsity=0.4, schedule="iterative", frequency=2, end_step=4
+    )
+    trainer = PruningTrainer(model=peft_model, args=args, train_dataset=data, pruning_config=config)
+    trainer.train()
+    assert next(model.parameters()).device.type == "cuda"
+    masks = trainer.pruning_callback.masks
+    layers = hf_prune.training.lora.lora_layers(peft_model)
+    assert all(layer.lora_B["default"].weight.shape[0] == layer.base_layer.out_features for layer in layers.values())
+    merged = hf_prune.merge_and_unload(peft_model)
+    for name, keep in masks.items():
+        assert bool((merged.get_submodule(name).weight[~keep] == 0).all()), name
+    assert [s.heads for s in hf_prune.get_adapter(merged).layer_shapes(merged)] == [2, 2, 2]
+
+
 def _non_uniform_cuda_bert(dtype):
     model = make_model(FAMILIES["bert"], tf.BertForSequenceClassification)
     hf_prune.prune_heads(model, {0: [0, 1, 2, 3], 1: [2]})

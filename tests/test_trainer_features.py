@@ -96,15 +96,18 @@ def test_bare_callback_needing_data_says_so_before_training(tmp_path):
         trainer.train()
 
 
-@pytest.mark.parametrize("backend", [{"deepspeed": "ds_config.json"}, {"fsdp": "full_shard"}])
-def test_fsdp_and_deepspeed_are_refused_before_training(backend):
+@pytest.mark.parametrize(
+    ("backend", "config"),
+    [({"deepspeed": "ds_config.json"}, {"heads": 0.5}), ({"fsdp": "full_shard"}, {"heads": 0.5, "schedule": "cubic"})],
+)
+def test_deepspeed_and_scheduled_structure_under_fsdp_are_refused_before_training(backend, config):
+    # FSDP2 itself is supported (tests/test_fsdp.py): masks on any schedule, structure once before sharding
     fake_args = SimpleNamespace(**{"deepspeed": None, "fsdp": None, **backend})
-    with pytest.raises(ValueError, match=r"cannot prune under (DeepSpeed|FSDP)"):
-        check_backend(fake_args, PruningConfig(heads=0.5))
+    with pytest.raises(ValueError, match=r"cannot prune (structure )?under (DeepSpeed|FSDP)"):
+        check_backend(fake_args, PruningConfig(**config))
     check_backend(fake_args, PruningConfig())  # nothing to prune: allowed
     trainer_like = SimpleNamespace(is_fsdp_enabled=True, is_deepspeed_enabled=False)
-    with pytest.raises(ValueError, match="FSDP"):
-        check_backend(SimpleNamespace(deepspeed=None, fsdp=None), PruningConfig(sparsity=0.5), trainer_like)
+    check_backend(SimpleNamespace(deepspeed=None, fsdp=None), PruningConfig(sparsity=0.5), trainer_like)
 
 
 def test_callback_state_is_written_by_the_saving_process_only(tmp_path):

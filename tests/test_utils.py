@@ -92,3 +92,33 @@ def test_resolve_offline_passes_other_names_through_and_names_the_allowed_aliase
     with pytest.raises(ValueError, match="offline:minilm") as err:
         resolve_offline("offline:minilmm")
     assert all(alias in str(err.value) for alias in OFFLINE_MODELS)
+
+
+def _fake_engine(tmp_path, monkeypatch, body: str) -> None:
+    """A stand-in for the vLLM environment's interpreter: a shell script that ignores the runner script."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/bash\ncat > /dev/null\n{body}\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("HF_PRUNE_VLLM_PYTHON", str(python))
+
+
+def test_engine_runner_killed_by_a_signal_is_started_once_more(tmp_path, monkeypatch):
+    from hf_prune.io.engines import run_engine
+
+    marker = tmp_path / "first-attempt"
+    _fake_engine(
+        tmp_path, monkeypatch, f"if [ ! -e {marker} ]; then touch {marker}; kill -ABRT $$; fi\necho '{{\"ok\": 1}}'"
+    )
+    assert run_engine("vllm", {"model": "m"}) == {"ok": 1}
+    assert marker.exists()
+
+
+def test_engine_runner_error_exit_or_a_second_kill_is_raised(tmp_path, monkeypatch):
+    from hf_prune.io.engines import run_engine
+
+    _fake_engine(tmp_path, monkeypatch, "echo 'bad request' >&2\nexit 3")
+    with pytest.raises(RuntimeError, match=r"exit 3\).*\n.*bad request"):
+        run_engine("vllm", {"model": "m"})
+    _fake_engine(tmp_path, monkeypatch, "echo 'aborted' >&2\nkill -ABRT $$")
+    with pytest.raises(RuntimeError, match=r"exit -6\).*\n.*aborted"):
+        run_engine("vllm", {"model": "m"})

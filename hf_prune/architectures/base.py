@@ -212,7 +212,7 @@ class ArchAdapter:
 def out_in(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """View a weight-shaped tensor of ``module`` as (out, in), whatever its layout (Conv1D stores (in, out)); the
     view maps back the same way."""
-    return tensor.t() if isinstance(module, Conv1D) else tensor
+    return tensor.t() if isinstance(getattr(module, "base_layer", module), Conv1D) else tensor  # peft: its base
 
 
 def head_feature_index(heads: Iterable[int], head_dim: int) -> torch.Tensor:

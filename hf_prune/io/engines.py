@@ -21,9 +21,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 ENGINES: dict[str, str] = {"vllm": ".venv-vllm", "llamacpp": ".venv-llamacpp"}
 SCRIPTS = Path(__file__).with_name("engine_scripts")
 REPO = Path(__file__).resolve().parents[2]
+
+logger = logging.get_logger(__name__)
 
 
 class EngineUnavailable(RuntimeError):
@@ -53,23 +57,29 @@ def engine_python(engine: str) -> Path:
 def run_engine(engine: str, request: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Send ``request`` to ``engine``'s runner in its own environment and return its answer (see module docstring).
 
-    The runner's stderr is passed through on failure, so an engine error reads as the engine wrote it.
+    The runner's stderr is passed through on failure, so an engine error reads as the engine wrote it. A runner the
+    operating system killed by a signal (vLLM's CPU backend has aborted once in CI at start-up, right after loading
+    weights: "terminate called without an active exception", a C++ thread torn down during initialisation) is started
+    once more, with a warning that carries the first attempt's stderr; an error exit is never retried.
     """
     python = engine_python(engine)
     script = SCRIPTS / f"{engine}_runner.py"
     env = {**os.environ, "PYTHONNOUSERSITE": "1"}
     env.pop("PYTHONPATH", None)  # hf_prune's environment must not leak into the engine's
-    proc = subprocess.run(
-        [str(python), str(script)],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{engine} runner failed (exit {proc.returncode}) on {request.get('model')}:\n{proc.stderr[-6000:]}"
+    for attempt in (1, 2):
+        proc = subprocess.run(
+            [str(python), str(script)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
-    return json.loads(lines[-1])
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        failure = f"{engine} runner failed (exit {proc.returncode}) on {request.get('model')}:\n{proc.stderr[-6000:]}"
+        if proc.returncode >= 0 or attempt == 2:
+            raise RuntimeError(failure)
+        logger.warning(f"hf_prune: {failure}\nhf_prune: the runner was killed by a signal; starting it once more")
+    raise AssertionError("unreachable")

@@ -20,6 +20,7 @@ from ..sparsity.sparse_io import sparsify_folder
 from ..structure.portable import NotPortable, Portable, forget_portable, modeling_source, portable_files
 from ..structure.remote_code import MANIFEST_KEY, MODELING_FILE
 from ..structure.state import STATE_KEY
+from ..training.lora import ADAPTER_DIR, base_model, base_state_dict, is_peft_model, save_adapter
 from ..utils import staged_dir
 
 logger = logging.get_logger(__name__)
@@ -67,7 +68,17 @@ def save_pretrained(
     (:mod:`hf_prune.sparsity.sparse_io`; a 90%-sparse float32 weight takes about 0.13 of its dense bytes). Only
     :func:`from_pretrained` reads that layout (it restores the exact dense tensors), so such a folder gets no remote
     code for stock loaders.
+
+    A peft model (LoRA adapters on a pruned base) saves as its pruned base, with stock weight names and no LoRA, and
+    its adapters in ``save_directory/adapter`` (``PeftModel.from_pretrained(hf_prune.from_pretrained(path),
+    path / "adapter")``); merge it first with :func:`hf_prune.merge_and_unload` to save one plain model instead.
     """
+    peft_model = model if is_peft_model(model) else None
+    if peft_model is not None:
+        if sparse:
+            raise ValueError("sparse=True is invalid for a peft model; merge it first with hf_prune.merge_and_unload")
+        model = base_model(peft_model)
+        kwargs["state_dict"] = base_state_dict(peft_model)
     float_weights(model)  # a dequantized GGUF model saves as the float checkpoint it is
     portable = Portable()
     if not sparse:
@@ -89,6 +100,8 @@ def save_pretrained(
                 f"hf_prune: {sizes['compressed_tensors']} sparse tensors stored as values + bitmask: "
                 f"{sizes['sparse_bytes'] / 2**20:.1f} MiB instead of {sizes['dense_bytes'] / 2**20:.1f} MiB"
             )
+        if peft_model is not None:
+            save_adapter(peft_model, tmp / ADAPTER_DIR, target)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return target

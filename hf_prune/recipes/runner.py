@@ -30,6 +30,7 @@ from ..evaluation import mean_loss, onnx_perplexity, onnx_predict_logits, predic
 from ..io.save import save_pretrained
 from ..measure import compare_latency, measure_latency, model_summary, saved_size_bytes
 from ..oneshot import prune
+from ..training.lora import get_peft_model, merge_and_unload
 from ..training.trainer import PruningTrainer
 from ..utils import dummy_inputs, model_device, staged_dir
 from .data import data_format, load_data, load_model_and_tokenizer, resolve_path, tokenize
@@ -186,8 +187,10 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
         config = PruningConfig.from_dict(depth.width_config)
         if not (config.structured or config.effective_sparsity):  # nothing else to prune: measure it now
             after_pruning.update(evaluate_model(recipe, model, evaluation, tokenizer))
+    # LoRA: adapters whose deltas keep the masks; cuts made while they exist take their rows/columns along
+    trained = get_peft_model(model, recipe.lora) if recipe.lora is not None else model
     trainer = PruningTrainer(
-        model=model,
+        model=trained,
         args=_training_args(recipe, f"{work}/recovery", recipe.training),
         train_dataset=train,
         data_collator=collator,
@@ -196,6 +199,11 @@ def _prune_and_recover(recipe: Recipe, model, train, evaluation, tokenizer, coll
     )
     trainer.add_callback(_EvaluateAfterPruning(recipe, trainer, evaluation, tokenizer, after_pruning))
     trainer.train()
+    if trained is not model:
+        # one plain model is saved, evaluated and exported; peft merges into the modules of `model` itself
+        merged = merge_and_unload(trained)
+        if merged is not model:
+            raise RuntimeError("peft's merge returned another model object than the one it wrapped")
     return trainer, after_pruning
 
 

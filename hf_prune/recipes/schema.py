@@ -12,7 +12,8 @@ Sections (see ``recipes/demo.yaml`` for a complete example)::
                 shuffle_seed
     dense_training:  optional TrainingArguments overrides for a dense fine-tune before pruning (the teacher)
     pruning:    any PruningConfig field
-    training:   any TrainingArguments field (recovery)
+    training:   any TrainingArguments field (recovery), and ``lora`` (r, alpha, dropout, target_modules,
+                modules_to_save, extra): recover with LoRA adapters that keep the masks, merged at the end
     evaluation: metrics, latency_batch, latency_seq_len, latency_repeats
     output:     dir, push_to_hub, repo_id, private, sparse, export (onnx | onnx-int8)
     seed
@@ -33,6 +34,7 @@ from transformers import TrainingArguments
 
 from ..config import PruningConfig, check_int, closest, type_name, type_ok
 from ..io.onnx import check_export_format
+from ..training.lora import LoraArguments
 from .metrics import SUPPORTED as SUPPORTED_METRICS
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -125,6 +127,7 @@ class Recipe:
     evaluation: EvaluationSection
     output: OutputSection
     seed: int = 0
+    lora: LoraArguments | None = None
     source: str = "<dict>"
     raw: dict[str, Any] = field(default_factory=dict)
     lines: dict[tuple[str, ...], int] = field(default_factory=dict)
@@ -187,16 +190,20 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _check_section(name: str, values: Any, cls: type, source: str, lines: dict) -> dict[str, Any]:
-    """The section's keys (each a field of ``cls``), their types and the :data:`MINIMUMS` of integer keys."""
+def _check_section(
+    name: str, values: Any, cls: type, source: str, lines: dict, path: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The section's keys (each a field of ``cls``), their types and the :data:`MINIMUMS` of integer keys.
+    ``path``: where the section sits when it is nested (``("training", "lora")``); ``name`` is then its dotted name."""
+    path = path or (name,)
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise RecipeError(f"{_where(source, lines, (name,))}: section '{name}' must be a mapping, got {values!r}")
+        raise RecipeError(f"{_where(source, lines, path)}: section '{name}' must be a mapping, got {values!r}")
     hints = _field_types(cls)
     allowed = [f.name for f in dataclasses.fields(cls) if f.init]
     for key, value in values.items():
-        where = _where(source, lines, (name, str(key)))
+        where = _where(source, lines, (*path, str(key)))
         if key not in allowed:
             raise RecipeError(f"{where}: unknown key '{key}' in section '{name}'{closest(str(key), allowed)}")
         annotation = hints.get(key, Any)
@@ -342,7 +349,22 @@ class _Sections:
     def training(self, name: str) -> dict[str, Any] | None:
         if name == "dense_training" and self.data.get(name) is None:
             return None
-        return self.values(name, TrainingArguments)
+        section = self.data.get(name)
+        if name == "training" and isinstance(section, dict) and "lora" in section:
+            section = {k: v for k, v in section.items() if k != "lora"}  # hf_prune's, not a TrainingArguments field
+        return _check_section(name, section, TrainingArguments, self.source, self.lines)
+
+    def lora(self) -> LoraArguments | None:
+        section = self.data.get("training")
+        if not isinstance(section, dict) or section.get("lora") is None:
+            return None
+        path = ("training", "lora")
+        values = _check_section("training.lora", section["lora"], LoraArguments, self.source, self.lines, path)
+        try:
+            return LoraArguments(**values)
+        except ValueError as err:
+            bad = next((k for k in values if f"LoraArguments.{k}=" in str(err)), None)
+            raise RecipeError(f"{self.where(*path, *([bad] if bad else []))}: {err}") from None
 
 
 def load_recipe(path_or_dict: str | os.PathLike | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
@@ -364,6 +386,7 @@ def load_recipe(path_or_dict: str | os.PathLike | dict[str, Any], overrides: lis
         pruning=sections.pruning(data_section.max_length),
         training=sections.training("training"),
         dense_training=sections.training("dense_training"),
+        lora=sections.lora(),
         seed=data.get("seed", 0),
         source=source,
         raw=data,

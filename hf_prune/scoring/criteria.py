@@ -6,10 +6,12 @@ query head) and one for FFN neurons. Higher means more important. Nothing here m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -160,12 +162,47 @@ def _add_mask_gradients(
     return n
 
 
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run every transformer block under activation checkpointing (non-reentrant ``torch.utils.checkpoint``) inside
+    the ``with`` block: the backward pass recomputes a block's activations instead of keeping them, so the memory a
+    gradient pass holds grows by one block input per block rather than by every activation of every block (one
+    extra forward pass of compute). ``model.config.use_cache`` is off meanwhile: a recomputed attention must not
+    append to a KV cache twice.
+
+    Why not transformers' ``gradient_checkpointing_enable``: it acts only in training mode, and scoring runs in eval
+    mode (no dropout).
+    """
+    if not enabled:
+        yield
+        return
+    blocks = get_adapter(model).layers(model)
+    had_cache = getattr(model.config, "use_cache", None)
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args: object, _forward=forward, **kwargs: object) -> object:
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed  # an instance attribute: nn.Module.__call__ runs it instead of the class's
+    if had_cache is not None:
+        model.config.use_cache = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+        if had_cache is not None:
+            model.config.use_cache = had_cache
+
+
 def mask_gradient_scores(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     kind: str = "fisher",
     max_samples: int | None = None,
     progress: bool = True,
+    recompute: bool | None = None,
 ) -> Scores:
     """Head and neuron importance from gradients of the loss w.r.t. per-example masks on their outputs.
 
@@ -175,6 +212,11 @@ def mask_gradient_scores(
     Better than One?"); ``kind="fisher"`` sums ``g**2``, the diagonal empirical Fisher information of the mask
     (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers"). The model's weights get no
     gradients (they are frozen for the duration), so this costs about two forward passes per batch.
+
+    ``recompute``: recompute block activations in the backward pass (:func:`recomputed_blocks`), a third forward
+    pass for a peak that no longer grows with every block's activations. ``None`` (default): on for a model on a GPU,
+    where memory is what runs out (measured and projected to 7B/8B shapes in ``benchmarks/memory.py``), off
+    elsewhere, where time is.
     """
     if kind not in GRADIENT_CRITERIA:
         raise ValueError(f"kind={kind!r} is invalid; allowed: {', '.join(GRADIENT_CRITERIA)}")
@@ -188,7 +230,8 @@ def mask_gradient_scores(
     handles = _mask_hooks(model, masks)
     requires = {p: p.requires_grad for p in model.parameters()}
     seen = 0
-    with eval_mode(model):
+    recompute = device.type == "cuda" if recompute is None else recompute
+    with eval_mode(model), recomputed_blocks(model, recompute):
         try:
             for p in model.parameters():
                 p.requires_grad_(False)

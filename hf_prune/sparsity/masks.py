@@ -15,13 +15,30 @@ from torch import nn
 
 from ..architectures import get_adapter
 from ..architectures.base import out_in
+from ..training.fsdp import full, local_part, reshard, shard_like
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The attention and FFN projections of every block, by their full module name (no embeddings/heads); for a
     family without an adapter, every linear layer of its blocks (see :mod:`hf_prune.architectures.generic`)."""
-    names = {id(m): n for n, m in model.named_modules()}
+    # a peft LoRA layer keeps its stock name (its weight is the wrapped layer's), so masks match with or without LoRA
+    names = {id(m): n.removesuffix(".base_layer") for n, m in model.named_modules()}
     return {names[id(m)]: m for m in get_adapter(model, structural=False).all_block_linears(model)}
+
+
+def live_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with, detached: for a peft LoRA layer its frozen base plus each active adapter's
+    delta (through the layer's keep-mask when it has one), so masks chosen during LoRA training see what LoRA
+    learnt."""
+    weight = module.weight.detach()
+    if not hasattr(module, "lora_A") or getattr(module, "merged", False):
+        return weight
+    keep = getattr(module, "_hf_prune_keep", None)  # hf_prune.compat.KEEP_MASK_ATTR
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            delta = module.get_delta_weight(adapter).detach().to(weight.dtype)
+            weight = weight + (delta if keep is None else delta * keep.to(delta.device, delta.dtype))
+    return weight
 
 
 def weight_scores(
@@ -31,7 +48,7 @@ def weight_scores(
     device."""
     scores = {}
     for name, module in modules.items():
-        w = out_in(module.weight.detach(), module).abs().float().contiguous()
+        w = out_in(full(live_weight(module)), module).abs().float().contiguous()  # all ranks score whole weights
         if criterion == "activation":
             if norms is None or name not in norms:
                 raise ValueError(f"activation-aware scores need input norms for {name}")
@@ -124,17 +141,19 @@ class MaskApplier:
 
     Resolves the weights once and keeps the *pruned* positions (``~keep``) on the weights' device, so each call is
     one in-place ``masked_fill_`` per matrix: no module lookup, no dtype conversion, no temporary mask.
-    Rebuild it whenever parameters are replaced (structural pruning swaps ``nn.Parameter`` objects).
+    Rebuild it whenever parameters are replaced (structural pruning swaps ``nn.Parameter`` objects). Under FSDP2
+    each rank keeps its chunk of every (whole) mask and fills its chunk of the weight (:mod:`hf_prune.training.fsdp`).
     """
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
+        reshard(model)  # FSDP2: the sharded parameters the optimizer steps, not a forward's temporary full copies
         modules = dict(model.named_modules())
-        self.pairs = [(modules[name].weight, (~mask).to(modules[name].weight.device)) for name, mask in masks.items()]
+        self.pairs = [(modules[name].weight, shard_like(~mask, modules[name].weight)) for name, mask in masks.items()]
 
     @torch.no_grad()
     def __call__(self) -> None:
         for weight, pruned in self.pairs:
-            weight.masked_fill_(pruned, 0.0)
+            local_part(weight).masked_fill_(pruned, 0.0)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, object]:
@@ -142,7 +161,7 @@ def sparsity_report(model: nn.Module) -> dict[str, object]:
     per_module = {}
     zeros = total = 0
     for name, module in prunable_linears(model).items():
-        z = int((module.weight == 0).sum())
+        z = int(full((module.weight == 0).sum()))  # sharded: this rank's count until reduced over ranks
         n = module.weight.numel()
         per_module[name] = z / n
         zeros += z

@@ -122,6 +122,27 @@ def _module_spec(path: str, module: nn.Module, stock: nn.Module) -> dict[str, An
     return spec
 
 
+def stock_name(name: str) -> str | None:
+    """A module or tensor name as the stock model has it, for a model with peft LoRA layers in it: a wrapped layer's
+    ``base_layer`` (or a fully trained module's ``original_module``) takes the wrapper's place, and adapter parts
+    (``lora_*``, ``modules_to_save``) have none (``None``). Adapters are saved apart (:mod:`hf_prune.training.lora`)."""
+    parts = name.split(".")
+    if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
+        return None
+    return ".".join(p for p in parts if p not in ("base_layer", "original_module"))
+
+
+def _stock_view(named: Any) -> dict[str, Any]:
+    """``{stock name: item}`` of ``(name, item)`` pairs (see :func:`stock_name`); a wrapped layer replaces its
+    wrapper, which comes first in ``named_modules`` order."""
+    out = {}
+    for name, item in named:
+        key = stock_name(name)
+        if key is not None:
+            out[key] = item
+    return out
+
+
 def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     """How ``model``'s base model differs from the stock one its config builds: ``{module path: spec}`` (see
     :func:`hf_prune.structure.remote_code.apply_manifest`). Raises :class:`NotPortable` when a difference cannot be
@@ -129,7 +150,7 @@ def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     lies outside the base model (hf_prune never changes task heads)."""
     twin = _stock_twin(model)
     base, twin_base = model.base_model, twin.base_model
-    ours = dict(base.named_modules())
+    ours = _stock_view(base.named_modules())
     theirs = dict(twin_base.named_modules())
     if set(ours) != set(theirs):
         extra, missing = sorted(set(ours) - set(theirs))[:3], sorted(set(theirs) - set(ours))[:3]
@@ -143,7 +164,7 @@ def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
     stock_tensors = twin.state_dict()
     outside = [
         n
-        for n, t in model.state_dict().items()
+        for n, t in _stock_view(model.state_dict().items()).items()
         if not n.startswith(f"{prefix}.") and n in stock_tensors and stock_tensors[n].shape != t.shape
     ]
     if outside and model.base_model is not model:
@@ -153,7 +174,7 @@ def manifest_of(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def _check_round_trip(model: nn.Module, manifest: dict[str, Any]) -> None:
     rebuilt = _stock_twin(model, manifest)
-    want = {n: tuple(t.shape) for n, t in chain(model.named_parameters(), model.named_buffers())}
+    want = {n: tuple(t.shape) for n, t in _stock_view(chain(model.named_parameters(), model.named_buffers())).items()}
     got = {n: tuple(t.shape) for n, t in chain(rebuilt.named_parameters(), rebuilt.named_buffers())}
     if want != got:
         diff = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))[:3]

@@ -38,7 +38,9 @@ MODELING_FILE = "hf_prune_modeling.py"
 
 
 def num_features(module: nn.Module, side: str) -> int:
-    """Number of output (``side="out"``) or input (``"in"``) features of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    """Number of output (``side="out"``) or input (``"in"``) features of an ``nn.Linear`` or GPT-2 ``Conv1D`` (or of
+    the one a peft LoRA layer wraps)."""
+    module = getattr(module, "base_layer", module)
     if isinstance(module, nn.Linear):
         return module.out_features if side == "out" else module.in_features
     if hasattr(module, "nf") and hasattr(module, "nx"):  # transformers' Conv1D stores weight as (in, out)

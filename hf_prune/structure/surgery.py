@@ -1,6 +1,7 @@
 """Structural surgery: physically remove attention heads and FFN neurons, in place.
 
-This is the only module that changes a model's shapes; the refit after a cut (:mod:`hf_prune.structure.refit`) and
+This module (with the low-level slicing it calls, :mod:`hf_prune.structure.slicing`) is the only one that changes a
+model's shapes; the refit after a cut (:mod:`hf_prune.structure.refit`) and
 the OBS update (:mod:`hf_prune.sparsity.reconstruct`) copy new values into the kept weights, never reshaping them.
 It reads *where* things live from the architecture adapters (:mod:`hf_prune.architectures`) and records the resulting
 per-layer shapes in ``model.config.hf_prune`` so :func:`hf_prune.from_pretrained` can rebuild them before weights
@@ -15,116 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from ..architectures import ArchAdapter, LayerShape, get_adapter
-from ..architectures.base import Param, unit_feature_index
+from ..architectures.base import unit_feature_index
 from .remote_code import make_empty
+from .slicing import slice_params, slice_projection
 from .state import check_state, current_state, own_config, pruning_state, record_state
 
 logger = logging.get_logger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# low-level slicing
-# ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamSlice:
-    """One parameter replaced by surgery: ``new = old.index_select(dim, index)``.
-
-    Lets whoever holds per-parameter state (an optimizer's Adam moments, EMA copies) slice it with the same indices
-    instead of dropping it (see :func:`record_slices` and :func:`hf_prune.training.optim.remap_optimizer`).
-    """
-
-    old: nn.Parameter
-    new: nn.Parameter
-    dim: int
-    index: torch.Tensor
-
-
-_RECORDERS: list[list[ParamSlice]] = []
-
-
-@contextlib.contextmanager
-def record_slices() -> Iterator[list[ParamSlice]]:
-    """Collect a :class:`ParamSlice` for every parameter surgery replaces inside the ``with`` block."""
-    log: list[ParamSlice] = []
-    _RECORDERS.append(log)
-    try:
-        yield log
-    finally:
-        _RECORDERS.remove(log)
-
-
-def _replace(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
-    old = getattr(module, name)
-    new = nn.Parameter(old.detach().index_select(dim, index).clone(), requires_grad=old.requires_grad)
-    setattr(module, name, new)
-    for log in _RECORDERS:
-        log.append(ParamSlice(old, new, dim, index))
-
-
-def slice_projection(module: nn.Module, index: torch.Tensor, side: str) -> None:
-    """Keep only the features ``index`` of ``module`` on ``side`` (``"out"`` or ``"in"``), in place.
-
-    Works for ``nn.Linear`` (weight ``(out, in)``) and transformers' ``Conv1D`` (weight ``(in, out)``).
-    The bias follows output features. New ``nn.Parameter`` objects replace the old ones, so any optimizer
-    holding the old tensors must be told (the PruningTrainer slices their state, see :func:`record_slices`).
-    """
-    is_linear = isinstance(module, nn.Linear)
-    if not is_linear and not isinstance(module, Conv1D):
-        raise TypeError(f"hf_prune cannot slice {type(module).__name__}; expected nn.Linear or Conv1D")
-    weight = module.weight
-    index = index.to(device=weight.device, dtype=torch.long)
-    if side == "out":
-        dim = 0 if is_linear else 1
-    elif side == "in":
-        dim = 1 if is_linear else 0
-    else:
-        raise ValueError(f"side must be 'out' or 'in', got {side!r}")
-    with torch.no_grad():
-        _replace(module, "weight", dim, index)
-        if side == "out" and getattr(module, "bias", None) is not None:
-            _replace(module, "bias", 0, index)
-    n = int(index.numel())
-    if is_linear:
-        if side == "out":
-            module.out_features = n
-        else:
-            module.in_features = n
-    elif side == "out":
-        module.nf = n
-    else:
-        module.nx = n
-
-
-def _slice_params(
-    block: nn.Module,
-    params: Sequence[Param],
-    keep: Mapping[str, Sequence[int]],
-    counts: Mapping[str, int],
-    width: Mapping[str, int],
-) -> None:
-    for param in params:
-        owner_path, _, name = param.path.rpartition(".")
-        try:
-            owner = block.get_submodule(owner_path)
-            tensor = getattr(owner, name)
-        except AttributeError:
-            if param.optional:
-                continue
-            raise
-        w = {**width, param.unit: param.width} if param.width is not None else width
-        index = unit_feature_index((param.unit,), keep, counts, w)
-        with torch.no_grad():
-            _replace(owner, name, param.dim, index.to(tensor.device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,7 +44,7 @@ def _resize_attention(
     for proj in adapter.attention_projs:
         index = unit_feature_index(proj.units(), keep, counts, width)
         slice_projection(block.get_submodule(proj.path), index, proj.side)
-    _slice_params(block, adapter.attention_params, keep, counts, width)
+    slice_params(block, adapter.attention_params, keep, counts, width)
     attention = block.get_submodule(adapter.attention_module)
     adapter.set_attention_attrs(attention, len(keep_q), len(keep_kv), head_dim)
     if not keep_q:
@@ -151,7 +56,7 @@ def _resize_ffn(adapter: ArchAdapter, block: nn.Module, size: int, keep: list[in
     for proj in adapter.ffn_projs:
         index = unit_feature_index(proj.units(), keep_units, counts, width)
         slice_projection(block.get_submodule(proj.path), index, proj.side)
-    _slice_params(block, adapter.ffn_params, keep_units, counts, width)
+    slice_params(block, adapter.ffn_params, keep_units, counts, width)
     ffn = block.get_submodule(adapter.ffn_module)
     adapter.set_ffn_attrs(ffn, len(keep))
     if not keep:

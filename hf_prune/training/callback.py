@@ -31,9 +31,11 @@ from ..planning.units import HeadUnits, head_unit_mode
 from ..scoring.calibration import CalibrationSet, calibration_set
 from ..sparsity.masks import MaskApplier
 from ..step import mask_step, structural_step
-from ..structure.surgery import record_slices
+from ..structure.slicing import record_slices
 from ..utils import atomic_write, atomic_write_json, model_device, restored_mode
 from .distributed import all_reduce_sum, is_distributed, world_size
+from .fsdp import check_backend  # re-exported: trainer.py and tests import it from here
+from .lora import base_model, keep_masks
 from .optim import remap_optimizer
 from .schedules import Event, build_events, resolve_window
 
@@ -41,26 +43,6 @@ logger = logging.get_logger(__name__)
 
 STATE_FILE = "hf_prune_state.json"
 MASKS_FILE = "hf_prune_masks.safetensors"
-
-
-def _unsupported_backend(args: TrainingArguments, trainer: Trainer | None = None) -> str | None:
-    """FSDP and DeepSpeed flatten and shard parameters: surgery and per-module masks cannot reach them."""
-    if getattr(args, "deepspeed", None) or getattr(trainer, "is_deepspeed_enabled", False):
-        return "DeepSpeed"
-    if getattr(args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP"
-    return None
-
-
-def check_backend(args: TrainingArguments, config: PruningConfig, trainer: Trainer | None = None) -> None:
-    """Refuse FSDP and DeepSpeed before training starts when there is anything to prune."""
-    backend = _unsupported_backend(args, trainer)
-    if backend and (config.structured or config.effective_sparsity > 0):
-        raise ValueError(
-            f"hf_prune cannot prune under {backend}: it flattens and shards parameters, so heads, neurons and weight "
-            "masks cannot be addressed per module. Train with DDP (plain `accelerate launch`/`torchrun`) or on one "
-            "device."
-        )
 
 
 class PruningCallback(TrainerCallback):
@@ -130,17 +112,36 @@ class PruningCallback(TrainerCallback):
             self._resumed_state(args, state, model)
         if not self.original:
             self.original = self._counts(model)
-        if self.config.keep_target == "latency" and state.global_step == 0:
-            # an unreachable target fails now, not at the last pruning event after hours of training
+        if self.config.keep_target == "latency" and state.global_step == 0 and not self.done_steps:
+            # an unreachable target fails now, not at the last pruning event after hours of training (under FSDP it
+            # was checked before sharding, see prune_before_sharding)
             check_latency_reachable(model, self.config, self._latency_table(model))
         if state.global_step == 0:
             self._run_due_events(model, state.global_step)
+        if self.masks and self._applier is None:  # resumed: the LoRA deltas must be masked from the first step
+            self._install_masks(model)
         return control
+
+    def prune_before_sharding(self) -> None:
+        """FSDP: run the one-shot structural event (step 0) on the bound trainer's model before ``Trainer.train``
+        shards it, since surgery cannot resize sharded parameters; :meth:`on_train_begin` then finds step 0 done.
+        The event runs where the model is (FSDP leaves it where it was built until sharding). See
+        :mod:`hf_prune.training.fsdp`."""
+        if not self.config.structured or 0 in self.done_steps:
+            return
+        model = self._model({})
+        get_adapter(model, structural=True)
+        self.original = self._counts(model)
+        if self.config.keep_target == "latency":
+            check_latency_reachable(model, self.config, self._latency_table(model))
+        self._prune(model, Event(0, 1.0))
+        self.done_steps.append(0)
+        self._applier = None  # sharding replaces the parameters it points at: rebuilt on the sharded model
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.masks:
             if self._applier is None:
-                self._applier = MaskApplier(self._model(kwargs), self.masks)
+                self._install_masks(self._model(kwargs))
             self._applier()
         return control
 
@@ -224,9 +225,14 @@ class PruningCallback(TrainerCallback):
 
     # ---- events -------------------------------------------------------------------------------------------
     def _model(self, kwargs: dict[str, Any]) -> nn.Module:
-        if self.trainer is not None:
-            return self.trainer.model
-        return kwargs["model"]
+        """The model pruned: the trainer's, or for a peft model its base (LoRA layers inside; cutting them there
+        cuts the adapters along, see :mod:`hf_prune.training.lora`)."""
+        return base_model(self.trainer.model if self.trainer is not None else kwargs["model"])
+
+    def _install_masks(self, model: nn.Module) -> None:
+        """Masks into force: the applier that re-zeroes pruned weights, and LoRA deltas that add ``mask * BA``."""
+        self._applier = MaskApplier(model, self.masks)
+        keep_masks(model, self.masks)
 
     def _latency_table(self, model: nn.Module) -> LatencyTable:
         """Measured once, on the model as training starts; every later event allocates with the same table."""
@@ -350,7 +356,7 @@ class PruningCallback(TrainerCallback):
             is_distributed(),
             progress=False,
         )
-        self._applier = MaskApplier(model, self.masks)
+        self._install_masks(model)
 
 
 def _average_table(table: LatencyTable, device: torch.device) -> LatencyTable:

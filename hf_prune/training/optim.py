@@ -1,6 +1,6 @@
 """Keep an optimizer in step with structural surgery: swap the replaced parameters in place, slice their state.
 
-Surgery replaces each pruned ``nn.Parameter`` by a smaller one (:class:`~hf_prune.structure.surgery.ParamSlice`).
+Surgery replaces each pruned ``nn.Parameter`` by a smaller one (:class:`~hf_prune.structure.slicing.ParamSlice`).
 Rebuilding the
 optimizer would restart Adam for every pruned matrix at each event (its moments are the optimizer's memory of
 the gradient scale; losing them spikes the update size exactly when the network is most fragile). Instead the new
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from ..structure.surgery import ParamSlice
+from ..structure.slicing import ParamSlice
 
 logger = logging.get_logger(__name__)
 

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..architectures import get_adapter
 from ..compat import float_weights, overrides_private
 from ..config import PruningConfig
-from ..io.save import add_remote_code
+from ..io.save import add_remote_code, save_pretrained
 from ..structure.remote_code import recorded_state
 from ..structure.state import pruning_state
 from ..structure.surgery import apply_layer_shapes
@@ -47,6 +48,7 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
+from .lora import LORA_BASE_DIR, base_model, is_peft_model, load_base_weights
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +80,12 @@ class PruningMixin:
     :mod:`hf_prune.training.distill`), so the loss is the same for 1 x 16 and 2 x 8 micro-batches and for 1 or 2
     processes.
     With ``load_best_model_at_end`` the best checkpoint is chosen among those saved after the last pruning event.
+    Under FSDP2 the structure is cut once, before the model is sharded, and masks follow any schedule
+    (:mod:`hf_prune.training.fsdp`); the teacher stays an unsharded copy on each process's device.
+
+    The model may be a peft model (:func:`hf_prune.get_peft_model`): its base is what is scored, cut and masked,
+    the adapters are cut along and their deltas keep the masks (:mod:`hf_prune.training.lora`); checkpoints of a
+    run that reshaped the base keep it next to the adapter, so resuming rebuilds it.
     """
 
     def __init__(
@@ -94,11 +102,12 @@ class PruningMixin:
         self._distill_counts: torch.Tensor | None = None
         self._in_training_step = False
         # before Trainer.__init__, which refuses a model still marked as quantized even when its weights are float
-        float_weights(kwargs["model"] if "model" in kwargs else (args[0] if args else None))
+        given = kwargs["model"] if "model" in kwargs else (args[0] if args else None)
+        float_weights(base_model(given) if given is not None else None)
         super().__init__(*args, **kwargs)
         self.pruning_config = config
         # unknown architecture: a clear error before anything runs (weight sparsity alone needs no adapter)
-        get_adapter(self.model, structural=self.pruning_config.removes_structure)
+        get_adapter(base_model(self.model), structural=self.pruning_config.removes_structure)
         check_backend(self.args, self.pruning_config, self)
         if self.pruning_config.needs_data and calibration_dataset is None and self.train_dataset is None:
             raise ValueError(
@@ -183,6 +192,29 @@ class PruningMixin:
             and getattr(self.model.config, "num_labels", 2) > 1
         )
 
+    # ---- FSDP: structure is cut before the model is sharded -----------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; under FSDP the structure is cut first, on the unwrapped model
+        (:meth:`cut_before_sharding`)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            self.cut_before_sharding(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def cut_before_sharding(self, resume_from_checkpoint: str | bool | None = None) -> None:
+        """Cut the structure while the model is still whole: ``Trainer.train`` shards it (FSDP2) before any callback
+        event, and sharded parameters cannot be resized (see :mod:`hf_prune.training.fsdp`). A fresh run takes its
+        one-shot structural event here; a resumed one replays the shapes its checkpoint recorded, so the smaller
+        tensors load into the sharded model."""
+        if not self.pruning_config.structured:
+            return
+        if not resume_from_checkpoint:
+            self.pruning_callback.prune_before_sharding()
+            return
+        folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        state = _checkpoint_state(folder) if folder else None  # no checkpoint: Trainer.train says so
+        if state and state.get("layers"):
+            apply_layer_shapes(base_model(self.model), state["layers"], state)
+
     # ---- DDP re-wrap after structural pruning -------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The training loop holds its own reference to the wrapped model; after a structural event under DDP the
@@ -198,7 +230,7 @@ class PruningMixin:
     # ---- logging ------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and (self.pruning_config.structured or self.pruning_config.effective_sparsity > 0):
-            logs = {**logs, **self.pruning_callback.stats(self.model)}
+            logs = {**logs, **self.pruning_callback.stats(base_model(self.model))}
         super().log(logs, *args, **kwargs)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
@@ -207,16 +239,27 @@ class PruningMixin:
         super()._save(output_dir, state_dict)
         # checkpoints and save_model() load without hf_prune too, like hf_prune.save_pretrained's folders; a rank
         # that only joined the gathers of a model sharded at load time returns from _save without writing
-        if self.args.should_save:
-            add_remote_code(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        if not self.args.should_save:
+            return
+        model, folder = self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir)
+        if is_peft_model(model):
+            # the stock save wrote the adapter only; a base the run reshaped goes next to it, or resume has nothing
+            # to rebuild it from
+            if pruning_state(base_model(model)):
+                save_pretrained(model, folder / LORA_BASE_DIR)
+        else:
+            add_remote_code(model, folder)
 
     @overrides_private
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = model if model is not None else self.model
-        state = _checkpoint_state(resume_from_checkpoint)
+        lora_base = Path(resume_from_checkpoint) / LORA_BASE_DIR
+        state = _checkpoint_state(lora_base if lora_base.is_dir() else resume_from_checkpoint)
         if state and state.get("layers"):
             # replay the structure so the checkpoint's smaller tensors fit, then let the stock loader run
-            apply_layer_shapes(target, state["layers"], state)
+            apply_layer_shapes(base_model(target), state["layers"], state)
+        if lora_base.is_dir():  # a LoRA run's reshaped base: the stock loader restores the adapter only
+            load_base_weights(target, lora_base)
             if self.teacher is not None:
                 self.teacher.to(model_device(target))
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -227,9 +270,10 @@ class PruningMixin:
         # the callback restarts best tracking at every pruning event, so this only trips on a hand-edited state
         best = self.state.best_model_checkpoint
         saved = (_checkpoint_state(best) or {}).get("layers") if best else None
-        current = (pruning_state(self.model) or {}).get("layers")
+        current = (pruning_state(base_model(self.model)) or {}).get("layers")
         if saved != current:
-            shapes = [s.to_dict() for s in get_adapter(self.model, structural=False).layer_shapes(self.model)]
+            base = base_model(self.model)
+            shapes = [s.to_dict() for s in get_adapter(base, structural=False).layer_shapes(base)]
             raise ValueError(
                 f"load_best_model_at_end: the best checkpoint {best} holds layer shapes {saved}, but the model now "
                 f"has {shapes}; load it with hf_prune.from_pretrained({best!r}, ...) instead"
