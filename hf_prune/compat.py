@@ -264,7 +264,7 @@ def _masked_delta(module: Any, adapter: str) -> Any:
     return delta * keep.to(delta.dtype)
 
 
-def _masked_variant() -> type:
+def masked_variant() -> type:
     """peft's ``LoraVariant`` subclass whose delta is ``mask * scaling * B @ A`` (built lazily: peft imports late)."""
     global _MASKED_VARIANT
     if _MASKED_VARIANT is None:
@@ -311,7 +311,7 @@ def mask_lora_delta(layer: nn.Module, keep: Any) -> bool:
     variant (DoRA, aLoRA...): their deltas are not a plain matrix hf_prune can mask.
     """
     variants = layer.lora_variant
-    masked = _masked_variant()
+    masked = masked_variant()
     for adapter in layer.lora_A:
         current = variants.get(adapter)
         if current is not None and not isinstance(current, masked):

@@ -22,6 +22,7 @@ from .planning.plan import PruningPlan
 from .scoring.calibration import calibration_set
 from .sparsity.reconstruct import sequential_prune
 from .step import mask_step, structural_step
+from .training.lora import base_model, check_maskable, keep_masks
 
 logger = logging.get_logger(__name__)
 
@@ -118,7 +119,8 @@ def prune(
     """Prune ``model`` in place to ``config``'s targets in one shot, and report what changed.
 
     Args:
-        model: any model of a supported family.
+        model: any model of a supported family, or a peft model of one (its adapters are cut with the structure
+            and their deltas keep the new zeros, see :mod:`hf_prune.training.lora`).
         config: a :class:`PruningConfig` (or its dict form).
         calibration_data: needed by ``taylor``/``fisher``, ``reconstruct`` and activation-aware sparsity. Any form
             :func:`~hf_prune.scoring.calibration.calibration_set` accepts: tokenized examples (a ``datasets.Dataset``
@@ -137,6 +139,7 @@ def prune(
             message lists the accepted forms).
     """
     _check_model(model)
+    model = base_model(model)  # a peft model: its base, adapters inside, is cut (and its adapters along)
     config = PruningConfig.coerce(config, "prune(config=...)")
     # weight sparsity alone works on any family; removing heads, neurons or blocks needs its adapter
     get_adapter(model, structural=config.removes_structure)
@@ -147,6 +150,8 @@ def prune(
             "fraction of the blocks in (0, 1))"
         )
     float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
+    if config.effective_sparsity > 0:
+        check_maskable(model)  # LoRA variants whose deltas cannot keep masks: refused before anything changes
     if config.needs_data and calibration_data is None:
         raise ValueError(
             f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r}"
@@ -171,6 +176,7 @@ def prune(
         removed_blocks, removed_attention, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start
     plan = PruningPlan() if depth_only else _width_and_sparsity(model, config, width, calibration, timings)
+    keep_masks(model)  # LoRA layers, if any, add mask * BA from now on (their base weights' zeros)
     result = PruningReport.from_summaries(
         config.to_dict(),
         plan.to_dict(),

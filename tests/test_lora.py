@@ -13,6 +13,7 @@ from peft import get_peft_model as stock_get_peft_model
 
 import hf_prune
 from hf_prune import LoraArguments, PruningConfig, PruningTrainer
+from hf_prune.compat import KEEP_MASK_ATTR
 from hf_prune.sparsity.masks import prunable_linears
 from hf_prune.testing import zero_heads_and_neurons
 from hf_prune.training.lora import base_model, lora_layers
@@ -247,6 +248,39 @@ def test_bad_lora_input_fails_early(tmp_path):
         hf_prune.save_pretrained(peft_model, tmp_path / "x", sparse=True)
     assert not (tmp_path / "x").exists()
     dora = stock_get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    hf_prune.prune(base_model(dora), PruningConfig(sparsity=0.5))
+    before = {k: v.clone() for k, v in dora.state_dict().items()}
+    with pytest.raises(ValueError, match=r"q_proj: adapter 'default' uses the LoRA variant .*use_dora=False"):
+        hf_prune.prune(dora, PruningConfig(sparsity=0.5))
+    assert all(torch.equal(before[k], v) for k, v in dora.state_dict().items())  # refused before any change
     with pytest.raises(ValueError, match="DoRA"):
-        hf_prune.training.lora.keep_masks(dora)
+        PruningTrainer(model=dora, args=args(tmp_path), train_dataset=_data("llama"), pruning_config={"sparsity": 0.5})
+
+
+def test_prune_on_a_peft_model_cuts_its_adapters_and_masks_their_deltas():
+    model = _model("llama")
+    peft_model = hf_prune.get_peft_model(model, {"r": 4})
+    _randomise_adapters(peft_model)
+    data = [make_inputs(FAMILIES["llama"], seed=s) for s in range(2)]
+    report = hf_prune.prune(peft_model, PruningConfig(heads=0.5, ffn=0.25, sparsity=0.3), calibration_data=data)
+    assert report.sparsity == pytest.approx(0.3, abs=0.01)
+    for name, layer in lora_layers(peft_model).items():
+        out_f, in_f = layer.base_layer.weight.shape
+        assert layer.lora_B["default"].weight.shape[0] == out_f and layer.lora_A["default"].weight.shape[1] == in_f
+        assert torch.equal(getattr(layer, KEEP_MASK_ATTR), layer.base_layer.weight != 0), name
+    expected = _logits(peft_model, "llama")
+    torch.testing.assert_close(_logits(hf_prune.merge_and_unload(peft_model), "llama"), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sparse_model_wrapped_by_stock_peft_trains_with_masked_deltas(tmp_path, caplog):
+    model = _model("llama")
+    hf_prune.prune(model, PruningConfig(sparsity=0.5))
+    zeros = {n: m.weight == 0 for n, m in prunable_linears(model).items()}
+    peft_model = stock_get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    trainer = PruningTrainer(model=peft_model, args=args(tmp_path, max_steps=3), train_dataset=_data("llama"))
+    trainer.train()  # nothing to prune: the trainer still masks the deltas by the frozen base's zeros
+    trained = _logits(peft_model, "llama")
+    merged = hf_prune.merge_and_unload(peft_model)
+    assert "delta is not masked" not in caplog.text
+    for name, zero in zeros.items():
+        assert bool((merged.get_submodule(name).weight[zero] == 0).all())
+    torch.testing.assert_close(_logits(merged, "llama"), trained, atol=1e-5, rtol=1e-5)

@@ -120,6 +120,8 @@ class PruningCallback(TrainerCallback):
             self._run_due_events(model, state.global_step)
         if self.masks and self._applier is None:  # resumed: the LoRA deltas must be masked from the first step
             self._install_masks(model)
+        elif not self.masks:  # a sparse model wrapped by stock peft: its LoRA deltas keep the base's zeros
+            keep_masks(model)
         return control
 
     def prune_before_sharding(self) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..compat import KEEP_MASK_ATTR, float_weights, mask_lora_delta
+from ..compat import KEEP_MASK_ATTR, float_weights, mask_lora_delta, masked_variant
 from ..structure.portable import stock_name
 
 logger = logging.get_logger(__name__)
@@ -135,6 +135,20 @@ def is_lora_layer(module: nn.Module) -> bool:
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every peft LoRA layer of ``model`` (a peft model or its base) by its name in the base model."""
     return {name: m for name, m in base_model(model).named_modules() if is_lora_layer(m)}
+
+
+def check_maskable(model: nn.Module) -> None:
+    """Refuse, before any work, LoRA layers whose adapters use another LoRA variant (DoRA, aLoRA...): their deltas
+    are not a plain matrix, so sparsity masks cannot be kept through them."""
+    ours = masked_variant()
+    for name, layer in lora_layers(model).items():
+        for adapter, variant in layer.lora_variant.items():
+            if variant is not None and not isinstance(variant, ours):
+                raise ValueError(
+                    f"{name}: adapter {adapter!r} uses the LoRA variant {type(variant).__name__} (DoRA or similar); "
+                    "hf_prune keeps sparsity masks through plain LoRA only: set use_dora=False, or prune without "
+                    "sparsity"
+                )
 
 
 def keep_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> int:

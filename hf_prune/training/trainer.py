@@ -48,7 +48,7 @@ from .distill import (
     token_positions,
 )
 from .distributed import all_reduce_sum, is_distributed, world_size
-from .lora import LORA_BASE_DIR, base_model, is_peft_model, load_base_weights
+from .lora import LORA_BASE_DIR, base_model, check_maskable, is_peft_model, load_base_weights
 
 logger = logging.get_logger(__name__)
 
@@ -109,6 +109,8 @@ class PruningMixin:
         # unknown architecture: a clear error before anything runs (weight sparsity alone needs no adapter)
         get_adapter(base_model(self.model), structural=self.pruning_config.removes_structure)
         check_backend(self.args, self.pruning_config, self)
+        if self.pruning_config.effective_sparsity > 0:
+            check_maskable(self.model)
         if self.pruning_config.needs_data and calibration_dataset is None and self.train_dataset is None:
             raise ValueError(
                 f"criterion={self.pruning_config.criterion!r} needs calibration data: pass calibration_dataset or "
