@@ -235,6 +235,7 @@ def test_bad_lora_input_fails_early(tmp_path):
         ({"dropout": 1.0}, r"dropout=1.0 .*\[0, 1\)"),
         ({"target_modules": []}, r"target_modules=\[\] .*all-linear"),
         ({"extra": {"use_dora": True}}, r"use_dora"),
+        ({"extra": {"lora_alpha": 4, "bias": "none", "rank": 2}}, r"\['lora_alpha', 'rank'\] are not further peft"),
     ):
         with pytest.raises(ValueError, match=match):
             LoraArguments(**bad)

@@ -170,6 +170,12 @@ BAD = [
         "unknown key 'latency_bach' in section 'evaluation' (did you mean 'latency_batch'?)",
     ),
     ("seed: zero\n", "r.yaml:9: seed must be an integer, got 'zero'"),
+    (
+        "training:\n  lora:\n    rank: 8\n",
+        "r.yaml:11: unknown key 'rank' in section 'training.lora'",
+    ),
+    ("training:\n  lora:\n    r: 0\n", "r.yaml:11: LoraArguments.r=0 is invalid; allowed: an integer >= 1"),
+    ("training:\n  lora:\n    dropout: high\n", "r.yaml:11: training.lora.dropout must be float, got 'high'"),
 ]
 
 
@@ -533,3 +539,22 @@ def test_an_unknown_export_format_is_refused_with_the_allowed_ones(tmp_path, val
     }
     with pytest.raises(RecipeError, match=rf"output\.export={value!r} is not allowed; use one of onnx, onnx-int8"):
         load_recipe(write(tmp_path, data))
+
+
+def test_lora_recipe_recovers_with_masked_adapters_and_saves_one_merged_model(tmp_path, tiny_model_dir):
+    data = base_recipe(tmp_path, tiny_model_dir)
+    data["dense_training"] = None
+    data["pruning"].update(sparsity=0.5, sparsity_scope="row", schedule="iterative", frequency=2)
+    data["training"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1}
+    recipe = load_recipe(write(tmp_path, data))
+    assert recipe.lora == hf_prune.LoraArguments(r=4, alpha=8, dropout=0.1)
+    assert "lora" not in recipe.training  # not a TrainingArguments field
+    report = runner.run_recipe(recipe)
+    out = Path(report["output_dir"])
+    assert not (out / "adapter_config.json").exists()
+    model = hf_prune.from_pretrained(out, tf.AutoModelForSequenceClassification)
+    assert not any("lora" in n or "base_layer" in n for n, _ in model.named_parameters())
+    kept = [s.heads for s in hf_prune.get_adapter(model).layer_shapes(model)]
+    assert kept == report["plan"]["kept_heads"] and sum(kept) < 3 * 4  # cut while the adapters existed
+    assert hf_prune.sparsity.masks.sparsity_report(model)["overall"] == pytest.approx(0.5, abs=0.01)
+    assert set(report["metrics"]) == {"dense", "after_pruning", "after_recovery"}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,16 @@ class LoraArguments:
             )
         if self.extra.get("use_dora"):
             raise ValueError("LoraArguments.extra.use_dora=True is invalid: hf_prune keeps masks through plain LoRA")
+        from peft import LoraConfig
+
+        own = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type"}
+        allowed = sorted({f.name for f in fields(LoraConfig)} - own)
+        unknown = [k for k in self.extra if k not in allowed]
+        if unknown:
+            raise ValueError(
+                f"LoraArguments.extra={self.extra!r} is invalid: {unknown} are not further peft LoraConfig fields "
+                f"(r, alpha, dropout, target_modules and modules_to_save have their own keys); allowed: {allowed}"
+            )
 
     def to_peft(self, model: nn.Module) -> Any:
         """The peft ``LoraConfig``, its ``task_type`` read off the model's class."""
