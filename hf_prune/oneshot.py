@@ -176,7 +176,8 @@ def prune(
         removed_blocks, removed_attention, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start
     plan = PruningPlan() if depth_only else _width_and_sparsity(model, config, width, calibration, timings)
-    keep_masks(model)  # LoRA layers, if any, add mask * BA from now on (their base weights' zeros)
+    if config.effective_sparsity > 0:  # LoRA layers, if any, add mask * BA from now on (the zeros just made)
+        keep_masks(model, min_zero_fraction=0.0)
     result = PruningReport.from_summaries(
         config.to_dict(),
         plan.to_dict(),

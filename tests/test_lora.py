@@ -285,3 +285,24 @@ def test_a_sparse_model_wrapped_by_stock_peft_trains_with_masked_deltas(tmp_path
     for name, zero in zeros.items():
         assert bool((merged.get_submodule(name).weight[zero] == 0).all())
     torch.testing.assert_close(_logits(merged, "llama"), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_exact_zeros_of_a_dense_model_are_not_taken_for_a_mask():
+    """Dequantized GGUF weights hold some exact zeros (SmolLM2's Q4_1: under 0.1%): not a sparsity mask."""
+    model = _model("llama")
+    with torch.no_grad():
+        for module in prunable_linears(model).values():
+            module.weight.view(-1)[::50] = 0.0  # 2% exact zeros
+    peft_model = hf_prune.get_peft_model(model, {"r": 4})
+    assert hf_prune.keep_masks(peft_model) == 0
+    _randomise_adapters(peft_model)
+    expected = _logits(peft_model, "llama")
+    merged = hf_prune.merge_and_unload(peft_model)  # the delta lands on those weights too
+    assert any(bool((m.weight.view(-1)[::50] != 0).any()) for m in prunable_linears(merged).values())
+    torch.testing.assert_close(_logits(merged, "llama"), expected, atol=1e-5, rtol=1e-5)
+    # told the zeros are a mask, it keeps them
+    again = hf_prune.get_peft_model(_model("llama"), {"r": 4})
+    with torch.no_grad():
+        for module in prunable_linears(base_model(again)).values():
+            module.weight.view(-1)[::50] = 0.0
+    assert hf_prune.keep_masks(again, min_zero_fraction=0.0) == len(prunable_linears(base_model(again)))

@@ -161,19 +161,36 @@ def check_maskable(model: nn.Module) -> None:
                 )
 
 
-def keep_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> int:
+#: A LoRA layer whose base weight has no recorded mask counts as masked by its zeros when at least this fraction of
+#: them is exactly zero: pruning leaves far more (0.5 at 2:4), trained dense weights none, and dequantized 4-bit GGUF
+#: weights up to about a tenth (SmolLM2's Q4_1 file: under 0.1%), which must not be taken for a mask.
+MIN_ZERO_FRACTION = 0.25
+
+
+def zero_mask(weight: torch.Tensor, min_zero_fraction: float = MIN_ZERO_FRACTION) -> torch.Tensor | None:
+    """``weight != 0`` when at least ``min_zero_fraction`` of ``weight`` is exactly zero (and any is), else ``None``."""
+    zeros = weight == 0
+    fraction = float(zeros.float().mean()) if weight.numel() else 0.0
+    return ~zeros if fraction > 0 and fraction >= min_zero_fraction else None
+
+
+def keep_masks(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    min_zero_fraction: float = MIN_ZERO_FRACTION,
+) -> int:
     """Make the LoRA deltas of ``model`` respect its sparsity masks; returns how many layers are masked.
 
     ``masks``: keep-masks by module name in each weight's own layout (what the callback holds). A LoRA layer without
-    an entry is masked by its base weight's zeros when it has any (the frozen base's zeros are its mask) and left
-    plain otherwise. Call again whenever masks change; the callback does.
+    an entry is masked by its base weight's zeros when at least ``min_zero_fraction`` of it is zero (the frozen
+    base's zeros are its mask; see :data:`MIN_ZERO_FRACTION`) and left plain otherwise. Call again whenever masks
+    change; the callback does.
     """
     count = 0
     for name, layer in lora_layers(model).items():
         keep = masks.get(name) if masks else None
         if keep is None:
-            weight = layer.get_base_layer().weight
-            keep = weight != 0 if bool((weight == 0).any()) else None
+            keep = zero_mask(layer.get_base_layer().weight, min_zero_fraction)
         count += mask_lora_delta(layer, keep)
     return count
 
@@ -202,20 +219,19 @@ def get_peft_model(model: nn.Module, lora: LoraArguments | Mapping[str, Any] | A
 
 
 def _recorded_keeps(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The keep-mask of every LoRA layer: the one its delta used, else its base weight's zeros (when it has any)."""
+    """The keep-mask of every LoRA layer: the one its delta used, else its base weight's zeros (when at least
+    :data:`MIN_ZERO_FRACTION` of it is zero)."""
     keeps = {}
     for name, layer in lora_layers(model).items():
         keep = getattr(layer, KEEP_MASK_ATTR, None)
         if keep is None:
-            weight = layer.get_base_layer().weight
-            if bool((weight == 0).any()):
-                keep = weight != 0
-                if any(bool(layer.get_delta_weight(a)[~keep].any()) for a in layer.lora_A):
-                    logger.warning(
-                        f"hf_prune: {name}'s LoRA delta is not masked in this model (trained without its sparsity "
-                        "mask, or reloaded without hf_prune.keep_masks): the merge keeps the zeros, so where the "
-                        "adapter was trained unmasked the merged model differs from the trained one"
-                    )
+            keep = zero_mask(layer.get_base_layer().weight)
+            if keep is not None and any(bool(layer.get_delta_weight(a)[~keep].any()) for a in layer.lora_A):
+                logger.warning(
+                    f"hf_prune: {name}'s LoRA delta is not masked in this model (trained without its sparsity "
+                    "mask, or reloaded without hf_prune.keep_masks): the merge keeps the zeros, so where the "
+                    "adapter was trained unmasked the merged model differs from the trained one"
+                )
         if keep is not None:
             keeps[name] = keep.to(torch.bool)
     return keeps
