@@ -41,6 +41,7 @@ BENCHMARKS = (
     "trainer_overhead",
     "deploy",
     "serve",
+    "lora",
     "curves",  # last: its headline ends the table with the plots
 )
 Result = dict[str, Any]
@@ -106,7 +107,7 @@ def iter_rows(result: Result) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"50% unstructured {u['criterion']}", u
     else:
         for i, row in enumerate(result.get("rows", [])):
-            yield f"{row.get('model') or row.get('tool') or 'row'} #{i}", row
+            yield f"{row.get('model') or row.get('tool') or row.get('variant') or 'row'} #{i}", row
 
 
 def prune_runs(result: Result) -> Result:
@@ -300,7 +301,8 @@ def depends_on(benchmark: str) -> list[str]:
     """Repository paths whose changes can change ``benchmark``'s numbers: a row measured before the last change to
     one of them is stale. This file and the documentation are not among them."""
     deps = ["hf_prune", "pyproject.toml", "data", "benchmarks/common.py", f"benchmarks/{benchmark}.py"]
-    return deps + (["benchmarks/decoder.py"] if benchmark == "serve" else [])  # serve.py recovers with decoder.py's
+    # serve.py recovers with decoder.py's recovery, lora.py uses its data and OBS pieces
+    return deps + (["benchmarks/decoder.py"] if benchmark in ("serve", "lora") else [])
 
 
 # A figure typed by hand into README.md outside the generated block: a decimal with a unit, a "~N ms", "about N s".

@@ -40,6 +40,7 @@ FULL = [
     ("deploy", ["deploy.py"]),
     ("latency_targets", ["latency_targets.py"]),
     ("serve", ["serve.py", "--dense-recovery"]),
+    ("lora", ["lora.py"]),
 ]
 # the smoke run's MiniLM: fine-tuned on 256 sentences, evaluated on 200 dev sentences (the quick run evaluates about
 # twenty times: on the full dev set that would dominate its time)
@@ -58,6 +59,7 @@ QUICK = [
         ["latency_targets.py", "--model", "minilm-shapes", "--targets", "0.7", "--batch", "8", "--seq-len", "32"],
     ),
     ("serve", ["serve.py", "--quick"]),
+    ("lora", ["lora.py", "--quick"]),
 ]
 
 

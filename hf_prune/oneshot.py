@@ -119,8 +119,7 @@ def prune(
     """Prune ``model`` in place to ``config``'s targets in one shot, and report what changed.
 
     Args:
-        model: any model of a supported family, or a peft model of one (its adapters are cut with the structure
-            and their deltas keep the new zeros, see :mod:`hf_prune.training.lora`).
+        model: a model of a supported family, or a peft model of one (adapters cut along, deltas keep the zeros).
         config: a :class:`PruningConfig` (or its dict form).
         calibration_data: needed by ``taylor``/``fisher``, ``reconstruct`` and activation-aware sparsity. Any form
             :func:`~hf_prune.scoring.calibration.calibration_set` accepts: tokenized examples (a ``datasets.Dataset``
@@ -139,7 +138,7 @@ def prune(
             message lists the accepted forms).
     """
     _check_model(model)
-    model = base_model(model)  # a peft model: its base, adapters inside, is cut (and its adapters along)
+    model = base_model(model)  # a peft model: its base, adapters inside, is cut (adapters along)
     config = PruningConfig.coerce(config, "prune(config=...)")
     # weight sparsity alone works on any family; removing heads, neurons or blocks needs its adapter
     get_adapter(model, structural=config.removes_structure)
@@ -150,8 +149,8 @@ def prune(
             "fraction of the blocks in (0, 1))"
         )
     float_weights(model)  # a dequantized GGUF model: packed weights refused here, marks dropped so it saves and trains
-    if config.effective_sparsity > 0:
-        check_maskable(model)  # LoRA variants whose deltas cannot keep masks: refused before anything changes
+    if config.effective_sparsity > 0:  # LoRA variants whose deltas cannot keep masks: refused before any change
+        check_maskable(model)
     if config.needs_data and calibration_data is None:
         raise ValueError(
             f"criterion={config.criterion!r} / sparsity_criterion={config.sparsity_criterion!r}"
@@ -176,8 +175,6 @@ def prune(
         removed_blocks, removed_attention, width = depth_step(model, config, calibration)
         timings["depth"] = time.perf_counter() - start
     plan = PruningPlan() if depth_only else _width_and_sparsity(model, config, width, calibration, timings)
-    if config.effective_sparsity > 0:  # LoRA layers, if any, add mask * BA from now on (the zeros just made)
-        keep_masks(model, min_zero_fraction=0.0)
     result = PruningReport.from_summaries(
         config.to_dict(),
         plan.to_dict(),
@@ -211,5 +208,6 @@ def _width_and_sparsity(
             sequential_prune(model, calibration, sparsity, config.sparsity_scope, config.sparsity_criterion, config.nm)
         else:
             mask_step(model, config, sparsity, config.nm, calibration)
+        keep_masks(model, min_zero_fraction=0.0)  # LoRA layers, if any, add mask * BA from now on
         timings["unstructured"] = time.perf_counter() - start
     return plan

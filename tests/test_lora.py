@@ -306,3 +306,26 @@ def test_a_few_exact_zeros_of_a_dense_model_are_not_taken_for_a_mask():
         for module in prunable_linears(base_model(again)).values():
             module.weight.view(-1)[::50] = 0.0
     assert hf_prune.keep_masks(again, min_zero_fraction=0.0) == len(prunable_linears(base_model(again)))
+
+
+def test_a_peft_student_distills_from_a_plain_dense_teacher(tmp_path):
+    dense = _model("llama")
+    peft_model = hf_prune.get_peft_model(copy.deepcopy(dense), {"r": 4})
+    config = PruningConfig(heads=0.5, schedule="oneshot", distill_alpha=0.5)
+    trainer = PruningTrainer(
+        model=peft_model,
+        args=args(tmp_path, max_steps=2),
+        train_dataset=_data("llama"),
+        pruning_config=config,
+        teacher_model=dense,
+    )
+    trainer.train()
+    assert trainer.teacher is dense and dense.config.num_attention_heads == 4  # the teacher was not cut
+    with pytest.raises(ValueError, match="same task head"):
+        PruningTrainer(
+            model=hf_prune.get_peft_model(_model("llama"), {"r": 4}),
+            args=args(tmp_path),
+            train_dataset=_data("llama"),
+            pruning_config=config,
+            teacher_model=_model("bert"),
+        )

@@ -56,7 +56,10 @@ __all__ = ["MASKS_FILE", "STATE_FILE", "PruningCallback", "PruningMixin", "Pruni
 
 
 def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
-    """Distillation compares logits position by position: the teacher must have the same task head."""
+    """Distillation compares logits position by position: the teacher must have the same task head. A peft student
+    is compared through its base model (a dense teacher has no adapters)."""
+    model = base_model(model)
+    teacher = base_model(teacher)
     related = isinstance(teacher, type(model)) or isinstance(model, type(teacher))
     t_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
     s_labels = getattr(getattr(model, "config", None), "num_labels", None)
