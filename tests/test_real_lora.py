@@ -16,25 +16,11 @@ from hf_prune import PruningConfig, PruningTrainer
 from hf_prune.recipes.offline import minilm_path, smollm2_path
 
 from .test_real_trainer import _sst2
+from .test_trainer import args
 
 pytestmark = pytest.mark.real
 DATA = Path(__file__).resolve().parents[1] / "data"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _args(tmp_path: Path, steps: int, batch: int) -> tf.TrainingArguments:
-    return tf.TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=1e-3,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        optim="adamw_torch",
-    )
 
 
 def test_smollm2_half_sparse_lora_merge_keeps_every_pruned_weight_zero(tmp_path):
@@ -48,7 +34,12 @@ def test_smollm2_half_sparse_lora_merge_keeps_every_pruned_weight_zero(tmp_path)
 
     peft_model = hf_prune.get_peft_model(model, {"r": 8, "alpha": 16, "target_modules": PROJECTIONS})
     config = PruningConfig(sparsity=0.5, sparsity_scope="row", sparsity_criterion="magnitude", schedule="oneshot")
-    trainer = PruningTrainer(model=peft_model, args=_args(tmp_path, 3, 4), train_dataset=data, pruning_config=config)
+    trainer = PruningTrainer(
+        model=peft_model,
+        args=args(tmp_path, max_steps=3, per_device_train_batch_size=4),
+        train_dataset=data,
+        pruning_config=config,
+    )
     trainer.train()
     masks = trainer.pruning_callback.masks
     assert len(masks) == 7 * model.config.num_hidden_layers
@@ -77,7 +68,9 @@ def test_minilm_half_flops_lora_merged_reloads_with_stock_transformers(tmp_path)
     )
     flops = hf_prune.encoder_flops(model, 48).total
     peft_model = hf_prune.get_peft_model(model, {"r": 8})
-    trainer = PruningTrainer(model=peft_model, args=_args(tmp_path, 4, 16), train_dataset=train)
+    trainer = PruningTrainer(
+        model=peft_model, args=args(tmp_path, max_steps=4, per_device_train_batch_size=16), train_dataset=train
+    )
     trainer.train()
     merged = hf_prune.merge_and_unload(peft_model).eval()
     assert hf_prune.encoder_flops(merged, 48).total == flops
